@@ -1,0 +1,35 @@
+# Every target does its own set-up: `make train` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup train test bench lint clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; the package itself is editable.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]' > $(VENV)/pip.log 2>&1 \
+	  || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
+	$(PY) -c "import llama_jax, jax, flax, optax, orbax.checkpoint, grain, sentencepiece"
+	touch $(STAMP)
+
+train: setup
+	$(PY) -m llama_jax.cli train configs/default.yaml $(if $(RUN_DIR),run_dir=$(RUN_DIR),)
+
+test: setup
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+
+bench: setup
+	$(PY) -m llama_jax.cli bench configs/bench-small.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check llama_jax tests scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

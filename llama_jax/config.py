@@ -1,0 +1,370 @@
+"""The one typed schema of every setting, loaded from YAML plus `a.b=value` overrides.
+
+OmegaConf does the loading, merging and type coercion against the dataclass schema; this
+module turns its exceptions into one-line messages and adds the cross-field checks that a type
+system cannot express (heads dividing the width, known choices, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from llama_jax.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+DTYPES = ("float32", "bfloat16", "float16")
+LOGICAL_AXES = (
+    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
+    "norm", "position",
+)
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def _default_rules() -> dict[str, list[str]]:
+    return {
+        "batch": ["data", "fsdp"],
+        "length": ["sequence"],
+        "embed": ["fsdp"],
+        "heads": ["tensor"],
+        "kv_heads": ["tensor"],
+        "mlp": ["tensor"],
+        "vocab": ["tensor"],
+        "head_dim": [],
+        "layers": [],
+        "norm": [],
+        "position": [],
+    }
+
+
+@dataclass
+class RopeScalingConfig:
+    type: str = "none"  # none | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None  # None: same as num_heads (MHA)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    max_position_embeddings: int = 4096
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    activation: str = "swiglu"  # swiglu | gelu
+    position: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    rotary_pct: float = 1.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    parallel_residual: bool = False
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    scan_layers: bool = True
+    attention: str = "xla"  # xla | dot_product_attention | cudnn
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Width of the rotated part of each head (partial rotary: GPT-NeoX rotary_pct)."""
+        return int(self.head_size * self.rotary_pct)
+
+
+@dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1
+    sequence: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_sequence: int = 1
+    dcn_tensor: int = 1
+    rules: dict[str, list[str]] = field(default_factory=_default_rules)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    seq_len: int = 128
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    schedule: str = "cosine"  # constant | cosine | linear | wsd
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch_size: int = 8
+    microbatches: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batches: int = 4
+    z_loss: float = 0.0
+    profile_start: int = 3
+    profile_steps: int = 0  # 0: no profiler trace
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep: int = 3
+    keep_every: int = 0
+    restore_from: str = ""
+    restore_params_only: bool = False
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """A YAML file and, first, the files it names under `base:` (resolved next to it)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config base cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(raw).__name__}")
+    bases = raw.pop("base", None) or []
+    layers: list[DictConfig] = []
+    for name in [bases] if isinstance(bases, str) else bases:
+        layers += _read_yaml(_resolve_base(str(name), path.parent), (*seen, path))
+    layers.append(OmegaConf.create(raw))
+    return layers
+
+
+def _resolve_base(name: str, here: Path) -> Path:
+    for folder in (here, CONFIG_DIR):
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(name, presets, n=3)
+    hint = f" (did you mean: {', '.join(close)})" if close else ""
+    raise ConfigError(f"config base '{name}' not found in {here} or {CONFIG_DIR}{hint}")
+
+
+def _valid_keys(full_key: str) -> list[str]:
+    """Names valid beside the unknown `full_key`, for the did-you-mean hint."""
+    node: Any = Config
+    for part in full_key.split(".")[:-1]:
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _one_line(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError | AttributeError) or "not in" in str(e):
+        leaf = key.split(".")[-1]
+        close = difflib.get_close_matches(leaf, _valid_keys(key), n=3, cutoff=0.5)
+        valid = close or _valid_keys(key)
+        hint = f" (closest valid: {', '.join(valid)})" if valid else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    msg = str(e).splitlines()[0]
+    return ConfigError(f"{source}: bad value for '{key}': {msg}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- base presets <- the YAML file <- `a.b=value` overrides, validated."""
+    merged = OmegaConf.structured(Config)
+    layers = _read_yaml(Path(path)) if path else []
+    for layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise _one_line(e, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form a.b=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _one_line(e, f"override '{item}'") from None
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _one_line(e, str(path)) from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+def config_from_yaml_text(text: str) -> Config:
+    """A resolved config written by `save_config` (checkpoints carry one)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation beyond types
+
+
+_CHOICES = {
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.activation": ("swiglu", "gelu"),
+    "model.position": ("rope", "learned"),
+    "model.rope_scaling.type": ("none", "linear", "llama3"),
+    "model.param_dtype": DTYPES,
+    "model.compute_dtype": DTYPES,
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    "model.attention": ("xla", "dot_product_attention", "cudnn"),
+    "optimizer.schedule": ("constant", "cosine", "linear", "wsd"),
+}
+
+_POSITIVE = (
+    "model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
+    "model.num_heads", "model.max_position_embeddings", "model.rope_theta", "model.norm_eps",
+    "data.seq_len", "train.steps", "train.global_batch_size", "train.microbatches",
+    "train.log_every", "train.eval_batches",
+)
+_NON_NEGATIVE = (
+    "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
+    "train.eval_every", "train.z_loss", "train.profile_steps", "checkpoint.every",
+    "checkpoint.keep_every", "model.init_std",
+)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible settings, naming the key and the value."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must not be negative")
+    m = cfg.model
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}"
+        )
+    if m.num_kv_heads is not None and (m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads):
+        raise ConfigError(
+            f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}"
+        )
+    if m.head_dim is not None and m.head_dim <= 0:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be positive")
+    if not 0.0 < m.rotary_pct <= 1.0:
+        raise ConfigError(f"model.rotary_pct={m.rotary_pct} must be in (0, 1]")
+    if m.position == "rope" and m.rotary_dim % 2:
+        raise ConfigError(
+            f"model.rotary_pct={m.rotary_pct} gives an odd rotary width {m.rotary_dim} "
+            f"(head_dim {m.head_size}); it must be even"
+        )
+    if m.rope_scaling.type != "none" and m.rope_scaling.factor <= 0:
+        raise ConfigError(f"model.rope_scaling.factor={m.rope_scaling.factor} must be positive")
+    if m.position == "learned" and cfg.data.seq_len > m.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings} (learned positions)"
+        )
+    if not 0.0 <= cfg.optimizer.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio} must be in [0, 1]")
+    if not 0.0 <= cfg.optimizer.decay_fraction <= 1.0:
+        raise ConfigError(
+            f"optimizer.decay_fraction={cfg.optimizer.decay_fraction} must be in [0, 1]"
+        )
+    if cfg.train.global_batch_size % cfg.train.microbatches:
+        raise ConfigError(
+            f"train.microbatches={cfg.train.microbatches} does not divide "
+            f"train.global_batch_size={cfg.train.global_batch_size}"
+        )
+    _validate_mesh_section(cfg.mesh)
+
+
+def _validate_mesh_section(mesh: MeshConfig) -> None:
+    sizes = {a: getattr(mesh, a) for a in MESH_AXES}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1")
+        if getattr(mesh, f"dcn_{axis}") < 1:
+            raise ConfigError(f"mesh.dcn_{axis}={getattr(mesh, f'dcn_{axis}')} must be >= 1")
+    filled = [a for a, s in sizes.items() if s == -1]
+    if len(filled) > 1:
+        names = ", ".join(f"mesh.{a}" for a in filled)
+        raise ConfigError(f"only one mesh axis may be -1, got {names}")
+    for name, axes in mesh.rules.items():
+        if name not in LOGICAL_AXES:
+            close = difflib.get_close_matches(name, LOGICAL_AXES, n=3)
+            hint = f" (closest valid: {', '.join(close)})" if close else ""
+            raise ConfigError(f"mesh.rules: unknown logical axis '{name}'{hint}")
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise ConfigError(
+                    f"mesh.rules.{name}: unknown mesh axis '{axis}' (valid: {', '.join(MESH_AXES)})"
+                )

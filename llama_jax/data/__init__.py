@@ -1,0 +1,1 @@
+"""Data: batch format, sources (synthetic, TFDS/local text) and the host-to-device step."""

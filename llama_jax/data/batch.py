@@ -1,0 +1,32 @@
+"""The batch format every source yields, and its assembly into global sharded arrays.
+
+A batch is a dict of [rows, seq_len] numpy arrays:
+  inputs       int32 token ids fed to the model
+  targets      int32 next-token ids
+  weights      float32, 1 where the target counts in the loss (0: padding)
+  positions    int32 position of each token within its own document (RoPE restarts per doc)
+  segment_ids  int32 document index within the row, 0 for padding (attention never crosses)
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from llama_jax.sharding import Rules, batch_sharding
+
+BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
+
+
+def to_global(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules,
+              global_rows: int) -> dict[str, jax.Array]:
+    """Assemble each process's rows into one global array sharded on the batch axes."""
+    sharding = batch_sharding(mesh, rules)
+    out = {}
+    for key in BATCH_KEYS:
+        value = local[key]
+        out[key] = jax.make_array_from_process_local_data(
+            sharding, value, (global_rows, *value.shape[1:])
+        )
+    return out

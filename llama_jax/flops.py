@@ -1,0 +1,132 @@
+"""Parameter counts, training FLOPs per token, MFU and state memory.
+
+Training FLOPs per token (forward x 3: one forward, two for the backward), per layer:
+    qkv projections      2 * D * (N + 2K) * H
+    output projection    2 * N * H * D
+    attention            2 * S * N * H        (QK^T and AV are 4*S*N*H; causal: half)
+    MLP                  2 * D * F * m        (m = 3 for SwiGLU, 2 for GELU)
+plus the LM head 2 * D * V once. Embedding lookups, norms, RoPE and softmax are not counted
+(MaxText's convention), so MFU compares against dense matmul peak honestly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llama_jax.config import Config, ModelConfig
+
+# Dense bf16 peak per chip, FLOP/s (vendor datasheets). Matched against `device_kind`.
+PEAK_FLOPS = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "gh200": 989e12,
+    "a100": 312e12,
+    "v5p": 459e12,
+    "v5 lite": 197e12,
+    "v5e": 197e12,
+    "v6 lite": 918e12,
+    "v6e": 918e12,
+    "v4": 275e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    mlp_mats = 3 if cfg.activation == "swiglu" else 2
+    per_layer = (
+        2 * d * (n + 2 * k) * h
+        + 2 * n * h * d
+        + 2 * seq_len * n * h
+        + 2 * d * cfg.intermediate_size * mlp_mats
+    )
+    forward = cfg.num_layers * per_layer + 2 * d * cfg.vocab_size
+    return 3.0 * forward
+
+
+@dataclass
+class ParamCounts:
+    total: int
+    embedding: int
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+
+def count_params(cfg: ModelConfig) -> ParamCounts:
+    """Exact counts from an abstract init: no parameter is allocated."""
+    from llama_jax.model import abstract_model
+
+    state = nnx.state(abstract_model(cfg))
+    total, embedding = 0, 0
+    for path, leaf in nnx.to_flat_state(state):
+        size = math.prod(leaf.get_value().shape)
+        total += size
+        if str(path[0]) in ("embed", "pos_embed", "lm_head"):
+            embedding += size
+    return ParamCounts(total, embedding)
+
+
+def state_bytes(cfg: Config) -> dict[str, int]:
+    """Bytes of parameters and of the optimizer state, from abstract shapes."""
+    from llama_jax.model import abstract_model
+    from llama_jax.optim import make_optimizer
+
+    params = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model)))
+    opt_state = jax.eval_shape(make_optimizer(cfg.optimizer, cfg.train.steps).init, params)
+
+    def nbytes(tree: object) -> int:
+        return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+    p, o = nbytes(params), nbytes(opt_state)
+    return {"params": p, "optimizer": o, "total": p + o}
+
+
+def chip_peak_flops(device: jax.Device) -> float | None:
+    kind = device.device_kind.lower()
+    for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name in kind:
+            return peak
+    return None
+
+
+@functools.cache
+def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 matmul rate of this host through JAX: the CPU 'peak' for MFU."""
+    device = jax.local_devices(backend="cpu")[0]
+    host = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a = jax.device_put(host, device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def platform_peak_flops(devices: list[jax.Device] | None = None) -> tuple[float, str]:
+    """Total peak FLOP/s of the devices in use, and where the figure comes from.
+
+    Accelerators: datasheet dense bf16 peak per chip x chips. CPU: one matmul measured in this
+    process, for the whole host (simulated CPU devices share the same cores).
+    """
+    devices = devices or jax.devices()
+    peak = chip_peak_flops(devices[0])
+    if peak is not None:
+        return peak * len(devices), f"{devices[0].device_kind} datasheet x {len(devices)}"
+    if devices[0].platform == "cpu":
+        return measured_matmul_flops(), "measured float32 2048^3 matmul on this host"
+    return float("nan"), f"unknown peak for {devices[0].device_kind}"
+
+
+def mfu(tokens_per_sec: float, flops_token: float, peak: float) -> float:
+    return tokens_per_sec * flops_token / peak if peak and math.isfinite(peak) else float("nan")

@@ -1,0 +1,235 @@
+"""Building blocks of a decoder: norms, rotary embeddings, attention and MLP.
+
+Tensor names carry their shape: B batch, T query length, S key length, D hidden, N query heads,
+K kv heads, G query heads per kv head (N = K * G), H head dim, F mlp width, V vocabulary.
+Every parameter records its logical axis names in the `logical_axes` metadata; `sharding.py`
+alone maps those names to a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax.config import ModelConfig
+from llama_jax.sharding import constrain
+
+Array = jax.Array
+F32 = jnp.float32
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float,
+          dtype: jnp.dtype) -> nnx.Param:
+    """A normal(0, std) parameter, or zeros when std is 0 (biases)."""
+    if std == 0.0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+    return nnx.Param(value, logical_axes=names)
+
+
+def ones_param(shape: tuple[int, ...], names: tuple[str, ...], dtype: jnp.dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), logical_axes=names)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (LLaMA) or LayerNorm (GPT-NeoX), always computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pdtype = dtype_of(cfg.param_dtype)
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.out_dtype = dtype_of(cfg.compute_dtype)
+        self.scale = ones_param((cfg.hidden_size,), ("norm",), pdtype)
+        self.bias = None
+        if cfg.norm == "layernorm":
+            self.bias = param(rngs, (cfg.hidden_size,), ("norm",), 0.0, pdtype)
+
+    def __call__(self, x_BxTxD: Array) -> Array:
+        x = x_BxTxD.astype(F32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(F32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(F32)
+        return x.astype(self.out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (HF rotate-half layout)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies of the rotated dims, with linear or llama3 scaling applied."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = cfg.rope_scaling
+    if scaling.type == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.type == "llama3":
+        # Meta's llama3 rule: keep high frequencies, divide low ones by `factor`, and blend
+        # smoothly in between (transformers' _compute_llama3_parameters).
+        old_ctx = scaling.original_max_position_embeddings
+        low_wavelen = old_ctx / scaling.low_freq_factor
+        high_wavelen = old_ctx / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate the first `2 * len(inv_freq)` dims of each head; the rest pass through."""
+    rot = 2 * inv_freq.shape[0]
+    angles_BxTxR = positions_BxT[..., None].astype(F32) * jnp.asarray(inv_freq)
+    angles_BxTx1xR = jnp.concatenate([angles_BxTxR, angles_BxTxR], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BxTx1xR), jnp.sin(angles_BxTx1xR)
+    x = x_BxTxNxH.astype(F32)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention_mask(segment_ids_BxT: Array | None, t: int, s: int, offset: Array | int = 0) -> Array:
+    """Causal mask, restricted to tokens of the same document when rows are packed.
+
+    `offset` is the position of query 0 among the keys (decoding with a KV cache).
+    """
+    q_idx = jnp.arange(t)[:, None] + offset
+    k_idx = jnp.arange(s)[None, :]
+    mask_1xTxS = (k_idx <= q_idx)[None]
+    if segment_ids_BxT is not None:
+        same_doc = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        mask_1xTxS = mask_1xTxS & same_doc
+    return mask_1xTxS
+
+
+def xla_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array,
+                  scale: float) -> Array:
+    """Grouped-query attention as one einsum per side; K/V are never repeated in memory."""
+    b, t, n, h = q_BxTxNxH.shape
+    k = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                        preferred_element_type=F32) * scale
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_size
+        pdtype, std = dtype_of(cfg.param_dtype), cfg.init_std
+        self.cfg = cfg
+        self.q_proj = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, pdtype)
+        self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pdtype)
+        self.v_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pdtype)
+        self.o_proj = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std, pdtype)
+        if cfg.attention_bias:
+            self.q_bias = param(rngs, (n, h), ("heads", "head_dim"), 0.0, pdtype)
+            self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0, pdtype)
+            self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0, pdtype)
+            self.o_bias = param(rngs, (d,), ("embed",), 0.0, pdtype)
+
+    def project_qkv(self, x_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array, Array]:
+        cd = x_BxTxD.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q_proj[...].astype(cd))
+        k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k_proj[...].astype(cd))
+        v = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v_proj[...].astype(cd))
+        if self.cfg.attention_bias:
+            q, k, v = (q + self.q_bias[...].astype(cd), k + self.k_bias[...].astype(cd),
+                       v + self.v_bias[...].astype(cd))
+        if self.cfg.position == "rope":
+            inv_freq = rope_inv_freq(self.cfg)
+            q = apply_rope(q, positions_BxT, inv_freq)
+            k = apply_rope(k, positions_BxT, inv_freq)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        return q, k, v
+
+    def attend(self, q: Array, k: Array, v: Array, mask_BxTxS: Array | None,
+               segment_ids_BxT: Array | None) -> Array:
+        scale = 1.0 / math.sqrt(self.cfg.head_size)
+        impl = self.cfg.attention
+        if impl == "xla" or mask_BxTxS is not None:
+            if mask_BxTxS is None:
+                mask_BxTxS = attention_mask(segment_ids_BxT, q.shape[1], k.shape[1])
+            return xla_attention(q, k, v, mask_BxTxS, scale)
+        mask = None
+        if segment_ids_BxT is not None:
+            mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=scale, is_causal=True,
+            implementation="cudnn" if impl == "cudnn" else None,
+        )
+
+    def project_out(self, out_BxTxNxH: Array) -> Array:
+        y = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(out_BxTxNxH.dtype))
+        if self.cfg.attention_bias:
+            y = y + self.o_bias[...].astype(y.dtype)
+        return y
+
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array,
+                 segment_ids_BxT: Array | None) -> Array:
+        q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
+        return self.project_out(self.attend(q, k, v, None, segment_ids_BxT))
+
+
+class MLP(nnx.Module):
+    """SwiGLU (LLaMA: `intermediate_size` is each projection's width) or GELU (GPT-NeoX)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        pdtype, std = dtype_of(cfg.param_dtype), cfg.init_std
+        self.activation = cfg.activation
+        self.use_bias = cfg.mlp_bias
+        if cfg.activation == "swiglu":
+            self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), std, pdtype)
+        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), std, pdtype)
+        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), std, pdtype)
+        if cfg.mlp_bias:
+            if cfg.activation == "swiglu":
+                self.gate_bias = param(rngs, (f,), ("mlp",), 0.0, pdtype)
+            self.up_bias = param(rngs, (f,), ("mlp",), 0.0, pdtype)
+            self.down_bias = param(rngs, (d,), ("embed",), 0.0, pdtype)
+
+    def __call__(self, x_BxTxD: Array) -> Array:
+        cd = x_BxTxD.dtype
+        up = x_BxTxD @ self.up_proj[...].astype(cd)
+        if self.use_bias:
+            up = up + self.up_bias[...].astype(cd)
+        if self.activation == "swiglu":
+            gate = x_BxTxD @ self.gate_proj[...].astype(cd)
+            if self.use_bias:
+                gate = gate + self.gate_bias[...].astype(cd)
+            h_BxTxF = jax.nn.silu(gate) * up
+        else:
+            h_BxTxF = jax.nn.gelu(up, approximate=False)
+        h_BxTxF = constrain(h_BxTxF, ("batch", "length", "mlp"))
+        y = h_BxTxF @ self.down_proj[...].astype(cd)
+        if self.use_bias:
+            y = y + self.down_bias[...].astype(cd)
+        return y

@@ -1,0 +1,141 @@
+"""The decoder: embedding, a stack of blocks (scanned by default), final norm, LM head.
+
+One class covers LLaMA (RMSNorm, SwiGLU, RoPE, sequential residual) and GPT-NeoX (LayerNorm,
+GELU, partial rotary, parallel residual, biases): the differences are config switches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.config import ModelConfig
+from llama_jax.layers import MLP, Attention, Norm, dtype_of, param
+from llama_jax.sharding import constrain
+
+Array = jax.Array
+
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.parallel_residual = cfg.parallel_residual
+        self.attn_norm = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array,
+                 segment_ids_BxT: Array | None) -> Array:
+        attn_out = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+        if self.parallel_residual:
+            y = x_BxTxD + attn_out + self.mlp(self.mlp_norm(x_BxTxD))
+        else:
+            h = x_BxTxD + attn_out
+            y = h + self.mlp(self.mlp_norm(h))
+        return constrain(y, ("batch", "length", "embed"))
+
+
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose every parameter has a leading `layers` dimension, for `lax.scan`."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+    keys = jax.random.split(rngs.params(), cfg.num_layers)
+    state = jax.vmap(lambda key: nnx.state(Block(cfg, nnx.Rngs(key))))(keys)
+    for _, variable in nnx.to_flat_state(state):
+        variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
+    return nnx.merge(graphdef, state)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pdtype, std = dtype_of(cfg.param_dtype), cfg.init_std
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pdtype)
+        if cfg.position == "learned":
+            self.pos_embed = param(rngs, (cfg.max_position_embeddings, cfg.hidden_size),
+                                   ("position", "embed"), std, pdtype)
+        if cfg.scan_layers:
+            self.layers = stacked_blocks(cfg, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                 std, pdtype)
+
+    def _block_fn(self) -> Callable[[Block, Array, Array, Array | None], Array]:
+        def run(block: Block, x: Array, positions: Array, segment_ids: Array | None) -> Array:
+            return block(x, positions, segment_ids)
+
+        policy = self.cfg.remat
+        if policy == "none":
+            return run
+        return nnx.remat(run, policy=REMAT_POLICIES[policy], prevent_cse=not self.cfg.scan_layers)
+
+    def embed_tokens(self, tokens_BxT: Array, positions_BxT: Array) -> Array:
+        cd = dtype_of(self.cfg.compute_dtype)
+        # Gather the table's `embed` shards first (as FSDP does for every weight): a gather
+        # from a table sharded on both dims cannot be partitioned without replicating it.
+        table_VxD = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table_VxD, tokens_BxT, axis=0).astype(cd)
+        if self.cfg.position == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(cd)
+        return constrain(x, ("batch", "length", "embed"))
+
+    def logits(self, x_BxTxD: Array) -> Array:
+        """float32 logits: the LM head accumulates in fp32 whatever the compute dtype."""
+        x = self.final_norm(x_BxTxD)
+        cd = x.dtype
+        if self.cfg.tie_embeddings:
+            w_DxV = self.embed[...].astype(cd).T
+        else:
+            w_DxV = self.lm_head[...].astype(cd)
+        logits = jnp.einsum("btd,dv->btv", x, w_DxV, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+                 segment_ids_BxT: Array | None = None) -> Array:
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        x = self.embed_tokens(tokens_BxT, positions_BxT)
+        block_fn = self._block_fn()
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(carry: Array, layer_state: Any) -> tuple[Array, None]:
+                block = nnx.merge(graphdef, layer_state)
+                return block_fn(block, carry, positions_BxT, segment_ids_BxT), None
+
+            x, _ = jax.lax.scan(body, x, state)
+        else:
+            for block in self.layers:
+                x = block_fn(block, x, positions_BxT, segment_ids_BxT)
+        return self.logits(x)
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model's shapes and metadata without allocating a single parameter."""
+    return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """Scanned params (leading `layers` dim) -> one entry per layer, as `scan_layers=False` has."""
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}}
+
+
+def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """One entry per layer -> scanned params with a leading `layers` dim."""
+    per_layer = params["layers"]
+    layers = [per_layer[i] for i in range(len(per_layer))]
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}

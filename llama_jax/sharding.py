@@ -1,0 +1,195 @@
+"""The one place where logical axis names meet the device mesh.
+
+Parameters and activations name their dimensions logically (`embed`, `heads`, ...); the rules
+table in the config maps each name to mesh axes. Changing the table or the mesh never touches
+model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import MESH_AXES, Config, MeshConfig
+from llama_jax.errors import ConfigError
+
+Rules = Mapping[str, Sequence[str]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh
+
+
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, tuple[int, int]]:
+    """(ici, dcn) size per mesh axis, with a `-1` axis filled from the device count."""
+    ici = {a: getattr(mesh_cfg, a) for a in MESH_AXES}
+    dcn = {a: getattr(mesh_cfg, f"dcn_{a}") for a in MESH_AXES}
+    known = math.prod(s for s in ici.values() if s != -1) * math.prod(dcn.values())
+    for axis, size in ici.items():
+        if size == -1:
+            if num_devices % known:
+                raise ConfigError(
+                    f"mesh.{axis}=-1 cannot be filled: the other axes multiply to {known}, "
+                    f"which does not divide the {num_devices} devices"
+                )
+            ici[axis] = num_devices // known
+    total = math.prod(ici[a] * dcn[a] for a in MESH_AXES)
+    if total != num_devices:
+        layout = " x ".join(f"{a}={ici[a] * dcn[a]}" for a in MESH_AXES)
+        raise ConfigError(f"mesh {layout} = {total} devices, but {num_devices} are available")
+    return {a: (ici[a], dcn[a]) for a in MESH_AXES}
+
+
+def check_divisibility(cfg: Config, sizes: Mapping[str, int]) -> None:
+    """Refuse a layout that cannot split the model or the batch, naming axis and numbers."""
+    m, tensor = cfg.model, sizes["tensor"]
+    for name, count in (("num_heads", m.num_heads), ("num_kv_heads", m.kv_heads)):
+        if count % tensor:
+            raise ConfigError(f"mesh.tensor={tensor} does not divide model.{name}={count}")
+    batch_axes = sizes["data"] * sizes["fsdp"]
+    micro = cfg.train.global_batch_size // cfg.train.microbatches
+    if micro % batch_axes:
+        what = f"train.global_batch_size={cfg.train.global_batch_size}"
+        if cfg.train.microbatches > 1:
+            what = f"the microbatch of {micro} sequences ({what} / train.microbatches)"
+        raise ConfigError(
+            f"mesh data x fsdp = {sizes['data']} x {sizes['fsdp']} = {batch_axes} "
+            f"does not divide {what}"
+        )
+    if cfg.data.seq_len % sizes["sequence"]:
+        raise ConfigError(
+            f"mesh.sequence={sizes['sequence']} does not divide data.seq_len={cfg.data.seq_len}"
+        )
+
+
+def make_mesh(cfg: Config, devices: Sequence[Any] | None = None) -> Mesh:
+    """The device mesh of the config; DCN factors make a hybrid mesh with slow links outermost."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg.mesh, len(devices))
+    sizes = {a: ici * dcn for a, (ici, dcn) in shape.items()}
+    check_divisibility(cfg, sizes)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if any(dcn > 1 for _, dcn in shape.values()):
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(
+            [shape[a][0] for a in MESH_AXES], [shape[a][1] for a in MESH_AXES], devices,
+            process_is_granule=devices[0].platform != "tpu",
+        )
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh([sizes[a] for a in MESH_AXES], MESH_AXES, axis_types=axis_types,
+                         devices=devices)
+
+
+def mesh_sizes(mesh: Mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logical names -> PartitionSpec
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+    """Map logical dimension names to mesh axes.
+
+    A mesh axis is used at most once per array (the first dimension that asks gets it, so an
+    activation's `batch` takes `fsdp` before its `embed` can); axes of size 1 are left out; and
+    where `shape` is given, an axis that does not divide its dimension is dropped (that
+    dimension is replicated instead, which `replicated_fraction` reports).
+    """
+    sizes = mesh_sizes(mesh)
+    used: set[str] = set()
+    spec: list[Any] = []
+    for i, name in enumerate(names):
+        axes = []
+        dim = None if shape is None else shape[i]
+        for axis in rules.get(name, ()) if name else ():
+            if axis in used or sizes.get(axis, 1) == 1:
+                continue
+            if dim is not None and dim % (math.prod(sizes[a] for a in axes) * sizes[axis]):
+                continue
+            axes.append(axis)
+            used.add(axis)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def _logical_axes(leaf: Any) -> tuple[str, ...] | None:
+    meta = leaf.get_metadata() if hasattr(leaf, "get_metadata") else {}
+    return meta.get("logical_axes")
+
+
+def _is_variable(x: Any) -> bool:
+    return hasattr(x, "get_metadata")
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedSharding for every Variable of an (abstract) NNX state, from its logical names."""
+
+    def one(leaf: Any) -> Any:
+        names = _logical_axes(leaf) or ()
+        shape = leaf.get_value().shape
+        return leaf.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape)))
+
+    return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
+
+
+def replicated_fraction(abstract_state: Any, mesh: Mesh, rules: Rules) -> tuple[float, list[str]]:
+    """Share of parameter bytes stored whole on every device, and the names of such leaves."""
+    import flax.nnx as nnx
+
+    total, replicated, names = 0, 0, []
+    for path, leaf in nnx.to_flat_state(abstract_state):
+        value = leaf.get_value()
+        nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+        total += nbytes
+        spec = logical_to_spec(_logical_axes(leaf) or (), rules, mesh, value.shape)
+        if all(s is None for s in spec):
+            replicated += nbytes
+            names.append("/".join(str(p) for p in path))
+    return (replicated / total if total else 0.0), names
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation constraints
+
+
+_ACTIVE: list[tuple[Mesh, Rules]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the mesh."""
+    _ACTIVE.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation by logical names; a no-op outside `activation_sharding`."""
+    if not _ACTIVE:
+        return x
+    mesh, rules = _ACTIVE[-1]
+    spec = logical_to_spec(names, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, length, ...] input array."""
+    names = ("batch", "length") + (None,) * (ndim - 2)
+    return NamedSharding(mesh, logical_to_spec(names[:ndim], rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

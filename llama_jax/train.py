@@ -1,0 +1,411 @@
+"""Train state, the compiled train and eval steps, and the training loop.
+
+The state is a plain pytree {"step", "params", "opt_state"} of pure dicts (no NNX objects), so
+jit, Orbax and HF conversion all see ordinary arrays. The NNX graph is split once; each traced
+step merges it with the params, which costs nothing at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llama_jax import flops, sharding
+from llama_jax.config import Config, save_config
+from llama_jax.data.batch import BATCH_KEYS, to_global
+from llama_jax.errors import LlamaJaxError
+from llama_jax.model import Transformer
+from llama_jax.optim import lr_schedule, make_optimizer
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+
+
+class NonFiniteLoss(LlamaJaxError):
+    """The loss or gradient became NaN/Inf."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def loss_sums(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
+              z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Summed (not averaged) fp32 cross-entropy over weighted tokens, plus optional z-loss.
+
+    Sums let microbatches and data shards be combined exactly; the caller divides by the total
+    token count once.
+    """
+    logits = logits_BxTxV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    ce = (log_z - target_logit) * weights_BxT
+    total = ce.sum()
+    z = (jnp.square(log_z) * weights_BxT).sum()
+    if z_loss:
+        total = total + z_loss * z
+    return total, {"ce_sum": ce.sum(), "tokens": weights_BxT.sum()}
+
+
+# ---------------------------------------------------------------------------------------------
+# State and shardings
+
+
+@dataclass
+class Setup:
+    """Everything a run derives from its config and mesh, computed once."""
+
+    cfg: Config
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    state_shardings: PyTree
+    abstract_state: PyTree
+
+    @property
+    def rules(self) -> dict[str, list[str]]:
+        return self.cfg.mesh.rules
+
+    def batch_shardings(self) -> dict[str, NamedSharding]:
+        s = sharding.batch_sharding(self.mesh, self.rules)
+        return {k: s for k in BATCH_KEYS}
+
+
+def make_setup(cfg: Config, mesh: Mesh | None = None) -> Setup:
+    mesh = mesh or sharding.make_mesh(cfg)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(cfg.train.seed)))
+    graphdef, abstract_vars = nnx.split(abstract)
+    param_shardings = nnx.to_pure_dict(
+        sharding.state_shardings(abstract_vars, mesh, cfg.mesh.rules)
+    )
+    abstract_params = nnx.to_pure_dict(abstract_vars)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    abstract_state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abstract_params,
+        "opt_state": abstract_opt,
+    }
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+    warn_replicated(cfg, abstract_vars, mesh)
+    return Setup(cfg, mesh, graphdef, tx, shardings, abstract_state)
+
+
+def warn_replicated(cfg: Config, abstract_vars: PyTree, mesh: Mesh) -> None:
+    if mesh.size <= 1:
+        return
+    fraction, names = sharding.replicated_fraction(abstract_vars, mesh, cfg.mesh.rules)
+    if fraction > 0.02 and jax.process_index() == 0:
+        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        print(f"warning: {fraction:.1%} of parameter bytes are replicated on every device "
+              f"({shown}); check mesh.rules", file=sys.stderr)
+
+
+def init_state(setup: Setup) -> PyTree:
+    """Parameters created directly in their shardings; nothing is materialised whole."""
+    cfg = setup.cfg
+
+    def init() -> PyTree:
+        model = Transformer(cfg.model, nnx.Rngs(cfg.train.seed))
+        params = nnx.to_pure_dict(nnx.state(model))
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": setup.tx.init(params)}
+
+    return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def _forward_sums(setup: Setup, params: PyTree, batch: Batch) -> tuple[jax.Array, dict]:
+    model = nnx.merge(setup.graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return loss_sums(logits, batch["targets"], batch["weights"], setup.cfg.train.z_loss)
+
+
+def _split_microbatches(batch: Batch, k: int) -> Batch:
+    """[B, ...] -> [k, B/k, ...] taking rows i::k, so every microbatch stays spread over the
+    batch shards instead of living on a subset of devices."""
+    return {key: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+            for key, x in batch.items()}
+
+
+def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dict]]:
+    cfg = setup.cfg
+    k = cfg.train.microbatches
+    schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
+    grad_fn = jax.value_and_grad(lambda p, b: _forward_sums(setup, p, b), has_aux=True)
+
+    def step(state: PyTree, batch: Batch) -> tuple[PyTree, dict]:
+        params = state["params"]
+        with sharding.activation_sharding(setup.mesh, setup.rules):
+            if k == 1:
+                (_, aux), grads = grad_fn(params, batch)
+            else:
+                def micro(carry: tuple, mb: Batch) -> tuple[tuple, None]:
+                    g_acc, aux_acc = carry
+                    mb = {key: sharding.constrain(x, ("batch", "length")) for key, x in mb.items()}
+                    (_, aux), g = grad_fn(params, mb)
+                    return (jax.tree.map(jnp.add, g_acc, g),
+                            jax.tree.map(jnp.add, aux_acc, aux)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                aux0 = {"ce_sum": jnp.zeros((), jnp.float32), "tokens": jnp.zeros((), jnp.float32)}
+                (grads, aux), _ = jax.lax.scan(micro, (zeros, aux0), _split_microbatches(batch, k))
+        tokens = jnp.maximum(aux["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / tokens.astype(g.dtype), grads)
+        grad_norm = optax.global_norm(grads)
+        loss = aux["ce_sum"] / tokens
+        updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the state as it was; the loop stops at the next log step.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                 {**state, "step": new_state["step"]})
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "tokens": aux["tokens"], "finite": finite}
+        return new_state, metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(setup.state_shardings, setup.batch_shardings()),
+        out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(setup: Setup) -> Callable[[PyTree, Batch], dict]:
+    def step(params: PyTree, batch: Batch) -> dict:
+        with sharding.activation_sharding(setup.mesh, setup.rules):
+            _, aux = _forward_sums(setup, params, batch)
+        return aux
+
+    return jax.jit(step, in_shardings=(setup.state_shardings["params"], setup.batch_shardings()),
+                   out_shardings=sharding.replicated(setup.mesh))
+
+
+def evaluate(eval_step: Callable, params: PyTree, batches: Iterator[Batch]) -> dict[str, float]:
+    """Token-weighted mean loss over the batches."""
+    sums = [eval_step(params, b) for b in batches]
+    ce = sum(float(s["ce_sum"]) for s in sums)
+    tokens = sum(float(s["tokens"]) for s in sums)
+    loss = ce / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def make_source(cfg: Config, split: str, rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    if cfg.data.dataset == "synthetic":
+        from llama_jax.data.synthetic import SyntheticSource
+
+        return SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len, rows, seed, split,
+                               jax.process_index(), jax.process_count())
+    raise LlamaJaxError(f"data.dataset={cfg.data.dataset!r} is not available")
+
+
+def global_batches(setup: Setup, source: Iterator[dict[str, np.ndarray]], rows: int
+                   ) -> Iterator[Batch]:
+    for local in source:
+        yield to_global(local, setup.mesh, setup.rules, rows)
+
+
+def eval_batches(setup: Setup, split: str = "validation") -> list[Batch]:
+    cfg = setup.cfg
+    rows = cfg.train.global_batch_size
+    source = make_source(cfg, split, rows, cfg.train.seed)
+    it = global_batches(setup, source, rows)
+    return [next(it) for _ in range(cfg.train.eval_batches)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard scalars; only process 0 writes."""
+
+    def __init__(self, run_dir: Path):
+        self.enabled = jax.process_index() == 0
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, row: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float):
+                self.tb.add_scalar(f"{prefix}/{key}", value, row["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@dataclass
+class TrainResult:
+    state: PyTree
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+
+
+def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainResult:
+    """Run `cfg.train.steps` steps, logging every `log_every` and evaluating every `eval_every`."""
+    run_dir = Path(cfg.run_dir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    setup = make_setup(cfg, mesh)
+    state = init_state(setup)
+    train_step, eval_step = make_train_step(setup), make_eval_step(setup)
+    rows = cfg.train.global_batch_size
+    batches = global_batches(setup, make_source(cfg, "train", rows, cfg.train.seed), rows)
+    val = eval_batches(setup)
+    fpt = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+    peak, _ = flops.platform_peak_flops(list(setup.mesh.devices.flat))
+    writer = MetricsWriter(run_dir)
+    history: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    pending: list[dict[str, jax.Array]] = []
+    first_step = int(state["step"])
+    total = cfg.train.steps
+    progress = _progress(quiet or not is_main)
+    task = progress.add_task("train", total=total, completed=first_step, stats="compiling")
+    t_last, step_last = None, first_step
+
+    def run_eval(step: int) -> None:
+        result = {"step": step, **evaluate(eval_step, state["params"], iter(val))}
+        evals.append(result)
+        writer.write({"step": step, "loss": result["loss"], "perplexity": result["perplexity"]},
+                     prefix="eval")
+        if is_main and not quiet:
+            progress.console.print(f"step {step}: validation loss {result['loss']:.4f}")
+
+    profiler = Profiler(cfg, run_dir)
+    with progress:
+        if first_step == 0:
+            run_eval(0)
+        for step in range(first_step + 1, total + 1):
+            profiler.at(step)
+            state, metrics = train_step(state, next(batches))
+            pending.append(metrics)
+            if t_last is None:  # exclude compilation from throughput
+                jax.block_until_ready(state["step"])
+                t_last, step_last = time.perf_counter(), step
+                progress.update(task, completed=step, stats="compiled")
+                continue
+            if step % cfg.train.log_every == 0 or step == total:
+                host = jax.device_get(pending)
+                now = time.perf_counter()
+                row = _log_row(step, host, now - t_last, step - step_last,
+                               rows * cfg.data.seq_len, fpt, peak)
+                t_last, step_last = now, step
+                pending.clear()
+                history.append(row)
+                writer.write(row)
+                progress.update(task, completed=step, stats=(
+                    f"loss {row['loss']:.4f}  {row['tokens_per_sec']:,.0f} tok/s  "
+                    f"MFU {row['mfu']:.1%}"))
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
+                run_eval(step)
+        profiler.close()
+        run_eval(total)
+    writer.close()
+    return TrainResult(state, history, evals)
+
+
+def _log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_step: int,
+             fpt: float, peak: float) -> dict[str, Any]:
+    bad = [step - len(host) + 1 + i for i, m in enumerate(host) if not m["finite"]]
+    if bad:
+        raise NonFiniteLoss(
+            f"loss became NaN/Inf at step {bad[0]}; stopping (the state keeps the last finite step)"
+        )
+    tps = tokens_per_step * steps / seconds if seconds > 0 else float("nan")
+    return {
+        "step": step,
+        "loss": float(np.mean([m["loss"] for m in host])),
+        "grad_norm": float(host[-1]["grad_norm"]),
+        "lr": float(host[-1]["lr"]),
+        "tokens_per_sec": tps,
+        "step_time_s": seconds / steps if steps else float("nan"),
+        "mfu": flops.mfu(tps, fpt, peak),
+    }
+
+
+class Profiler:
+    """A JAX profiler trace of steps [profile_start, profile_start + profile_steps)."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.start = cfg.train.profile_start
+        self.stop = self.start + cfg.train.profile_steps
+        self.enabled = cfg.train.profile_steps > 0
+        self.path = run_dir / "profile"
+        self.active = False
+
+    def at(self, step: int) -> None:
+        if self.enabled and step == self.start and not self.active:
+            jax.profiler.start_trace(str(self.path))
+            self.active = True
+        elif self.active and step >= self.stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+def _progress(disabled: bool):  # noqa: ANN202 - rich Progress
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), disable=disabled)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of `cfg` with fields of some sections replaced (tests and sweeps)."""
+    out = cfg
+    for name, changes in sections.items():
+        out = dataclasses.replace(out, **{name: dataclasses.replace(getattr(out, name), **changes)})
+    return out

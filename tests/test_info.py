@@ -1,0 +1,64 @@
+"""Parameter counts against published figures, and the FLOPs / MFU formulas by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CONFIGS
+from helpers import run_cli
+
+from llama_jax import flops
+from llama_jax.config import load_config
+
+PUBLISHED = {
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+    "llama3.2-1b": 1_235_814_400,
+    "pythia-1b": 1_011_781_632,
+    "gpt-neox-20b": 20_554_567_680,
+}
+
+
+@pytest.mark.parametrize("preset, published", PUBLISHED.items())
+def test_published_parameter_counts(preset, published):
+    assert flops.count_params(load_config(CONFIGS / f"{preset}.yaml").model).total == published
+
+
+def test_info_json_cli():
+    result = run_cli("info", "configs/llama2-7b.yaml", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["params"] == PUBLISHED["llama2-7b"]
+    assert info["state_bytes"] == info["param_bytes"] + info["optimizer_bytes"]
+    # fp32 params + AdamW mu and nu in fp32: 12 bytes per parameter (+ two step counters).
+    assert abs(info["state_bytes"] - 12 * info["params"]) < 64
+
+
+def test_flops_per_token_llama2_7b_by_hand():
+    cfg = load_config(CONFIGS / "llama2-7b.yaml").model
+    d, f, n, h, v, s, L = 4096, 11008, 32, 128, 32000, 4096, 32
+    per_layer = 2 * d * 3 * n * h + 2 * n * h * d + 2 * s * n * h + 2 * d * f * 3
+    assert flops.flops_per_token(cfg, s) == 3 * (L * per_layer + 2 * d * v)
+    # Cross-check with the 6N + attention rule of thumb (N = non-embedding + LM head).
+    n_matmul = flops.count_params(cfg).non_embedding - (2 * L + 1) * d + d * v
+    assert flops.flops_per_token(cfg, s) == pytest.approx(6 * n_matmul + 6 * L * s * n * h)
+
+
+def test_flops_per_token_gqa_and_gelu_by_hand():
+    llama3 = load_config(CONFIGS / "llama3-8b.yaml").model
+    d, f, n, k, h, v, L, s = 4096, 14336, 32, 8, 128, 128256, 32, 2048
+    per_layer = 2 * d * (n + 2 * k) * h + 2 * n * h * d + 2 * s * n * h + 2 * d * f * 3
+    assert flops.flops_per_token(llama3, s) == 3 * (L * per_layer + 2 * d * v)
+    pythia = load_config(CONFIGS / "pythia-1b.yaml").model
+    d, f, n, h, v, L, s = 2048, 8192, 8, 256, 50304, 16, 2048
+    per_layer = 2 * d * 3 * n * h + 2 * n * h * d + 2 * s * n * h + 2 * d * f * 2
+    assert flops.flops_per_token(pythia, s) == 3 * (L * per_layer + 2 * d * v)
+
+
+def test_mfu_formula():
+    # 1000 tok/s x 6e9 FLOP/token on a 989 TFLOP/s chip.
+    assert flops.mfu(1000.0, 6e9, 989e12) == pytest.approx(6e12 / 989e12)

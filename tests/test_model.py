@@ -1,0 +1,175 @@
+"""Model properties that hold for any correct decoder, checked on tiny shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax.config import load_config
+from llama_jax.layers import Attention, apply_rope, rope_inv_freq
+from llama_jax.model import Transformer, stack_layers, unstack_layers
+
+NEOX = ["model.norm=layernorm", "model.activation=gelu", "model.parallel_residual=true",
+        "model.rotary_pct=0.5", "model.attention_bias=true", "model.mlp_bias=true"]
+
+
+def model_cfg(overrides, extra=()):
+    return load_config("configs/tiny.yaml", [*overrides, *extra]).model
+
+
+def tokens(cfg, batch=2, length=16, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, cfg.vocab_size)
+
+
+LEARNED_TIED = ["model.position=learned", "model.tie_embeddings=true"]
+
+
+@pytest.mark.parametrize("arch", [[], NEOX, LEARNED_TIED], ids=["llama", "neox", "learned-tied"])
+def test_causal(tiny_overrides, arch):
+    cfg = model_cfg(tiny_overrides, arch)
+    model = Transformer(cfg, nnx.Rngs(0))
+    x = tokens(cfg)
+    t = 9
+    x2 = x.at[:, t].set((x[:, t] + 1) % cfg.vocab_size)
+    a, b = model(x), model(x2)
+    np.testing.assert_array_equal(a[:, :t], b[:, :t])
+    assert not np.allclose(a[:, t:], b[:, t:])
+
+
+def test_rope_depends_on_relative_position_only(tiny_overrides):
+    cfg = model_cfg(tiny_overrides)
+    inv_freq = rope_inv_freq(cfg)
+    q = jax.random.normal(jax.random.key(1), (1, 1, 1, cfg.head_size))
+    k = jax.random.normal(jax.random.key(2), (1, 1, 1, cfg.head_size))
+
+    def score(m, n):
+        qm = apply_rope(q, jnp.array([[m]]), inv_freq)
+        kn = apply_rope(k, jnp.array([[n]]), inv_freq)
+        return float(jnp.sum(qm * kn))
+
+    assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4, abs=1e-5)
+    assert score(5, 2) == pytest.approx(score(3, 0), rel=1e-4, abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
+
+
+def test_partial_rotary_leaves_tail_untouched(tiny_overrides):
+    cfg = model_cfg(tiny_overrides, ["model.rotary_pct=0.5"])
+    x = jax.random.normal(jax.random.key(0), (1, 4, 2, cfg.head_size))
+    out = apply_rope(x, jnp.arange(4)[None] + 3, rope_inv_freq(cfg))
+    np.testing.assert_array_equal(out[..., cfg.rotary_dim:], x[..., cfg.rotary_dim:])
+    assert not np.allclose(out[..., :cfg.rotary_dim], x[..., :cfg.rotary_dim])
+
+
+def test_llama3_rope_scaling_matches_reference_rule():
+    cfg = load_config("configs/llama3.2-1b.yaml").model
+    ours = rope_inv_freq(cfg)
+    # Meta's reference implementation (llama-models apply_scaling), written independently.
+    base = 1.0 / (500000.0 ** (np.arange(0, 64, 2) / 64))
+    factor, low, high, old = 32.0, 1.0, 4.0, 8192
+    expected = []
+    for freq in base:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            expected.append(freq)
+        elif wavelen > old / low:
+            expected.append(freq / factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            expected.append((1 - smooth) * freq / factor + smooth * freq)
+    np.testing.assert_allclose(ours, np.array(expected), rtol=1e-6)
+    linear = dataclasses.replace(cfg, rope_scaling=dataclasses.replace(cfg.rope_scaling,
+                                                                        type="linear", factor=4.0))
+    np.testing.assert_allclose(rope_inv_freq(linear), base / 4.0, rtol=1e-6)
+
+
+def test_gqa_equals_mha_with_repeated_kv(tiny_overrides):
+    gqa_cfg = model_cfg(tiny_overrides)  # 4 heads, 2 kv heads
+    mha_cfg = dataclasses.replace(gqa_cfg, num_kv_heads=4)
+    gqa = Attention(gqa_cfg, nnx.Rngs(0))
+    mha = Attention(mha_cfg, nnx.Rngs(1))
+    group = gqa_cfg.num_heads // gqa_cfg.kv_heads
+    mha.q_proj[...] = gqa.q_proj[...]
+    mha.o_proj[...] = gqa.o_proj[...]
+    mha.k_proj[...] = jnp.repeat(gqa.k_proj[...], group, axis=1)
+    mha.v_proj[...] = jnp.repeat(gqa.v_proj[...], group, axis=1)
+    x = jax.random.normal(jax.random.key(3), (2, 16, gqa_cfg.hidden_size))
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    np.testing.assert_allclose(gqa(x, pos, None), mha(x, pos, None), rtol=1e-5, atol=1e-6)
+
+
+def _loss_and_grads(cfg, params, x):
+    graphdef = nnx.split(Transformer(cfg, nnx.Rngs(0)))[0]
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("arch", [[], NEOX], ids=["llama", "neox"])
+def test_scanned_and_unrolled_agree(tiny_overrides, arch):
+    scanned_cfg = model_cfg(tiny_overrides, arch)
+    unrolled_cfg = dataclasses.replace(scanned_cfg, scan_layers=False)
+    params = nnx.to_pure_dict(nnx.state(Transformer(scanned_cfg, nnx.Rngs(0))))
+    x = tokens(scanned_cfg)
+    loss_s, grads_s = _loss_and_grads(scanned_cfg, params, x)
+    loss_u, grads_u = _loss_and_grads(unrolled_cfg, unstack_layers(params), x)
+    assert float(loss_s) == pytest.approx(float(loss_u), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(stack_layers(grads_u)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_changes_no_gradient(tiny_overrides, policy, scan):
+    base = dataclasses.replace(model_cfg(tiny_overrides), scan_layers=scan)
+    params = nnx.to_pure_dict(nnx.state(Transformer(base, nnx.Rngs(0))))
+    x = tokens(base)
+    _, plain = jax.jit(lambda p: _loss_and_grads(base, p, x))(params)
+    remat_cfg = dataclasses.replace(base, remat=policy)
+    _, remat = jax.jit(lambda p: _loss_and_grads(remat_cfg, p, x))(params)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_packed_documents_do_not_see_each_other(tiny_overrides):
+    cfg = model_cfg(tiny_overrides)
+    model = Transformer(cfg, nnx.Rngs(0))
+    x = tokens(cfg, batch=1)
+    seg = jnp.array([[1] * 6 + [2] * 10])
+    pos = jnp.array([list(range(6)) + list(range(10))])
+    x_changed = x.at[:, :6].set((x[:, :6] + 7) % cfg.vocab_size)
+    a = model(x, pos, seg)
+    b = model(x_changed, pos, seg)
+    np.testing.assert_allclose(a[:, 6:], b[:, 6:], rtol=1e-5, atol=1e-6)
+    # Document 2 alone, from position 0, gives the same logits as inside the packed row.
+    alone = model(x[:, 6:])
+    np.testing.assert_allclose(a[:, 6:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_precision_keeps_fp32_params_and_logits(tiny_overrides):
+    cfg = model_cfg(tiny_overrides, ["model.compute_dtype=bfloat16"])
+    model = Transformer(cfg, nnx.Rngs(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model)))
+    logits = model(tokens(cfg))
+    assert logits.dtype == jnp.float32
+    full = Transformer(dataclasses.replace(cfg, compute_dtype="float32"), nnx.Rngs(0))(tokens(cfg))
+    np.testing.assert_allclose(logits, full, atol=0.05)
+
+
+def test_dot_product_attention_matches_xla(tiny_overrides):
+    cfg = model_cfg(tiny_overrides)
+    model = Transformer(cfg, nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model))
+    dpa_cfg = dataclasses.replace(cfg, attention="dot_product_attention")
+    other = nnx.merge(nnx.split(Transformer(dpa_cfg, nnx.Rngs(0)))[0], params)
+    x = tokens(cfg)
+    seg = jnp.array([[1] * 5 + [2] * 11, [1] * 16])
+    pos = jnp.array([list(range(5)) + list(range(11)), list(range(16))])
+    np.testing.assert_allclose(model(x), other(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model(x, pos, seg), other(x, pos, seg), rtol=1e-5, atol=1e-5)
