@@ -49,9 +49,8 @@ class Norm(nnx.Module):
         self.eps = cfg.norm_eps
         self.out_dtype = dtype_of(cfg.compute_dtype)
         self.scale = ones_param((cfg.hidden_size,), ("norm",), pdtype)
-        self.bias = None
-        if cfg.norm == "layernorm":
-            self.bias = param(rngs, (cfg.hidden_size,), ("norm",), 0.0, pdtype)
+        d, is_layernorm = cfg.hidden_size, cfg.norm == "layernorm"
+        self.bias = param(rngs, (d,), ("norm",), 0.0, pdtype) if is_layernorm else None
 
     def __call__(self, x_BxTxD: Array) -> Array:
         x = x_BxTxD.astype(F32)

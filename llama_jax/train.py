@@ -7,6 +7,7 @@ step merges it with the params, which costs nothing at run time.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -33,6 +34,9 @@ from llama_jax.optim import lr_schedule, make_optimizer
 
 PyTree = Any
 Batch = dict[str, jax.Array]
+
+
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLoss(LlamaJaxError):
@@ -153,32 +157,42 @@ def _split_microbatches(batch: Batch, k: int) -> Batch:
             for key, x in batch.items()}
 
 
+def gradients(setup: Setup, params: PyTree, batch: Batch) -> tuple[PyTree, dict]:
+    """Gradients of the token-mean loss, accumulated over `train.microbatches` in a scan.
+
+    Summed losses and token counts make k microbatches of b rows give exactly the gradient of
+    one batch of k*b rows, however the padding falls.
+    """
+    k = setup.cfg.train.microbatches
+    grad_fn = jax.value_and_grad(lambda p, b: _forward_sums(setup, p, b), has_aux=True)
+    with sharding.activation_sharding(setup.mesh, setup.rules):
+        if k == 1:
+            (_, aux), grads = grad_fn(params, batch)
+        else:
+            def micro(carry: tuple, mb: Batch) -> tuple[tuple, None]:
+                g_acc, aux_acc = carry
+                mb = {key: sharding.constrain(x, ("batch", "length")) for key, x in mb.items()}
+                (_, aux), g = grad_fn(params, mb)
+                return (jax.tree.map(jnp.add, g_acc, g),
+                        jax.tree.map(jnp.add, aux_acc, aux)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            aux0 = {"ce_sum": jnp.zeros((), jnp.float32), "tokens": jnp.zeros((), jnp.float32)}
+            (grads, aux), _ = jax.lax.scan(micro, (zeros, aux0), _split_microbatches(batch, k))
+    tokens = jnp.maximum(aux["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens.astype(g.dtype), grads)
+    return grads, {**aux, "loss": aux["ce_sum"] / tokens}
+
+
 def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dict]]:
     cfg = setup.cfg
-    k = cfg.train.microbatches
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
-    grad_fn = jax.value_and_grad(lambda p, b: _forward_sums(setup, p, b), has_aux=True)
 
     def step(state: PyTree, batch: Batch) -> tuple[PyTree, dict]:
         params = state["params"]
-        with sharding.activation_sharding(setup.mesh, setup.rules):
-            if k == 1:
-                (_, aux), grads = grad_fn(params, batch)
-            else:
-                def micro(carry: tuple, mb: Batch) -> tuple[tuple, None]:
-                    g_acc, aux_acc = carry
-                    mb = {key: sharding.constrain(x, ("batch", "length")) for key, x in mb.items()}
-                    (_, aux), g = grad_fn(params, mb)
-                    return (jax.tree.map(jnp.add, g_acc, g),
-                            jax.tree.map(jnp.add, aux_acc, aux)), None
-
-                zeros = jax.tree.map(jnp.zeros_like, params)
-                aux0 = {"ce_sum": jnp.zeros((), jnp.float32), "tokens": jnp.zeros((), jnp.float32)}
-                (grads, aux), _ = jax.lax.scan(micro, (zeros, aux0), _split_microbatches(batch, k))
-        tokens = jnp.maximum(aux["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / tokens.astype(g.dtype), grads)
-        grad_norm = optax.global_norm(grads)
-        loss = aux["ce_sum"] / tokens
+        grads, aux = gradients(setup, params, batch)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        loss = aux["loss"]
         updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
@@ -316,6 +330,7 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
             progress.console.print(f"step {step}: validation loss {result['loss']:.4f}")
 
     profiler = Profiler(cfg, run_dir)
+    in_flight: collections.deque[jax.Array] = collections.deque()
     with progress:
         if first_step == 0:
             run_eval(0)
@@ -323,11 +338,14 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
             profiler.at(step)
             state, metrics = train_step(state, next(batches))
             pending.append(metrics)
-            if t_last is None:  # exclude compilation from throughput
+            in_flight.append(metrics["loss"])
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                # Waiting for step t-2 keeps the device busy with t-1 and t while bounding the
+                # dispatch queue (XLA:CPU collectives deadlock when dozens of steps are queued).
+                in_flight.popleft().block_until_ready()
+            if t_last is None:  # throughput is timed from the end of the compiled first step
                 jax.block_until_ready(state["step"])
                 t_last, step_last = time.perf_counter(), step
-                progress.update(task, completed=step, stats="compiled")
-                continue
             if step % cfg.train.log_every == 0 or step == total:
                 host = jax.device_get(pending)
                 now = time.perf_counter()
@@ -337,9 +355,9 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
                 pending.clear()
                 history.append(row)
                 writer.write(row)
-                progress.update(task, completed=step, stats=(
-                    f"loss {row['loss']:.4f}  {row['tokens_per_sec']:,.0f} tok/s  "
-                    f"MFU {row['mfu']:.1%}"))
+                speed = "" if row["tokens_per_sec"] is None else (
+                    f"  {row['tokens_per_sec']:,.0f} tok/s  MFU {row['mfu']:.1%}")
+                progress.update(task, completed=step, stats=f"loss {row['loss']:.4f}{speed}")
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                 run_eval(step)
         profiler.close()
@@ -355,15 +373,15 @@ def _log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per
         raise NonFiniteLoss(
             f"loss became NaN/Inf at step {bad[0]}; stopping (the state keeps the last finite step)"
         )
-    tps = tokens_per_step * steps / seconds if seconds > 0 else float("nan")
+    tps = tokens_per_step * steps / seconds if steps and seconds > 0 else None
     return {
         "step": step,
         "loss": float(np.mean([m["loss"] for m in host])),
         "grad_norm": float(host[-1]["grad_norm"]),
         "lr": float(host[-1]["lr"]),
         "tokens_per_sec": tps,
-        "step_time_s": seconds / steps if steps else float("nan"),
-        "mfu": flops.mfu(tps, fpt, peak),
+        "step_time_s": seconds / steps if steps else None,
+        "mfu": None if tps is None else flops.mfu(tps, fpt, peak),
     }
 
 
