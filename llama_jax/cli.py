@@ -59,16 +59,78 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from llama_jax.train import prepare
+
+    cfg = _load(args)
+    data = prepare(cfg)
+    if data is None:
+        print("data.dataset=synthetic: nothing to prepare")
+        return 0
+    sizes = {split: len(src) for split, src in data.dataset.sources.items()}
+    print(f"dataset {data.dataset.name}: {sizes['train']:,} train / {sizes['validation']:,} "
+          f"validation documents")
+    print(f"tokenizer {data.tokenizer.path}: {data.tokenizer.vocab_size:,} pieces, "
+          f"{data.bytes_per_token['train']:.2f} bytes per token")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import jax
+
     from llama_jax.train import train
 
-    train(_load(args))
+    cfg = _load(args)
+    result = train(cfg)
+    if jax.process_index() == 0 and result.evals:
+        first, last = result.evals[0], result.evals[-1]
+        print(f"\nrun directory: {cfg.run_dir}")
+        print(f"validation loss: {first['loss']:.4f} at step {first['step']} -> "
+              f"{last['loss']:.4f} at step {last['step']}")
+        print("evaluate:  llama-jax eval " + cfg.run_dir)
+        print(f"sample:    llama-jax generate {cfg.run_dir} --prompt 'The'")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llama_jax.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.path, args.overrides, step=args.step, split=args.split,
+                                 batches=args.batches)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.path} step {result['step']} ({args.split}): loss {result['loss']:.4f}  "
+              f"perplexity {result['perplexity']:.2f}  bits/byte "
+              f"{result['bits_per_byte']:.4f}  tokens {result['tokens']:,.0f}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llama_jax.evaluate import load_for_inference
+    from llama_jax.generate import SamplingConfig, generate_ids
+
+    loaded = load_for_inference(args.path, args.overrides, step=args.step)
+    tok = loaded.tokenizer
+    prompts = [tok.encode(p, bos=True, eos=False) for p in args.prompt]
+    prompts = [p for p in prompts for _ in range(args.num_samples)]
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              tok.eos_id)
+    outputs = generate_ids(loaded.graphdef, loaded.params, prompts, sampling, seed=args.seed,
+                           mesh=loaded.mesh, rules=loaded.cfg.mesh.rules)
+    for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
+        text = tok.decode([t for t in out if t != tok.eos_id])
+        print(f"--- sample {i}" if len(outputs) > 1 else "---")
+        print(tok.decode(prompt) + text)
     return 0
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "parameter count, FLOPs per token and state memory of a config"),
+    "prepare-data": (cmd_prepare_data, "build the dataset and train or load the tokenizer"),
     "train": (cmd_train, "train (or resume) a model as the config says"),
+    "eval": (cmd_eval, "loss, perplexity and bits per byte of a checkpoint on a split"),
+    "generate": (cmd_generate, "sample from a checkpoint with a KV cache"),
 }
 
 
@@ -77,20 +139,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
-        _config_args(p)
-        if name == "info":
+        if name in ("eval", "generate"):
+            p.add_argument("path", help="a run directory or one checkpoint step directory")
+            p.add_argument("overrides", nargs="*", help="a.b=value (e.g. a mesh layout)")
+            p.add_argument("--step", type=int, default=None, help="checkpoint step (default: "
+                           "the latest)")
+        else:
+            _config_args(p)
+        if name in ("info", "eval"):
             p.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "eval":
+            p.add_argument("--split", default="validation")
+            p.add_argument("--batches", type=int, default=0,
+                           help="batches to evaluate (default: one pass over the split)")
+        if name == "generate":
+            p.add_argument("--prompt", action="append", required=True,
+                           help="prompt text; repeat for a batch of prompts")
+            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--num-samples", type=int, default=1)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options too (`eval RUN --json mesh.fsdp=4`): argparse leaves them
+    # unparsed, and we take every `a.b=value` among them as an override.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         return COMMANDS[args.command][0](args)
     except LlamaJaxError as e:
         print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 143 if type(e).__name__ == "Preempted" else 2
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -112,8 +112,20 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"
+    dataset: str = "synthetic"  # synthetic | python_docs | text_files | any TFDS dataset name
     seq_len: int = 128
+    files: str = ""  # text_files: glob(s) of .txt / .jsonl files, comma-separated
+    text_field: str = "text"  # the feature (TFDS) or JSON key (jsonl) that holds the text
+    validation_fraction: float = 0.05  # local text: share of documents held out, by hash
+    cache_dir: str = "data_cache"  # built datasets, corpora, trained tokenizers, statistics
+    tfds_data_dir: str = ""  # registered TFDS datasets: their data_dir (e.g. gs://...)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tokenizer: str = ""  # a sentencepiece .model to load; empty: train one on the train split
+    tokenizer_vocab_size: int = 0  # when training one; 0: model.vocab_size
+    add_bos: bool = True
+    add_eos: bool = True
+    prefetch: int = 4  # batches prepared ahead by a background thread
 
 
 @dataclass
@@ -228,6 +240,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             raise _one_line(e, str(path)) from None
+    return _finish(_apply(merged, overrides), str(path))
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """`cfg` (e.g. the one saved with a checkpoint) with `a.b=value` overrides, validated."""
+    return _finish(_apply(OmegaConf.structured(cfg), overrides), "config")
+
+
+def _apply(merged: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form a.b=value")
@@ -235,10 +256,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _one_line(e, f"override '{item}'") from None
+    return merged
+
+
+def _finish(merged: DictConfig, source: str) -> Config:
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
-        raise _one_line(e, str(path)) from None
+        raise _one_line(e, source) from None
     validate(cfg)
     return cfg
 
@@ -285,6 +310,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
     "train.eval_every", "train.z_loss", "train.profile_steps", "checkpoint.every",
+    "data.tokenizer_vocab_size", "data.prefetch",
     "checkpoint.keep_every", "model.init_std",
 )
 
@@ -339,6 +365,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"optimizer.decay_fraction={cfg.optimizer.decay_fraction} must be in [0, 1]"
         )
+    if not 0.0 < cfg.data.validation_fraction < 1.0:
+        raise ConfigError(
+            f"data.validation_fraction={cfg.data.validation_fraction} must be in (0, 1)"
+        )
+    if cfg.data.tokenizer_vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} exceeds "
+            f"model.vocab_size={cfg.model.vocab_size}"
+        )
+    if cfg.data.dataset == "text_files" and not cfg.data.files:
+        raise ConfigError("data.dataset=text_files needs data.files (a glob of .txt/.jsonl)")
     if cfg.train.global_batch_size % cfg.train.microbatches:
         raise ConfigError(
             f"train.microbatches={cfg.train.microbatches} does not divide "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +138,16 @@ def xla_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxT
     return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's keys and values for decoding; `valid` marks filled, non-padding slots."""
+
+    k: Array  # [B, S, K, H]
+    v: Array  # [B, S, K, H]
+    valid: Array  # [B, S] bool
+    index: Array  # int32 scalar: where this call's first token goes
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -195,6 +206,20 @@ class Attention(nnx.Module):
                  segment_ids_BxT: Array | None) -> Array:
         q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
         return self.project_out(self.attend(q, k, v, None, segment_ids_BxT))
+
+    def cached(self, x_BxTxD: Array, positions_BxT: Array, cache: LayerCache
+               ) -> tuple[Array, LayerCache]:
+        """Attend over the cache after writing this call's keys and values at `cache.index`."""
+        q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
+        at = (0, cache.index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+        k_all = constrain(k_all, ("batch", None, "kv_heads", "head_dim"))
+        v_all = constrain(v_all, ("batch", None, "kv_heads", "head_dim"))
+        mask = attention_mask(None, q.shape[1], k_all.shape[1], cache.index) & cache.valid[:, None]
+        scale = 1.0 / math.sqrt(self.cfg.head_size)
+        out = xla_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
+        return self.project_out(out), LayerCache(k_all, v_all, cache.valid, cache.index)
 
 
 class MLP(nnx.Module):

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.config import ModelConfig
-from llama_jax.layers import MLP, Attention, Norm, dtype_of, param
+from llama_jax.layers import MLP, Attention, LayerCache, Norm, dtype_of, param
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -37,6 +38,14 @@ class Block(nnx.Module):
     def __call__(self, x_BxTxD: Array, positions_BxT: Array,
                  segment_ids_BxT: Array | None) -> Array:
         attn_out = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+        return self._residual(x_BxTxD, attn_out)
+
+    def cached(self, x_BxTxD: Array, positions_BxT: Array, cache: LayerCache
+               ) -> tuple[Array, LayerCache]:
+        attn_out, cache = self.attn.cached(self.attn_norm(x_BxTxD), positions_BxT, cache)
+        return self._residual(x_BxTxD, attn_out), cache
+
+    def _residual(self, x_BxTxD: Array, attn_out: Array) -> Array:
         if self.parallel_residual:
             y = x_BxTxD + attn_out + self.mlp(self.mlp_norm(x_BxTxD))
         else:
@@ -120,6 +129,52 @@ class Transformer(nnx.Module):
             for block in self.layers:
                 x = block_fn(block, x, positions_BxT, segment_ids_BxT)
         return self.logits(x)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, stacked on a leading layer dim (as scanned params are)."""
+
+    k: Array  # [L, B, S, K, H]
+    v: Array  # [L, B, S, K, H]
+    valid: Array  # [B, S] bool
+    index: Array  # int32 scalar
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_size)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def decode(model: Transformer, tokens_BxT: Array, positions_BxT: Array, cache: KVCache
+           ) -> tuple[Array, KVCache]:
+    """Logits of `tokens` given everything already in the cache; the cache gains them.
+
+    The caller marks the new slots valid in `cache.valid` (padding stays invalid).
+    """
+    x = model.embed_tokens(tokens_BxT, positions_BxT)
+
+    def layer(block: Block, x: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, Array]]:
+        y, c = block.cached(x, positions_BxT, LayerCache(k, v, cache.valid, cache.index))
+        return y, (c.k, c.v)
+
+    if model.cfg.scan_layers:
+        graphdef, state = nnx.split(model.layers)
+
+        def body(carry: Array, xs: Any) -> tuple[Array, tuple[Array, Array]]:
+            layer_state, k, v = xs
+            return layer(nnx.merge(graphdef, layer_state), carry, k, v)
+
+        x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+    else:
+        kv = []
+        for i, block in enumerate(model.layers):
+            x, pair = layer(block, x, cache.k[i], cache.v[i])
+            kv.append(pair)
+        ks, vs = jnp.stack([p[0] for p in kv]), jnp.stack([p[1] for p in kv])
+    new_cache = KVCache(ks, vs, cache.valid, cache.index + tokens_BxT.shape[1])
+    return model.logits(x), new_cache
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

@@ -8,8 +8,9 @@ model code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -193,3 +194,23 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def synchronous_on_cpu(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """On a CPU mesh, wait for each call's results before returning.
+
+    XLA:CPU (jaxlib 0.10) deadlocks in its in-process collectives when a computation with
+    collectives is dispatched while the previous one is still running on simulated devices
+    (reproduced with a tiny jitted matmul-and-sum over 8 devices on 2 cores: it hangs within
+    ~100 calls with async dispatch, and also with `jax_cpu_enable_async_dispatch=False`, but
+    never when each call's result is awaited). On CPU the host is the device, so waiting costs
+    no overlap; accelerators keep asynchronous dispatch.
+    """
+    if mesh.devices.flat[0].platform != "cpu" or mesh.size == 1:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return jax.block_until_ready(fn(*args, **kwargs))
+
+    return wrapped

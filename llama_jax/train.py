@@ -7,16 +7,17 @@ step merges it with the params, which costs nothing at run time.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +27,18 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import flops, sharding
+from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore_latest_good
 from llama_jax.config import Config, save_config
 from llama_jax.data.batch import BATCH_KEYS, to_global
 from llama_jax.errors import LlamaJaxError
 from llama_jax.model import Transformer
 from llama_jax.optim import lr_schedule, make_optimizer
 
+if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
+    from llama_jax.data.pipeline import PreparedData
+
 PyTree = Any
 Batch = dict[str, jax.Array]
-
-
-MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLoss(LlamaJaxError):
@@ -137,7 +139,7 @@ def init_state(setup: Setup) -> PyTree:
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": setup.tx.init(params)}
 
-    return jax.jit(init, out_shardings=setup.state_shardings)()
+    return jax.block_until_ready(jax.jit(init, out_shardings=setup.state_shardings)())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,12 +206,13 @@ def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dic
                    "tokens": aux["tokens"], "finite": finite}
         return new_state, metrics
 
-    return jax.jit(
+    compiled = jax.jit(
         step,
         in_shardings=(setup.state_shardings, setup.batch_shardings()),
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
     )
+    return sharding.synchronous_on_cpu(compiled, setup.mesh)
 
 
 def make_eval_step(setup: Setup) -> Callable[[PyTree, Batch], dict]:
@@ -218,30 +221,50 @@ def make_eval_step(setup: Setup) -> Callable[[PyTree, Batch], dict]:
             _, aux = _forward_sums(setup, params, batch)
         return aux
 
-    return jax.jit(step, in_shardings=(setup.state_shardings["params"], setup.batch_shardings()),
-                   out_shardings=sharding.replicated(setup.mesh))
+    compiled = jax.jit(step, in_shardings=(setup.state_shardings["params"],
+                                           setup.batch_shardings()),
+                       out_shardings=sharding.replicated(setup.mesh))
+    return sharding.synchronous_on_cpu(compiled, setup.mesh)
 
 
-def evaluate(eval_step: Callable, params: PyTree, batches: Iterator[Batch]) -> dict[str, float]:
-    """Token-weighted mean loss over the batches."""
-    sums = [eval_step(params, b) for b in batches]
+def evaluate(eval_step: Callable, params: PyTree, batches: Iterator[Batch],
+             bytes_per_token: float | None = None) -> dict[str, float]:
+    """Token-weighted mean loss over the batches; bits per byte when the text's
+    bytes-per-token ratio is known."""
+    sums = jax.device_get([eval_step(params, b) for b in batches])
     ce = sum(float(s["ce_sum"]) for s in sums)
     tokens = sum(float(s["tokens"]) for s in sums)
     loss = ce / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+    if bytes_per_token:
+        result["bits_per_byte"] = loss / math.log(2) / bytes_per_token
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 
 
-def make_source(cfg: Config, split: str, rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    if cfg.data.dataset == "synthetic":
+def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, seed: int,
+                shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of `rows` rows per step from `split` ('train' or 'validation')."""
+    if data is None:
         from llama_jax.data.synthetic import SyntheticSource
 
         return SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len, rows, seed, split,
                                jax.process_index(), jax.process_count())
-    raise LlamaJaxError(f"data.dataset={cfg.data.dataset!r} is not available")
+    from llama_jax.data.pipeline import TextPipeline
+
+    return TextPipeline(cfg, data, split, rows // jax.process_count(), seed, shuffle=shuffle)
+
+
+def prepare(cfg: Config) -> PreparedData | None:
+    """The dataset and tokenizer of the config (None for synthetic tokens)."""
+    if cfg.data.dataset == "synthetic":
+        return None
+    from llama_jax.data.pipeline import prepare_data
+
+    return prepare_data(cfg)
 
 
 def global_batches(setup: Setup, source: Iterator[dict[str, np.ndarray]], rows: int
@@ -250,12 +273,16 @@ def global_batches(setup: Setup, source: Iterator[dict[str, np.ndarray]], rows: 
         yield to_global(local, setup.mesh, setup.rules, rows)
 
 
-def eval_batches(setup: Setup, split: str = "validation") -> list[Batch]:
+def eval_batches(setup: Setup, data: PreparedData | None, split: str = "validation",
+                 count: int | None = None) -> list[Batch]:
+    """The first `count` batches of a split, unshuffled: the same every time they are made."""
     cfg = setup.cfg
     rows = cfg.train.global_batch_size
-    source = make_source(cfg, split, rows, cfg.train.seed)
+    source = make_source(cfg, data, split, rows, cfg.train.seed, shuffle=False)
     it = global_batches(setup, source, rows)
-    return [next(it) for _ in range(cfg.train.eval_batches)]
+    batches = [next(it) for _ in range(count or cfg.train.eval_batches)]
+    getattr(source, "close", lambda: None)()
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,16 +290,24 @@ def eval_batches(setup: Setup, split: str = "validation") -> list[Batch]:
 
 
 class MetricsWriter:
-    """metrics.jsonl plus TensorBoard scalars; only process 0 writes."""
+    """metrics.jsonl plus TensorBoard scalars; only process 0 writes.
 
-    def __init__(self, run_dir: Path):
+    On resume from step N, rows after N (written by the run that was interrupted) are dropped
+    so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            if self.path.is_file():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                self.path.write_text("".join(f"{line}\n" for line in kept))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
 
     def write(self, row: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -296,83 +331,166 @@ class TrainResult:
     evals: list[dict[str, Any]]
 
 
+class Preempted(LlamaJaxError):
+    """SIGTERM arrived; a checkpoint of the current step was saved."""
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (preemption notice) into a flag the loop polls between steps."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.previous = None
+
+    def __enter__(self) -> _SigtermFlag:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any
+                   ) -> tuple[PyTree, int]:
+    """Resume from this run's newest good checkpoint, else start from `restore_from`, else
+    initialise. Returns the state and the step it is at."""
+    restored = restore_latest_good(ckpt, setup.abstract_state)
+    if restored is not None:
+        state, data_state, meta = restored
+        if data_state and hasattr(source, "set_state"):
+            source.set_state(data_state)
+        if jax.process_index() == 0:
+            print(f"resuming from {ckpt.directory / str(meta['step'])}", file=sys.stderr)
+        return state, int(meta["step"])
+    if ckpt.steps() or ckpt.incomplete():
+        print(f"warning: no usable checkpoint in {ckpt.directory}; starting afresh",
+              file=sys.stderr)
+    origin = cfg.checkpoint.restore_from
+    if not origin:
+        return init_state(setup), 0
+    where = resolve(origin)
+    other = Checkpointer(cfg, where.directory, read_only=True)
+    step = where.step if where.step is not None else (other.steps() or [None])[-1]
+    if step is None:
+        raise CheckpointError(f"checkpoint.restore_from: no complete checkpoint in {origin}")
+    params_only = cfg.checkpoint.restore_params_only
+    loaded, _, _ = other.restore(step, setup.abstract_state, params_only=params_only)
+    if not params_only:
+        return loaded, int(loaded["step"])
+    fresh = init_state(setup)
+    fresh["params"] = loaded["params"]
+    return fresh, 0
+
+
 def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainResult:
-    """Run `cfg.train.steps` steps, logging every `log_every` and evaluating every `eval_every`."""
+    """Run (or resume) `cfg.train.steps` steps: log every `log_every`, evaluate every
+    `eval_every`, checkpoint every `checkpoint.every`, at the end and on SIGTERM."""
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    data = prepare(cfg)
+    if data is not None:
+        from llama_jax.data.pipeline import copy_tokenizer
+
+        copy_tokenizer(data, run_dir)
     setup = make_setup(cfg, mesh)
-    state = init_state(setup)
-    train_step, eval_step = make_train_step(setup), make_eval_step(setup)
     rows = cfg.train.global_batch_size
-    batches = global_batches(setup, make_source(cfg, "train", rows, cfg.train.seed), rows)
-    val = eval_batches(setup)
+    source = make_source(cfg, data, "train", rows, cfg.train.seed)
+    ckpt = Checkpointer(cfg, run_dir / "checkpoints")
+    state, first_step = _initial_state(cfg, setup, ckpt, source)
+    train_step, eval_step = make_train_step(setup), make_eval_step(setup)
+    batches = global_batches(setup, source, rows)
+    val = eval_batches(setup, data)
+    bytes_per_token = data.bytes_per_token["validation"] if data else None
     fpt = flops.flops_per_token(cfg.model, cfg.data.seq_len)
     peak, _ = flops.platform_peak_flops(list(setup.mesh.devices.flat))
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(run_dir, resume_step=first_step)
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     pending: list[dict[str, jax.Array]] = []
-    first_step = int(state["step"])
     total = cfg.train.steps
     progress = _progress(quiet or not is_main)
     task = progress.add_task("train", total=total, completed=first_step, stats="compiling")
     t_last, step_last = None, first_step
+    saved_step = first_step if first_step in ckpt.steps() else -1
 
     def run_eval(step: int) -> None:
-        result = {"step": step, **evaluate(eval_step, state["params"], iter(val))}
+        result = {"step": step, **evaluate(eval_step, state["params"], iter(val),
+                                           bytes_per_token)}
         evals.append(result)
-        writer.write({"step": step, "loss": result["loss"], "perplexity": result["perplexity"]},
-                     prefix="eval")
+        writer.write({k: v for k, v in result.items() if k != "tokens"}, prefix="eval")
         if is_main and not quiet:
             progress.console.print(f"step {step}: validation loss {result['loss']:.4f}")
 
+    def save(step: int) -> None:
+        nonlocal saved_step
+        _check_finite(step, jax.device_get([m["finite"] for m in pending]))
+        ckpt.save(step, state, source.get_state() if hasattr(source, "get_state") else None)
+        saved_step = step
+
     profiler = Profiler(cfg, run_dir)
-    in_flight: collections.deque[jax.Array] = collections.deque()
-    with progress:
-        if first_step == 0:
-            run_eval(0)
-        for step in range(first_step + 1, total + 1):
-            profiler.at(step)
-            state, metrics = train_step(state, next(batches))
-            pending.append(metrics)
-            in_flight.append(metrics["loss"])
-            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
-                # Waiting for step t-2 keeps the device busy with t-1 and t while bounding the
-                # dispatch queue (XLA:CPU collectives deadlock when dozens of steps are queued).
-                in_flight.popleft().block_until_ready()
-            if t_last is None:  # throughput is timed from the end of the compiled first step
-                jax.block_until_ready(state["step"])
-                t_last, step_last = time.perf_counter(), step
-            if step % cfg.train.log_every == 0 or step == total:
-                host = jax.device_get(pending)
-                now = time.perf_counter()
-                row = _log_row(step, host, now - t_last, step - step_last,
-                               rows * cfg.data.seq_len, fpt, peak)
-                t_last, step_last = now, step
-                pending.clear()
-                history.append(row)
-                writer.write(row)
-                speed = "" if row["tokens_per_sec"] is None else (
-                    f"  {row['tokens_per_sec']:,.0f} tok/s  MFU {row['mfu']:.1%}")
-                progress.update(task, completed=step, stats=f"loss {row['loss']:.4f}{speed}")
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-                run_eval(step)
-        profiler.close()
-        run_eval(total)
-    writer.close()
+    try:
+        with progress, _SigtermFlag() as sigterm:
+            if first_step == 0:
+                run_eval(0)
+            for step in range(first_step + 1, total + 1):
+                profiler.at(step)
+                state, metrics = train_step(state, next(batches))
+                pending.append(metrics)
+                if t_last is None:  # throughput is timed from the end of the compiled step
+                    jax.block_until_ready(state["step"])
+                    t_last, step_last = time.perf_counter(), step
+                if step % cfg.train.log_every == 0 or step == total:
+                    host = jax.device_get(pending)
+                    now = time.perf_counter()
+                    row = _log_row(step, host, now - t_last, step - step_last,
+                                   rows * cfg.data.seq_len, fpt, peak)
+                    t_last, step_last = now, step
+                    pending.clear()
+                    history.append(row)
+                    writer.write(row)
+                    speed = "" if row["tokens_per_sec"] is None else (
+                        f"  {row['tokens_per_sec']:,.0f} tok/s  MFU {row['mfu']:.1%}")
+                    progress.update(task, completed=step, stats=f"loss {row['loss']:.4f}{speed}")
+                every = cfg.checkpoint.every
+                if (every and step % every == 0) or step == total or sigterm.raised:
+                    save(step)
+                if sigterm.raised:
+                    ckpt.wait()
+                    raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved in "
+                                    f"{ckpt.directory / str(step)}")
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
+                    run_eval(step)
+            profiler.close()
+            if saved_step != total:
+                save(total)
+            run_eval(total)
+    finally:
+        ckpt.close()
+        writer.close()
+        getattr(source, "close", lambda: None)()
     return TrainResult(state, history, evals)
+
+
+def _check_finite(step: int, finite_flags: list[Any]) -> None:
+    bad = [step - len(finite_flags) + 1 + i for i, ok in enumerate(finite_flags) if not ok]
+    if bad:
+        raise NonFiniteLoss(
+            f"loss became NaN/Inf at step {bad[0]}; stopping (the state keeps the last finite "
+            f"step and no checkpoint is written after it)"
+        )
 
 
 def _log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_step: int,
              fpt: float, peak: float) -> dict[str, Any]:
-    bad = [step - len(host) + 1 + i for i, m in enumerate(host) if not m["finite"]]
-    if bad:
-        raise NonFiniteLoss(
-            f"loss became NaN/Inf at step {bad[0]}; stopping (the state keeps the last finite step)"
-        )
+    _check_finite(step, [m["finite"] for m in host])
     tps = tokens_per_step * steps / seconds if steps and seconds > 0 else None
     return {
         "step": step,

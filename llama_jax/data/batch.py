@@ -29,4 +29,9 @@ def to_global(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules,
         out[key] = jax.make_array_from_process_local_data(
             sharding, value, (global_rows, *value.shape[1:])
         )
+    if mesh.devices.flat[0].platform == "cpu":
+        # XLA:CPU copies host data with the same thread pool that runs the computations; a
+        # computation waiting in a collective on an unfinished copy can starve it (deadlock
+        # seen with 8 simulated devices on 2 cores). Finish the copies first.
+        jax.block_until_ready(out)
     return out

@@ -1,0 +1,214 @@
+"""Orbax checkpoints: train state, data-iterator state and resolved config, verified on restore.
+
+Layout: RUN_DIR/checkpoints/<step>/{state,data,meta}. Orbax writes each step into a temporary
+directory and renames it when complete, so a save killed mid-write never looks like a
+checkpoint. `meta` also holds a fingerprint of the state (per leaf, the wrapping uint32 sum of
+its bits: exact and independent of sharding), so a checkpoint whose files were damaged after
+the save is detected on restore instead of being half-loaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+from llama_jax.config import Config, config_from_yaml_text, to_yaml
+from llama_jax.errors import LlamaJaxError
+
+PyTree = Any
+ITEMS = ("state", "data", "meta")
+absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs routine read-only notes as WARNING
+
+
+class CheckpointError(LlamaJaxError):
+    """A checkpoint that is missing, incomplete or damaged."""
+
+
+@jax.jit
+def fingerprint(tree: PyTree) -> list[jax.Array]:
+    def one(x: jax.Array) -> jax.Array:
+        bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        return jnp.sum(jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32), dtype=jnp.uint32)
+
+    return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def _fingerprint_host(tree: PyTree) -> list[int]:
+    return [int(v) for v in jax.device_get(fingerprint(tree))]
+
+
+def _options(cfg: Config, read_only: bool = False) -> ocp.CheckpointManagerOptions:
+    c = cfg.checkpoint
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=c.keep or None, keep_period=c.keep_every or None, create=not read_only,
+        enable_async_checkpointing=not read_only, read_only=read_only,
+    )
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints."""
+
+    def __init__(self, cfg: Config, directory: str | Path, read_only: bool = False):
+        self.cfg = cfg
+        self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory at {self.directory}")
+        self.manager = ocp.CheckpointManager(self.directory, options=_options(cfg, read_only),
+                                             item_names=ITEMS)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def incomplete(self) -> list[Path]:
+        """Temporary directories of saves that never finished."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+    def save(self, step: int, state: PyTree, data_state: dict[str, Any] | None) -> None:
+        meta = {"step": step, "config": to_yaml(self.cfg), "fingerprint": _fingerprint_host(state)}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state),
+            data=ocp.args.JsonSave(data_state or {}),
+            meta=ocp.args.JsonSave(meta),
+        ), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        path = self.directory / str(step) / "meta"
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            restored = self.manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - any failure means unreadable
+            raise CheckpointError(f"checkpoint {path.parent} is damaged: no readable meta "
+                                  f"({type(e).__name__})") from None
+        return dict(restored["meta"])
+
+    def restore(self, step: int, abstract_state: PyTree, params_only: bool = False
+                ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
+        """(state, data-iterator state, meta) of `step`, placed as `abstract_state` says.
+
+        With `params_only`, only `abstract_state["params"]` is read (and returned as the state);
+        the optimizer state is never loaded.
+        """
+        where = self.directory / str(step)
+        meta = self.read_meta(step)
+        target = {"params": abstract_state["params"]} if params_only else abstract_state
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                             partial_restore=params_only),
+                data=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            raise CheckpointError(f"checkpoint {where} is damaged: {type(e).__name__}: {first}"
+                                  ) from None
+        state = restored["state"]
+        expected = meta.get("fingerprint")
+        if expected is not None:
+            if params_only:
+                full = jax.tree.structure(abstract_state)
+                # params are the second subtree in leaf order: {"opt_state", "params", "step"}
+                names = [jax.tree_util.keystr(p) for p, _ in
+                         jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
+                keep = [i for i, n in enumerate(names) if n.startswith("['params']")]
+                expected = [expected[i] for i in keep] if len(expected) == full.num_leaves else None
+            if expected is not None and _fingerprint_host(state) != expected:
+                raise CheckpointError(f"checkpoint {where} is damaged: its arrays do not match "
+                                      f"the fingerprint written at save time")
+        return state, dict(restored.get("data") or {}), meta
+
+
+@dataclass
+class Resolved:
+    """A checkpoint location given on the command line."""
+
+    directory: Path  # the `checkpoints` folder
+    step: int | None  # None: the latest
+
+
+def resolve(path: str | Path, step: int | None = None) -> Resolved:
+    """RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/STEP -> (checkpoints dir, step)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no such run or checkpoint: {p}")
+    if (p / "checkpoints").is_dir():
+        return Resolved(p / "checkpoints", step)
+    if (p / "meta").is_dir() or (p / "state").is_dir():
+        if not p.name.isdigit():
+            raise CheckpointError(f"{p} does not look like a checkpoint step directory")
+        return Resolved(p.parent, int(p.name) if step is None else step)
+    if any(c.name.isdigit() for c in p.iterdir()):
+        return Resolved(p, step)
+    raise CheckpointError(f"{p} holds no checkpoints")
+
+
+def config_of(path: str | Path, step: int | None = None) -> Config:
+    """The resolved config saved with a checkpoint (or its run's config.yaml)."""
+    where = resolve(path, step)
+    run_config = where.directory.parent / "config.yaml"
+    steps = sorted(int(c.name) for c in where.directory.iterdir() if c.name.isdigit())
+    if not steps and run_config.is_file():
+        return config_from_yaml_text(run_config.read_text())
+    chosen = where.step if where.step is not None else (steps[-1] if steps else None)
+    meta_file = where.directory / str(chosen) / "meta" / "metadata"
+    if chosen is not None and meta_file.is_file():
+        import json
+
+        return config_from_yaml_text(json.loads(meta_file.read_text())["config"])
+    if run_config.is_file():
+        return config_from_yaml_text(run_config.read_text())
+    raise CheckpointError(f"no config found for checkpoint {where.directory}")
+
+
+def restore_latest_good(ckpt: Checkpointer, abstract_state: PyTree, params_only: bool = False
+                        ) -> tuple[PyTree, dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint that restores and verifies; damaged ones are set aside and named."""
+    for tmp in ckpt.incomplete():
+        print(f"warning: ignoring incomplete checkpoint {tmp} (a save that never finished)",
+              file=sys.stderr)
+    for step in reversed(ckpt.steps()):
+        try:
+            return ckpt.restore(step, abstract_state, params_only)
+        except CheckpointError as e:
+            print(f"warning: {e}; falling back to an older checkpoint", file=sys.stderr)
+            _set_aside(ckpt.directory / str(step))
+            ckpt.manager.reload()
+    return None
+
+
+def _set_aside(path: Path) -> None:
+    """Keep a damaged checkpoint (renamed), so nothing saved is lost and the step can be
+    saved again."""
+    if jax.process_index() == 0 and path.exists():
+        target = path.with_name(f"damaged-{path.name}")
+        n = 1
+        while target.exists():
+            target = path.with_name(f"damaged-{path.name}.{n}")
+            n += 1
+        shutil.move(str(path), str(target))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"llama_jax.set_aside.{path.name}")
+
+
+def host_array_bytes(tree: PyTree) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))

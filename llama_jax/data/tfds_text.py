@@ -1,0 +1,152 @@
+"""TFDS as the dataset layer: our builder for local text files, and any registered dataset.
+
+Local files become a TFDS dataset written as `array_record`, so reading needs no TensorFlow and
+gives random access for Grain's global shuffle. A document goes to the validation split when a
+hash of its text falls below `data.validation_fraction` (stable across runs and file order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+
+from llama_jax.config import DataConfig
+from llama_jax.data.corpus import DecodeReport, expand_files, read_documents, write_python_docs
+from llama_jax.errors import LlamaJaxError
+
+SPLITS = ("train", "validation")
+absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS logs every custom config at WARNING
+tfds.disable_progress_bar()
+
+
+def in_validation(text: str, fraction: float) -> bool:
+    digest = hashlib.sha1(text.encode("utf-8", errors="replace")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclasses.dataclass
+class LocalTextConfig(tfds.core.BuilderConfig):
+    files: tuple[str, ...] = ()
+    text_field: str = "text"
+    validation_fraction: float = 0.05
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder):
+    """Documents from local `.txt` (one per file) and `.jsonl` (one per line) files."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS: list[LocalTextConfig] = []
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            description="Local text files (llama_jax text_files builder).",
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        self.decode_report = DecodeReport()
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split: str) -> Any:
+        cfg: LocalTextConfig = self.builder_config  # type: ignore[assignment]
+        # Each split reads every file; count undecodable bytes on the first pass only.
+        report = self.decode_report if split == SPLITS[0] else DecodeReport()
+        for path in map(Path, cfg.files):
+            for i, text in enumerate(read_documents(path, report, cfg.text_field)):
+                if in_validation(text, cfg.validation_fraction) == (split == "validation"):
+                    yield f"{path.name}:{i}", {"text": text}
+
+
+def _content_id(files: list[Path], data: DataConfig) -> str:
+    h = hashlib.sha1(f"{data.text_field}|{data.validation_fraction}".encode())
+    for f in files:
+        h.update(str(f.resolve()).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Random-access splits plus the identity used to cache tokenizers and statistics."""
+
+    name: str
+    sources: dict[str, Any]
+    cache_dir: Path
+    text_key: str = "text"
+
+    def __len__(self) -> int:
+        return len(self.sources["train"])
+
+
+def local_text_dataset(name: str, files: list[Path], data: DataConfig) -> Dataset:
+    cache = Path(data.cache_dir)
+    config = LocalTextConfig(name=f"{name}_{_content_id(files, data)}",
+                             files=tuple(str(f) for f in files), text_field=data.text_field,
+                             validation_fraction=data.validation_fraction)
+    builder = LocalText(config=config, data_dir=str(cache / "tfds"), file_format="array_record")
+    if not builder.is_prepared():
+        _check_splits(name, files, data)
+        print(f"building TFDS dataset {config.name} from {len(files)} file(s) in {cache}/tfds",
+              file=sys.stderr)
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS talks of downloading; we don't
+            builder.download_and_prepare()
+        report = getattr(builder, "decode_report", DecodeReport())
+        for file, count in report.replaced.items():
+            print(f"warning: {file}: {count} bytes were not UTF-8 and were replaced",
+                  file=sys.stderr)
+    return Dataset(config.name, dict(builder.as_data_source()), cache / config.name)
+
+
+def _check_splits(name: str, files: list[Path], data: DataConfig) -> None:
+    """Refuse, before TFDS writes anything, a corpus that would leave a split empty."""
+    counts = {split: 0 for split in SPLITS}
+    quiet = DecodeReport()
+    for path in files:
+        for text in read_documents(path, quiet, data.text_field):
+            counts["validation" if in_validation(text, data.validation_fraction) else "train"] += 1
+    if not any(counts.values()):
+        shown = ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "")
+        raise LlamaJaxError(f"data: the corpus ({shown}) has no text")
+    for split, count in counts.items():
+        if count == 0:
+            raise LlamaJaxError(
+                f"data: none of the {sum(counts.values())} documents of {name} fell in the "
+                f"{split} split (data.validation_fraction={data.validation_fraction}); "
+                f"change it or add documents"
+            )
+
+
+def registered_dataset(data: DataConfig) -> Dataset:
+    """Any TFDS dataset already prepared (array_record) under `data.tfds_data_dir`."""
+    name = data.dataset
+    try:
+        sources = {split: tfds.data_source(name, split=s, data_dir=data.tfds_data_dir or None,
+                                           download=False)
+                   for split, s in (("train", data.train_split), ("validation", data.eval_split))}
+    except tfds.core.registered.DatasetNotFoundError:
+        raise LlamaJaxError(f"data.dataset: no TFDS dataset named '{name}'") from None
+    except (FileNotFoundError, AssertionError, ValueError) as e:
+        where = data.tfds_data_dir or "the default TFDS data_dir"
+        raise LlamaJaxError(
+            f"data.dataset: TFDS dataset '{name}' is not prepared in {where} as array_record "
+            f"({str(e).splitlines()[0][:120]})"
+        ) from None
+    safe = name.replace("/", "_").replace(":", "_")
+    return Dataset(safe, sources, Path(data.cache_dir) / safe, data.text_field)
+
+
+def load_dataset(data: DataConfig) -> Dataset:
+    if data.dataset == "python_docs":
+        corpus = write_python_docs(Path(data.cache_dir) / "corpus")
+        return local_text_dataset("python_docs", [corpus], data)
+    if data.dataset == "text_files":
+        return local_text_dataset("text_files", expand_files(data.files), data)
+    return registered_dataset(data)

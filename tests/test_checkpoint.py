@@ -1,0 +1,185 @@
+"""Checkpoints: exact resume after SIGKILL, restore onto other meshes, damage, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import CONFIGS, ROOT
+from helpers import run_cli
+
+from llama_jax.checkpoint import Checkpointer
+from llama_jax.config import load_config
+from llama_jax.train import make_setup, train
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def text_run(run_dir, cache_dir, *extra):
+    return ["train", "configs/tiny.yaml", f"run_dir={run_dir}", "data.dataset=python_docs",
+            f"data.cache_dir={cache_dir}", "train.log_every=1", "data.prefetch=2", *extra]
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "grad_norm" in r}
+
+
+def final_params(run_dir, step):
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    setup = make_setup(cfg)
+    ckpt = Checkpointer(cfg, Path(run_dir) / "checkpoints", read_only=True)
+    state, _, _ = ckpt.restore(step, setup.abstract_state)
+    return jax.device_get(state["params"])
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, cache_dir):
+    steps = ["train.steps=16", "checkpoint.every=4"]
+    full = run_cli(*text_run(tmp_path / "full", cache_dir, *steps))
+    assert full.returncode == 0, full.stderr
+    # The same run, killed with SIGKILL once step 10 is logged (checkpoint 8 is complete).
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.cli",
+                             *text_run(killed_dir, cache_dir, *steps)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (killed_dir / "metrics.jsonl").is_file() and max(losses(killed_dir), default=0) >= 10:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(losses(killed_dir)) < 16
+    resumed = run_cli(*text_run(killed_dir, cache_dir, *steps))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert losses(killed_dir) == losses(tmp_path / "full")  # bitwise, every step
+    a, b = final_params(tmp_path / "full", 16), final_params(killed_dir, 16)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _eval_json(path, *args, devices=8):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    result = run_cli("eval", str(path), "--json", "--batches", "3", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_restore_onto_other_layouts_and_device_counts(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"run_dir={tmp_path}", "mesh.data=8",
+                                               "mesh.fsdp=1", "train.steps=4"])
+    train(cfg, quiet=True)
+    reference = _eval_json(tmp_path)
+    for layout, devices in ((["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"], 8),
+                            (["mesh.data=1", "mesh.fsdp=4"], 4),
+                            (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"], 1)):
+        other = _eval_json(tmp_path, *layout, devices=devices)
+        assert other["loss"] == pytest.approx(reference["loss"], rel=1e-5), (layout, devices)
+        assert other["tokens"] == reference["tokens"]
+
+
+def _largest_file(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_damaged_checkpoint_falls_back_and_is_kept(tmp_path):
+    args = ["train", "configs/tiny.yaml", f"run_dir={tmp_path}", "checkpoint.every=5",
+            "train.log_every=5"]
+    assert run_cli(*args, "train.steps=10").returncode == 0
+    victim = _largest_file(tmp_path / "checkpoints" / "10" / "state")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    # An explicit path to the damaged checkpoint is refused in one line.
+    bad = run_cli("eval", str(tmp_path / "checkpoints" / "10"))
+    assert bad.returncode != 0
+    assert f"checkpoint {tmp_path / 'checkpoints' / '10'} is damaged" in bad.stderr.strip()
+    assert len(bad.stderr.strip().splitlines()) == 1
+    # Auto-resume says so, falls back to step 5, keeps the damaged files aside, and finishes.
+    resumed = run_cli(*args, "train.steps=15")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "checkpoints/10 is damaged" in resumed.stderr and "falling back" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "checkpoints/5" in resumed.stderr
+    assert (tmp_path / "checkpoints" / "damaged-10").is_dir()
+    assert {5, 10, 15} <= set(Checkpointer(load_config(tmp_path / "config.yaml"),
+                                           tmp_path / "checkpoints", read_only=True).steps())
+
+
+def test_incomplete_save_is_ignored_with_a_message(tmp_path):
+    args = ["train", "configs/tiny.yaml", f"run_dir={tmp_path}", "checkpoint.every=5"]
+    assert run_cli(*args, "train.steps=5").returncode == 0
+    tmp = tmp_path / "checkpoints" / "10.orbax-checkpoint-tmp-1234"
+    tmp.mkdir()
+    (tmp / "state").mkdir()
+    resumed = run_cli(*args, "train.steps=10")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "ignoring incomplete checkpoint" in resumed.stderr
+    assert "checkpoints/5" in resumed.stderr
+
+
+def test_retention_keeps_last_n_and_every_kth(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"run_dir={tmp_path}", "train.steps=20",
+                                               "checkpoint.every=2", "checkpoint.keep=2",
+                                               "checkpoint.keep_every=5"])
+    train(cfg, quiet=True)
+    kept = Checkpointer(cfg, tmp_path / "checkpoints", read_only=True).steps()
+    assert kept == [10, 18, 20]
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+    args = ["train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=400",
+            "train.log_every=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            (tmp_path / "metrics.jsonl").is_file() and max(losses(tmp_path), default=0) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM after step" in err
+    step = int(err.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / str(step)).is_dir()
+    resumed = run_cli(*args[:-2], "train.steps=" + str(step + 2))
+    assert resumed.returncode == 0 and f"checkpoints/{step}" in resumed.stderr
+
+
+def test_eval_and_generate_on_a_text_run(tmp_path, cache_dir):
+    assert run_cli(*text_run(tmp_path, cache_dir, "train.steps=3")).returncode == 0
+    result = _eval_json(tmp_path)
+    assert set(result) >= {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-6)
+    gen = run_cli("generate", str(tmp_path), "--prompt", "The", "--prompt", "def",
+                  "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "20",
+                  "--top-p", "0.9", "--num-samples", "2")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.count("--- sample") == 4
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    result = run_cli("eval", str(tmp_path / "nope"))
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"llama-jax eval: error: no such run or checkpoint: " \
+                                    f"{tmp_path / 'nope'}"
+
+
+def test_no_checkpoint_after_nan(tmp_path):
+    result = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=4",
+                     "checkpoint.every=1", "model.init_std=1e30")
+    assert result.returncode != 0
+    ckpts = tmp_path / "checkpoints"
+    assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")

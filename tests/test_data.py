@@ -1,0 +1,189 @@
+"""The data pipeline: determinism, sharding, packing, resumption, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import CONFIGS
+from flax import nnx
+from helpers import run_cli
+
+from llama_jax.config import load_config
+from llama_jax.data.pipeline import TextPipeline, documents, model_row, prepare_data
+from llama_jax.model import Transformer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Sixty real English documents (pydoc topics) as .txt and .jsonl files."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("corpus")
+    names = sorted(topics)[:60]
+    for name in names[:30]:
+        (root / f"{name}.txt").write_text(topics[name])
+    with (root / "more.jsonl").open("w") as f:
+        for name in names[30:]:
+            f.write(json.dumps({"text": topics[name]}) + "\n")
+    return root
+
+
+def data_cfg(corpus, tmp_path, *extra):
+    return load_config(CONFIGS / "tiny.yaml", [
+        "data.dataset=text_files", f"data.files={corpus}/*.txt,{corpus}/*.jsonl",
+        f"data.cache_dir={tmp_path}/cache", "model.vocab_size=512", "data.seq_len=64",
+        "data.validation_fraction=0.2", "data.prefetch=0", *extra])
+
+
+def take(pipeline, n):
+    return [next(pipeline) for _ in range(n)]
+
+
+def same(a, b):
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def test_seeded_determinism_and_resumption(corpus, tmp_path):
+    cfg = data_cfg(corpus, tmp_path)
+    data = prepare_data(cfg)
+    assert data.tokenizer.vocab_size == 512
+    assert 1.0 < data.bytes_per_token["train"] < 8.0
+    first = take(TextPipeline(cfg, data, "train", 4, seed=1), 6)
+    again = take(TextPipeline(cfg, data, "train", 4, seed=1), 6)
+    other = take(TextPipeline(cfg, data, "train", 4, seed=2), 6)
+    assert same(first, again)
+    assert not same(first, other)
+    # Save the state after 3 batches; a fresh iterator restored from it continues exactly.
+    pipe = TextPipeline(cfg, data, "train", 4, seed=1)
+    take(pipe, 3)
+    state = pipe.get_state()
+    resumed = TextPipeline(cfg, data, "train", 4, seed=1)
+    resumed.set_state(json.loads(json.dumps(state)))  # state survives a JSON round trip
+    assert same(take(resumed, 3), first[3:])
+
+
+def test_prefetching_pipeline_resumes_exactly(corpus, tmp_path):
+    cfg = data_cfg(corpus, tmp_path, "data.prefetch=3")
+    data = prepare_data(cfg)
+    reference = take(TextPipeline(cfg, data, "train", 4, seed=5), 8)
+    pipe = TextPipeline(cfg, data, "train", 4, seed=5)
+    take(pipe, 5)
+    state = pipe.get_state()
+    pipe.close()
+    resumed = TextPipeline(cfg, data, "train", 4, seed=5)
+    resumed.set_state(state)
+    assert same(take(resumed, 3), reference[5:])
+    resumed.close()
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch():
+    n = 40
+    shards = [list(documents(list(range(n)), 7, True, pi, 2)[: n // 2]) for pi in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(n))
+    # The next epoch is shuffled again.
+    assert list(documents(list(range(n)), 7, True, 0, 1)[:n]) != \
+        list(documents(list(range(n)), 7, True, 0, 1)[n:2 * n])
+
+
+def test_rows_mask_document_boundaries():
+    seg = np.array([1, 1, 1, 2, 2, 2, 2, 3, 3, 0])
+    packed = {"tokens": np.arange(10), "tokens_segment_ids": seg}
+    row = model_row(packed)
+    np.testing.assert_array_equal(row["inputs"], np.arange(9))
+    np.testing.assert_array_equal(row["targets"], np.arange(1, 10))
+    np.testing.assert_array_equal(row["positions"], [0, 1, 2, 0, 1, 2, 3, 0, 1])
+    np.testing.assert_array_equal(row["weights"], [1, 1, 0, 1, 1, 1, 0, 1, 0])
+
+
+def test_packed_rows_from_the_pipeline_keep_documents_apart(corpus, tmp_path):
+    cfg = data_cfg(corpus, tmp_path, "data.seq_len=128")
+    data = prepare_data(cfg)
+    pipe = TextPipeline(cfg, data, "train", 8, seed=0)
+    # a row that holds the end of one document and the start of another
+    batch, row = next((b, i) for b in (next(pipe) for _ in range(100)) for i in range(8)
+                      if len(set(b["segment_ids"][i])) > 1)
+    seg = batch["segment_ids"][row]
+    boundary = int(np.argmax(seg != seg[0]))
+    assert batch["positions"][row][boundary] == 0
+    model = Transformer(cfg.model, nnx.Rngs(0))
+    args = [jax.numpy.asarray(batch[k][row:row + 1])
+            for k in ("inputs", "positions", "segment_ids")]
+    changed = args[0].at[:, :boundary].set((args[0][:, :boundary] + 5) % cfg.model.vocab_size)
+    before = model(*args)
+    after = model(changed, *args[1:])
+    np.testing.assert_allclose(before[:, boundary:], after[:, boundary:], rtol=1e-5, atol=1e-5)
+
+
+def test_long_documents_are_split_across_rows(tmp_path):
+    from pydoc_data.topics import topics
+
+    long_text = " ".join(topics[k] for k in sorted(topics)[:40])
+    (tmp_path / "long.txt").write_text(long_text)
+    (tmp_path / "other.txt").write_text(topics["if"])
+    cfg = load_config(CONFIGS / "tiny.yaml", [
+        "data.dataset=text_files", f"data.files={tmp_path}/*.txt", "model.vocab_size=512",
+        f"data.cache_dir={tmp_path}/cache", "data.seq_len=32", "data.validation_fraction=0.5",
+        "data.prefetch=0"])
+    data = prepare_data(cfg)
+    n_tokens = len(data.tokenizer.encode(long_text))
+    assert n_tokens > 20 * 33
+    batch = next(TextPipeline(cfg, data, "train", 16, seed=0, shuffle=False))
+    assert batch["positions"].max() < 32
+    assert batch["weights"].mean() > 0.95  # nothing padded: rows are filled with the document
+
+
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+    from pydoc_data.topics import topics
+
+    for i, name in enumerate(sorted(topics)[:30]):
+        tail = b"\xff\xfe" if i == 3 else b""
+        (tmp_path / f"d{i}.txt").write_bytes(topics[name].encode() + tail)
+    result = run_cli("prepare-data", "configs/tiny.yaml", "data.dataset=text_files",
+                     f"data.files={tmp_path}/*.txt", f"data.cache_dir={tmp_path}/cache",
+                     "model.vocab_size=512", "data.validation_fraction=0.3")
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path}/d3.txt: 2 bytes were not UTF-8 and were replaced" in result.stderr
+    assert "pieces" in result.stdout
+
+
+@pytest.mark.parametrize("setup, overrides, message", [
+    (None, ["data.files={root}/nothing*.txt"], "data.files: no file matches '{root}/nothing*.txt'"),
+    ("empty", ["data.files={root}/*.txt"], "has no text"),
+    (None, ["data.dataset=no_such_dataset_xyz"],
+     "data.dataset: no TFDS dataset named 'no_such_dataset_xyz'"),
+    ("corpus", ["data.files={root}/*.txt", "data.tokenizer={root}/missing.model"],
+     "data.tokenizer: file not found: {root}/missing.model"),
+    ("corpus", ["data.files={root}/*.txt", "model.vocab_size=400",
+                "data.tokenizer={root}/big.model"], "has 512 pieces but model.vocab_size=400"),
+    ("badjson", ["data.files={root}/*.jsonl"], "{root}/bad.jsonl:2: invalid JSON"),
+])
+def test_bad_input_gives_one_line(tmp_path, setup, overrides, message):
+    from pydoc_data.topics import topics
+
+    root = tmp_path / "in"
+    root.mkdir()
+    if setup == "empty":
+        (root / "a.txt").write_text("")
+        (root / "b.txt").write_text("   \n")
+    if setup == "corpus":
+        for name in sorted(topics)[:30]:
+            (root / f"{name}.txt").write_text(topics[name])
+        cfg = load_config(CONFIGS / "tiny.yaml", [
+            "data.dataset=text_files", f"data.files={root}/*.txt", "model.vocab_size=512",
+            f"data.cache_dir={tmp_path}/cache0", "data.validation_fraction=0.3"])
+        import shutil
+
+        shutil.copy(prepare_data(cfg).tokenizer.path, root / "big.model")
+    if setup == "badjson":
+        (root / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    args = [o.format(root=root) for o in overrides]
+    result = run_cli("prepare-data", "configs/tiny.yaml", "data.dataset=text_files",
+                     f"data.cache_dir={tmp_path}/cache", "model.vocab_size=512", *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert message.format(root=root) in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr

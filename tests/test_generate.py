@@ -1,0 +1,60 @@
+"""KV-cache decoding against full forward passes, and the samplers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import CONFIGS
+from flax import nnx
+
+from llama_jax.config import load_config
+from llama_jax.generate import SamplingConfig, generate_ids, sample_token
+from llama_jax.model import Transformer
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("arch", [[], ["model.norm=layernorm", "model.activation=gelu",
+                                       "model.parallel_residual=true", "model.rotary_pct=0.5",
+                                       "model.attention_bias=true"]], ids=["llama", "neox"])
+def test_greedy_cache_decoding_equals_full_forward_argmax(tiny_overrides, scan, arch):
+    cfg = load_config(CONFIGS / "tiny.yaml", [*tiny_overrides, *arch]).model
+    cfg = dataclasses.replace(cfg, scan_layers=scan, init_std=0.3)
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [3]]  # different lengths: left padding
+    out = generate_ids(graphdef, nnx.to_pure_dict(state), prompts,
+                       SamplingConfig(max_new_tokens=8))
+    for prompt, continuation in zip(prompts, out, strict=True):
+        seq = list(prompt)
+        for _ in range(8):
+            seq.append(int(jnp.argmax(model(jnp.array([seq]))[0, -1])))
+        assert continuation == seq[len(prompt):]
+
+
+def test_generation_stops_at_eos(tiny_overrides):
+    cfg = dataclasses.replace(load_config(CONFIGS / "tiny.yaml", tiny_overrides).model,
+                              init_std=0.3)
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    free = generate_ids(graphdef, nnx.to_pure_dict(state), [[1, 2, 3]],
+                        SamplingConfig(max_new_tokens=8))[0]
+    eos = free[2]  # make the third generated token the end of sequence
+    stopped = generate_ids(graphdef, nnx.to_pure_dict(state), [[1, 2, 3]],
+                           SamplingConfig(max_new_tokens=8, eos_id=eos))[0]
+    assert stopped == free[: free.index(eos) + 1]
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 300)
+    top1 = {int(sample_token(logits, k, SamplingConfig(temperature=1.0, top_k=1))[0])
+            for k in keys[:50]}
+    assert top1 == {0}
+    nucleus = {int(sample_token(logits, k, SamplingConfig(temperature=1.0, top_p=0.7))[0])
+               for k in keys}
+    assert nucleus == {0, 1}
+    free = {int(sample_token(logits, k, SamplingConfig(temperature=1.0))[0]) for k in keys}
+    assert free == {0, 1, 2, 3}
