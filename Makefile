@@ -25,8 +25,12 @@ train: setup
 test: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
+# The fixed bench-small model on one CPU device, then sharded over 8 simulated devices, then
+# the default run's model with its input pipeline (python_docs) measured too.
 bench: setup
-	$(PY) -m llama_jax.cli bench configs/bench-small.yaml
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(PY) -m llama_jax.cli bench configs/bench-small.yaml
+	$(PY) -m llama_jax.cli bench configs/bench-small.yaml mesh.fsdp=8
+	$(PY) -m llama_jax.cli bench configs/default.yaml --pipeline --steps 5
 
 lint: setup
 	$(VENV)/bin/ruff check llama_jax tests scripts

@@ -125,12 +125,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llama_jax.bench import bench_pipeline, bench_step
+
+    cfg = _load(args)
+    result = bench_step(cfg, steps=args.steps)
+    if args.pipeline:
+        result.update(bench_pipeline(cfg) or {})
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"llama-jax bench {args.config}", show_header=False)
+    rows = [
+        ("device", result["device"]),
+        ("compile", f"{result['compile_s']:.1f} s"),
+        (f"step time (median of {args.steps})", f"{result['step_time_s'] * 1e3:.1f} ms "
+         f"(min {result['step_time_min_s'] * 1e3:.1f}, max {result['step_time_max_s'] * 1e3:.1f})"),
+        ("tokens / s", f"{result['tokens_per_sec']:,.0f}"),
+        ("model FLOPs / token", f"{result['flops_per_token']:.4g}"),
+        ("peak FLOP/s", f"{result['peak_flops']:.4g} ({result['peak_source']})"),
+        ("MFU", f"{result['mfu']:.1%}"),
+    ]
+    for key, label in (("device_peak_gib", "device peak memory"),
+                       ("compiled_per_device_gib", "compiled memory per device"),
+                       ("host_peak_rss_gib", "host peak RSS")):
+        if key in result:
+            rows.append((label, f"{result[key]:.2f} GiB"))
+    if "pipeline_tokens_per_sec" in result:
+        rows.append(("input pipeline tokens / s", f"{result['pipeline_tokens_per_sec']:,.0f}"))
+    for label, value in rows:
+        table.add_row(label, value)
+    Console().print(table)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "parameter count, FLOPs per token and state memory of a config"),
     "prepare-data": (cmd_prepare_data, "build the dataset and train or load the tokenizer"),
     "train": (cmd_train, "train (or resume) a model as the config says"),
     "eval": (cmd_eval, "loss, perplexity and bits per byte of a checkpoint on a split"),
     "generate": (cmd_generate, "sample from a checkpoint with a KV cache"),
+    "bench": (cmd_bench, "compile time, step time, tokens/s, MFU and memory of the train step"),
 }
 
 
@@ -146,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "the latest)")
         else:
             _config_args(p)
-        if name in ("info", "eval"):
+        if name == "bench":
+            p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+            p.add_argument("--pipeline", action="store_true",
+                           help="also measure the input pipeline's tokens/s")
+        if name in ("info", "eval", "bench"):
             p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "eval":
             p.add_argument("--split", default="validation")

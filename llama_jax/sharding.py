@@ -79,6 +79,16 @@ def make_mesh(cfg: Config, devices: Sequence[Any] | None = None) -> Mesh:
     if any(dcn > 1 for _, dcn in shape.values()):
         from jax.experimental import mesh_utils
 
+        on_tpu = devices[0].platform == "tpu"
+        granules = len({getattr(d, "slice_index", 0) if on_tpu else d.process_index
+                        for d in devices})
+        dcn_total = math.prod(dcn for _, dcn in shape.values())
+        if granules != dcn_total:
+            kind = "slices" if on_tpu else "processes"
+            raise ConfigError(
+                f"mesh dcn_* factors multiply to {dcn_total}, but the devices come from "
+                f"{granules} {kind}"
+            )
         grid = mesh_utils.create_hybrid_device_mesh(
             [shape[a][0] for a in MESH_AXES], [shape[a][1] for a in MESH_AXES], devices,
             process_is_granule=devices[0].platform != "tpu",
@@ -213,4 +223,5 @@ def synchronous_on_cpu(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         return jax.block_until_ready(fn(*args, **kwargs))
 
+    wrapped.lower = fn.lower  # type: ignore[attr-defined]  # AOT compile stays available
     return wrapped

@@ -167,6 +167,23 @@ def test_eval_and_generate_on_a_text_run(tmp_path, cache_dir):
     assert gen.stdout.count("--- sample") == 4
 
 
+@pytest.mark.parametrize("params_only", [True, False])
+def test_restore_from_another_run(tmp_path, params_only):
+    source = load_config(CONFIGS / "tiny.yaml", [f"run_dir={tmp_path / 'a'}", "train.steps=4"])
+    first = train(source, quiet=True)
+    cfg = load_config(CONFIGS / "tiny.yaml", [
+        f"run_dir={tmp_path / 'b'}", "train.steps=6", "mesh.fsdp=4", "mesh.tensor=2",
+        f"checkpoint.restore_from={tmp_path / 'a'}",
+        f"checkpoint.restore_params_only={str(params_only).lower()}"])
+    second = train(cfg, quiet=True)
+    if params_only:  # fresh optimizer and step counter, the other run's weights
+        assert second.evals[0]["step"] == 0
+        assert second.evals[0]["loss"] == pytest.approx(first.evals[-1]["loss"], rel=1e-5)
+    else:  # the full state: continues at step 4
+        assert [r["step"] for r in second.history][0] > 4
+        assert int(second.state["step"]) == 6
+
+
 def test_missing_checkpoint_is_one_line(tmp_path):
     result = run_cli("eval", str(tmp_path / "nope"))
     assert result.returncode != 0

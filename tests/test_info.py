@@ -62,3 +62,15 @@ def test_flops_per_token_gqa_and_gelu_by_hand():
 def test_mfu_formula():
     # 1000 tok/s x 6e9 FLOP/token on a 989 TFLOP/s chip.
     assert flops.mfu(1000.0, 6e9, 989e12) == pytest.approx(6e12 / 989e12)
+
+
+def test_bench_cli_reports_the_figures():
+    result = run_cli("bench", "configs/tiny.yaml", "--steps", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("tokens_per_sec", "step_time_s", "compile_s", "mfu", "peak_flops"):
+        assert out[key] > 0, key
+    tokens = 8 * 64  # tiny: global batch 8, seq 64
+    assert out["tokens_per_sec"] == pytest.approx(tokens / out["step_time_s"])
+    assert out["mfu"] == pytest.approx(out["tokens_per_sec"] * out["flops_per_token"]
+                                       / out["peak_flops"])

@@ -238,6 +238,8 @@ def test_schedules_match_their_formula(schedule):
     (["mesh.sequence=8", "mesh.fsdp=1", "data.seq_len=60"],
      "mesh.sequence=8 does not divide data.seq_len=60"),
     (["mesh.fsdp=3", "mesh.data=-1"], "mesh.data=-1 cannot be filled"),
+    (["mesh.dcn_data=2", "mesh.fsdp=4"],
+     "mesh dcn_* factors multiply to 2, but the devices come from 1 processes"),
 ])
 def test_refused_meshes_exit_with_one_line(tmp_path, overrides, message):
     result = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", *overrides)

@@ -1,0 +1,100 @@
+"""Throughput of the real train step (and of the input pipeline), measured honestly.
+
+The step is compiled ahead of time (so compile time is its own figure), warmed up, then timed
+one step at a time with the result awaited; the median is reported. MFU divides model FLOPs
+(the `info` formula) by the platform peak: a datasheet dense-bf16 figure per accelerator chip,
+or on CPU a float32 matmul measured in this same process.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from llama_jax import flops
+from llama_jax.config import Config
+from llama_jax.data.batch import to_global
+from llama_jax.train import init_state, make_setup, make_source, make_train_step, prepare
+
+
+def random_batch(cfg: Config) -> dict[str, np.ndarray]:
+    rows = cfg.train.global_batch_size // jax.process_count()
+    rng = np.random.default_rng(cfg.train.seed + jax.process_index())
+    tokens = rng.integers(0, cfg.model.vocab_size, (rows, cfg.data.seq_len + 1), np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "weights": np.ones((rows, cfg.data.seq_len), np.float32),
+            "positions": np.tile(np.arange(cfg.data.seq_len, dtype=np.int32), (rows, 1)),
+            "segment_ids": np.ones((rows, cfg.data.seq_len), np.int32)}
+
+
+def _peak_memory(devices: list[jax.Device], compiled: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        per_device = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+        out["compiled_per_device_gib"] = per_device / 2**30
+    out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def bench_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    setup = make_setup(cfg)
+    devices = list(setup.mesh.devices.flat)
+    peak, peak_source = flops.platform_peak_flops(devices)  # measured before the model runs
+    state = init_state(setup)
+    batch = to_global(random_batch(cfg), setup.mesh, setup.rules, cfg.train.global_batch_size)
+    step = make_train_step(setup)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    tps = tokens / step_time
+    fpt = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+    return {
+        "device": f"{len(devices)} x {devices[0].device_kind}",
+        "compile_s": compile_s,
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "tokens_per_sec": tps,
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "mfu": flops.mfu(tps, fpt, peak),
+        "loss": float(metrics["loss"]),
+        **_peak_memory(devices, compiled),
+    }
+
+
+def bench_pipeline(cfg: Config, batches: int = 50) -> dict[str, Any] | None:
+    """Tokens per second the input pipeline delivers on this host (None: synthetic data)."""
+    data = prepare(cfg)
+    if data is None:
+        return None
+    rows = cfg.train.global_batch_size
+    source = make_source(cfg, data, "train", rows, cfg.train.seed)
+    next(source)  # start-up (threads, first reads) is not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(source)
+    seconds = time.perf_counter() - start
+    getattr(source, "close", lambda: None)()
+    return {"pipeline_tokens_per_sec": batches * rows * cfg.data.seq_len / seconds,
+            "pipeline_batches": batches}
