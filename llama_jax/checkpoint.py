@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
@@ -208,7 +207,3 @@ def _set_aside(path: Path) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"llama_jax.set_aside.{path.name}")
-
-
-def host_array_bytes(tree: PyTree) -> int:
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -7,7 +7,6 @@ step merges it with the params, which costs nothing at run time.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -540,11 +539,3 @@ def _progress(disabled: bool):  # noqa: ANN202 - rich Progress
 
     return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), disable=disabled)
-
-
-def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
-    """A copy of `cfg` with fields of some sections replaced (tests and sweeps)."""
-    out = cfg
-    for name, changes in sections.items():
-        out = dataclasses.replace(out, **{name: dataclasses.replace(getattr(out, name), **changes)})
-    return out

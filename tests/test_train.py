@@ -278,3 +278,10 @@ def test_sharding_rules_dedupe_mesh_axes():
     assert spec == P(("data", "fsdp"))
     # A dimension the axis does not divide is replicated rather than padded.
     assert sharding.logical_to_spec(("vocab", "embed"), rules, mesh, (10, 6)) == P()
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+    result = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=6",
+                     "train.profile_start=3", "train.profile_steps=2")
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
