@@ -83,6 +83,27 @@ def bench_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     }
 
 
+def compile_only(cfg: Config) -> dict[str, Any]:
+    """Ahead-of-time compile of the real train step from abstract inputs: no parameter or
+    batch is ever allocated, so a 7B step compiles on a laptop."""
+    setup = make_setup(cfg)
+    rows, length = cfg.train.global_batch_size, cfg.data.seq_len
+    batch_sharding = setup.batch_shardings()
+    batch = {k: jax.ShapeDtypeStruct((rows, length), np.float32 if k == "weights" else np.int32,
+                                     sharding=s) for k, s in batch_sharding.items()}
+    step = make_train_step(setup)
+    start = time.perf_counter()
+    lowered = step.lower(setup.abstract_state, batch)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    out = {"lower_s": lower_s, "compile_s": compile_s,
+           "devices": f"{setup.mesh.size} x {setup.mesh.devices.flat[0].device_kind}"}
+    out.update({k: v for k, v in _peak_memory(list(setup.mesh.devices.flat), compiled).items()
+                if k == "compiled_per_device_gib"})
+    return out
+
+
 def bench_pipeline(cfg: Config, batches: int = 50) -> dict[str, Any] | None:
     """Tokens per second the input pipeline delivers on this host (None: synthetic data)."""
     data = prepare(cfg)

@@ -129,6 +129,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llama_jax.bench import bench_pipeline, bench_step
 
     cfg = _load(args)
+    if args.compile_only:
+        from llama_jax.bench import compile_only
+
+        print(json.dumps(compile_only(cfg)))
+        return 0
     result = bench_step(cfg, steps=args.steps)
     if args.pipeline:
         result.update(bench_pipeline(cfg) or {})
@@ -188,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
             p.add_argument("--pipeline", action="store_true",
                            help="also measure the input pipeline's tokens/s")
+            p.add_argument("--compile-only", action="store_true",
+                           help="only compile the step ahead of time from abstract inputs")
         if name in ("info", "eval", "bench"):
             p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "eval":
