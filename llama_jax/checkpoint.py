@@ -41,8 +41,11 @@ def fingerprint(tree: PyTree) -> list[jax.Array]:
     return [one(x) for x in jax.tree.leaves(tree)]
 
 
-def _fingerprint_host(tree: PyTree) -> list[int]:
-    return [int(v) for v in jax.device_get(fingerprint(tree))]
+def _fingerprint_host(state: dict[str, PyTree]) -> dict[str, list[int]]:
+    """Per top-level entry ("params", "opt_state", "step"), so a partial restore can be
+    verified too."""
+    return {key: [int(v) for v in jax.device_get(fingerprint(value))]
+            for key, value in state.items()}
 
 
 def _options(cfg: Config, read_only: bool = False) -> ocp.CheckpointManagerOptions:
@@ -73,8 +76,11 @@ class Checkpointer:
             return []
         return sorted(p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
-    def save(self, step: int, state: PyTree, data_state: dict[str, Any] | None) -> None:
-        meta = {"step": step, "config": to_yaml(self.cfg), "fingerprint": _fingerprint_host(state)}
+    def save(self, step: int, state: dict[str, PyTree], data_state: dict[str, Any] | None
+             ) -> None:
+        """`state` is the full train state, or {"params": ...} alone (an imported model)."""
+        meta = {"step": step, "config": to_yaml(self.cfg), "contents": sorted(state),
+                "fingerprint": _fingerprint_host(state)}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state),
             data=ocp.args.JsonSave(data_state or {}),
@@ -107,12 +113,16 @@ class Checkpointer:
         """
         where = self.directory / str(step)
         meta = self.read_meta(step)
+        contents = meta.get("contents", sorted(abstract_state))
+        if not params_only and "opt_state" not in contents:
+            raise CheckpointError(f"checkpoint {where} holds parameters only (an imported "
+                                  f"model); restore it with checkpoint.restore_params_only=true")
         target = {"params": abstract_state["params"]} if params_only else abstract_state
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                             partial_restore=params_only),
+                                             partial_restore=len(target) < len(contents)),
                 data=ocp.args.JsonRestore(),
             ))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
@@ -120,18 +130,11 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} is damaged: {type(e).__name__}: {first}"
                                   ) from None
         state = restored["state"]
-        expected = meta.get("fingerprint")
-        if expected is not None:
-            if params_only:
-                full = jax.tree.structure(abstract_state)
-                # params are the second subtree in leaf order: {"opt_state", "params", "step"}
-                names = [jax.tree_util.keystr(p) for p, _ in
-                         jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
-                keep = [i for i, n in enumerate(names) if n.startswith("['params']")]
-                expected = [expected[i] for i in keep] if len(expected) == full.num_leaves else None
-            if expected is not None and _fingerprint_host(state) != expected:
-                raise CheckpointError(f"checkpoint {where} is damaged: its arrays do not match "
-                                      f"the fingerprint written at save time")
+        expected = meta.get("fingerprint", {})
+        actual = _fingerprint_host(state)
+        if any(expected.get(key) != value for key, value in actual.items()):
+            raise CheckpointError(f"checkpoint {where} is damaged: its arrays do not match "
+                                  f"the fingerprint written at save time")
         return state, dict(restored.get("data") or {}), meta
 
 

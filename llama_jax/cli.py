@@ -167,6 +167,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from llama_jax import convert
+
+    if args.direction == "hf-to-orbax":
+        out = convert.hf_to_orbax(args.src, args.dst, args.overrides)
+    else:
+        out = convert.orbax_to_hf(args.src, args.dst, step=args.step)
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "parameter count, FLOPs per token and state memory of a config"),
     "prepare-data": (cmd_prepare_data, "build the dataset and train or load the tokenizer"),
@@ -174,6 +185,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "eval": (cmd_eval, "loss, perplexity and bits per byte of a checkpoint on a split"),
     "generate": (cmd_generate, "sample from a checkpoint with a KV cache"),
     "bench": (cmd_bench, "compile time, step time, tokens/s, MFU and memory of the train step"),
+    "convert": (cmd_convert, "HuggingFace LLaMA <-> llama_jax checkpoints"),
 }
 
 
@@ -182,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
+        if name == "convert":
+            p.add_argument("direction", choices=("hf-to-orbax", "orbax-to-hf"))
+            p.add_argument("src", help="HF folder, or a llama_jax run / checkpoint")
+            p.add_argument("dst", help="output folder")
+            p.add_argument("overrides", nargs="*", help="a.b=value for the written config")
+            p.add_argument("--step", type=int, default=None)
+            continue
         if name in ("eval", "generate"):
             p.add_argument("path", help="a run directory or one checkpoint step directory")
             p.add_argument("overrides", nargs="*", help="a.b=value (e.g. a mesh layout)")

@@ -1,0 +1,295 @@
+"""HuggingFace LLaMA <-> llama_jax: configs and weights.
+
+Our layouts were chosen so that conversion is a transpose and a reshape per tensor (HF
+rotate-half RoPE, HF meaning of `intermediate_size`): q/k/v `[N*H, D]` -> `[D, N, H]`,
+o `[D, N*H]` -> `[N, H, D]`, MLP and LM head transposed, layers stacked on a leading dim.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama_jax.config import ModelConfig, RopeScalingConfig, load_config, save_config, validate
+from llama_jax.errors import LlamaJaxError
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class ConversionError(LlamaJaxError):
+    """An HF folder or tensor that cannot be converted."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def model_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
+        raise ConversionError(f"{where}: model_type={hf.get('model_type')!r} "
+                              f"architectures={archs}: only LLaMA (LlamaForCausalLM) converts")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act={hf['hidden_act']!r}; LLaMA uses silu")
+    # RoPE settings: top-level rope_theta + rope_scaling (published checkpoints), or the
+    # rope_parameters block that transformers 5 writes.
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {}) or rope
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        rope_scaling = RopeScalingConfig()
+    elif kind in ("llama3", "linear"):
+        rope_scaling = RopeScalingConfig(
+            type=kind, factor=float(scaling.get("factor", 1.0)),
+            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(
+                scaling.get("original_max_position_embeddings", 8192)),
+        )
+    else:
+        raise ConversionError(f"{where}: rope scaling type {kind!r} is not supported "
+                              f"(none, linear, llama3)")
+    dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
+    if dtype not in DTYPES:
+        raise ConversionError(f"{where}: dtype {dtype!r} cannot be represented "
+                              f"(float32, bfloat16, float16)")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim"), max_position_embeddings=hf["max_position_embeddings"],
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+        rope_scaling=rope_scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+    )
+
+
+def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
+    if (m.norm, m.activation, m.position, m.parallel_residual, m.rotary_pct) != (
+            "rmsnorm", "swiglu", "rope", False, 1.0):
+        raise ConversionError("only LLaMA-architecture models (rmsnorm, swiglu, rope, "
+                              "sequential residual, full rotary) export to LlamaForCausalLM")
+    cfg: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_size, "max_position_embeddings": m.max_position_embeddings,
+        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "hidden_act": "silu",
+        "tie_word_embeddings": m.tie_embeddings, "attention_bias": m.attention_bias,
+        "mlp_bias": m.mlp_bias, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+    }
+    s = m.rope_scaling
+    if s.type != "none":
+        cfg["rope_scaling"] = {"rope_type": s.type, "factor": s.factor}
+        if s.type == "llama3":
+            cfg["rope_scaling"].update(
+                low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                original_max_position_embeddings=s.original_max_position_embeddings)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+def _layer_map(m: ModelConfig) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """HF name inside a layer -> (our path inside `layers`, HF->ours transform)."""
+    d, n, k, h = m.hidden_size, m.num_heads, m.kv_heads, m.head_size
+    out: dict[str, tuple[tuple[str, ...], Any]] = {
+        "self_attn.q_proj.weight": (("attn", "q_proj"), lambda w: w.T.reshape(d, n, h)),
+        "self_attn.k_proj.weight": (("attn", "k_proj"), lambda w: w.T.reshape(d, k, h)),
+        "self_attn.v_proj.weight": (("attn", "v_proj"), lambda w: w.T.reshape(d, k, h)),
+        "self_attn.o_proj.weight": (("attn", "o_proj"), lambda w: w.T.reshape(n, h, d)),
+        "mlp.gate_proj.weight": (("mlp", "gate_proj"), lambda w: w.T),
+        "mlp.up_proj.weight": (("mlp", "up_proj"), lambda w: w.T),
+        "mlp.down_proj.weight": (("mlp", "down_proj"), lambda w: w.T),
+        "input_layernorm.weight": (("attn_norm", "scale"), lambda w: w),
+        "post_attention_layernorm.weight": (("mlp_norm", "scale"), lambda w: w),
+    }
+    if m.attention_bias:
+        out.update({
+            "self_attn.q_proj.bias": (("attn", "q_bias"), lambda b: b.reshape(n, h)),
+            "self_attn.k_proj.bias": (("attn", "k_bias"), lambda b: b.reshape(k, h)),
+            "self_attn.v_proj.bias": (("attn", "v_bias"), lambda b: b.reshape(k, h)),
+            "self_attn.o_proj.bias": (("attn", "o_bias"), lambda b: b),
+        })
+    if m.mlp_bias:
+        out.update({
+            "mlp.gate_proj.bias": (("mlp", "gate_bias"), lambda b: b),
+            "mlp.up_proj.bias": (("mlp", "up_bias"), lambda b: b),
+            "mlp.down_proj.bias": (("mlp", "down_bias"), lambda b: b),
+        })
+    return out
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def params_from_hf(hf_dir: Path, m: ModelConfig, abstract_params: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """Stream the safetensors shards tensor by tensor into our (stacked) parameter layout."""
+    from safetensors import safe_open
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{hf_dir}: no *.safetensors weights")
+    layer_map = _layer_map(m)
+    params: dict[str, Any] = {}
+    filled: set[tuple[str, ...]] = set()
+
+    def place(path: tuple[str, ...], value: np.ndarray, name: str, layer: int | None) -> None:
+        target = _get(abstract_params, path)
+        shape = target.shape[1:] if layer is not None else target.shape
+        if tuple(value.shape) != tuple(shape):
+            raise ConversionError(f"{hf_dir}: tensor {name} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(shape)} after conversion")
+        value = value.astype(target.dtype)
+        if layer is None:
+            _set(params, path, value)
+        else:
+            try:
+                stacked = _get(params, path)
+            except KeyError:
+                stacked = np.empty(target.shape, target.dtype)
+                _set(params, path, stacked)
+            stacked[layer] = value
+        filled.add((*path, str(layer)))
+
+    for file in files:
+        with safe_open(str(file), framework="flax") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                value = np.asarray(f.get_tensor(name))
+                if name == "model.embed_tokens.weight":
+                    place(("embed",), value, name, None)
+                elif name == "model.norm.weight":
+                    place(("final_norm", "scale"), value, name, None)
+                elif name == "lm_head.weight":
+                    if not m.tie_embeddings:
+                        place(("lm_head",), value.T, name, None)
+                elif name.startswith("model.layers."):
+                    index, rest = name[len("model.layers."):].split(".", 1)
+                    if rest.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if rest not in layer_map or int(index) >= m.num_layers:
+                        raise ConversionError(f"{hf_dir}: unexpected tensor {name}")
+                    path, fn = layer_map[rest]
+                    place(("layers", *path), fn(value), name, int(index))
+                else:
+                    raise ConversionError(f"{hf_dir}: unexpected tensor {name}")
+    expected = [("embed", "None"), ("final_norm", "scale", "None")]
+    if not m.tie_embeddings:
+        expected.append(("lm_head", "None"))
+    hf_names = {("embed", "None"): "model.embed_tokens.weight",
+                ("final_norm", "scale", "None"): "model.norm.weight",
+                ("lm_head", "None"): "lm_head.weight"}
+    for hf_name, (path, _) in layer_map.items():
+        for i in range(m.num_layers):
+            expected.append(("layers", *path, str(i)))
+            hf_names[("layers", *path, str(i))] = f"model.layers.{i}.{hf_name}"
+    for key in expected:
+        if key not in filled:
+            raise ConversionError(f"{hf_dir}: missing tensor {hf_names[key]}")
+    return params
+
+
+def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray]:
+    """Our parameters (numpy, stacked) -> HF tensor names and layouts."""
+    out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
+           "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = np.asarray(params["lm_head"]).T
+    inverse = {
+        ("attn", "q_proj"): lambda w: w.reshape(w.shape[0], -1).T,
+        ("attn", "k_proj"): lambda w: w.reshape(w.shape[0], -1).T,
+        ("attn", "v_proj"): lambda w: w.reshape(w.shape[0], -1).T,
+        ("attn", "o_proj"): lambda w: w.reshape(-1, w.shape[-1]).T,
+        ("attn", "q_bias"): lambda b: b.reshape(-1),
+        ("attn", "k_bias"): lambda b: b.reshape(-1),
+        ("attn", "v_bias"): lambda b: b.reshape(-1),
+    }
+    for hf_name, (path, _) in _layer_map(m).items():
+        stacked = np.asarray(_get(params["layers"], path))
+        fn = inverse.get(path, lambda w: w.T if w.ndim == 2 else w)
+        for i in range(m.num_layers):
+            out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(fn(stacked[i]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = ()) -> Path:
+    """Write OUT_DIR as a llama_jax run: config.yaml, checkpoints/0 (parameters only) and the
+    tokenizer.model if the HF folder has one."""
+    import jax
+    from flax import nnx
+
+    from llama_jax.checkpoint import Checkpointer
+    from llama_jax.model import abstract_model
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{config_file}: invalid JSON ({e.msg})") from None
+    model = model_config_from_hf(hf, str(config_file))
+    cfg = load_config(None, [f"run_dir={out_dir}", "mesh.fsdp=-1", *overrides])
+    cfg = replace(cfg, model=replace(model, param_dtype="float32"))
+    if (hf_dir / "tokenizer.model").is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(hf_dir / "tokenizer.model", out_dir / "tokenizer.model")
+        cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(out_dir / "tokenizer.model")))
+    validate(cfg)
+    abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model)))
+    params = params_from_hf(hf_dir, cfg.model, abstract)
+    save_config(cfg, out_dir / "config.yaml")
+    ckpt = Checkpointer(cfg, out_dir / "checkpoints")
+    ckpt.save(0, {"params": jax.tree.map(jax.numpy.asarray, params)}, None)
+    ckpt.close()
+    return out_dir
+
+
+def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    import jax
+    from safetensors.numpy import save_file
+
+    from llama_jax.evaluate import load_for_inference
+
+    loaded = load_for_inference(path, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1",
+                                       "mesh.sequence=1"], step=step)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_cfg = hf_config_from_model(loaded.cfg.model)
+    tensors = params_to_hf(jax.device_get(loaded.params), loaded.cfg.model)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    if loaded.cfg.data.tokenizer and Path(loaded.cfg.data.tokenizer).is_file():
+        shutil.copyfile(loaded.cfg.data.tokenizer, out_dir / "tokenizer.model")
+    return out_dir
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "checkpoints").is_dir()

@@ -1,0 +1,133 @@
+"""HuggingFace interop: logits and greedy generation equal transformers', both directions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import run_cli
+
+torch = pytest.importorskip("torch", reason="CPU torch (dev extra) is needed for HF checks")
+transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is needed")
+
+from llama_jax import api  # noqa: E402
+
+VARIANTS = {
+    "mha": {},
+    "gqa": {"num_key_value_heads": 2},
+    "llama3-rope": {"num_key_value_heads": 2, "rope_theta": 500000.0,
+                    "max_position_embeddings": 16384,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192}},
+    "tied": {"tie_word_embeddings": True},
+    "biases": {"attention_bias": True, "mlp_bias": True},
+}
+
+
+def tiny_hf(tmp_path, **extra):
+    torch.manual_seed(0)
+    settings = {"vocab_size": 211, "hidden_size": 64, "intermediate_size": 96,
+                "num_hidden_layers": 2, "num_attention_heads": 4,
+                "max_position_embeddings": 256, "rms_norm_eps": 1e-5, **extra}
+    cfg = transformers.LlamaConfig(attn_implementation="eager", **settings)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # biases start at zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_import_matches_transformers(tmp_path, variant):
+    model = tiny_hf(tmp_path, **VARIANTS[variant])
+    tokens = np.random.default_rng(0).integers(0, 211, (2, 24))
+    ours = api.load(tmp_path / "hf")
+    np.testing.assert_allclose(ours.logits(tokens), hf_logits(model, tokens),
+                               atol=1e-4, rtol=1e-4)
+    prompt = tokens[:1, :6]
+    expected = model.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, 6:].tolist()
+    assert ours.generate([prompt[0].tolist()], max_new_tokens=10)[0] == expected
+
+
+def test_cli_round_trip_hf_orbax_hf(tmp_path):
+    model = tiny_hf(tmp_path, num_key_value_heads=2)
+    imported = run_cli("convert", "hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "run"))
+    assert imported.returncode == 0, imported.stderr
+    exported = run_cli("convert", "orbax-to-hf", str(tmp_path / "run"), str(tmp_path / "back"))
+    assert exported.returncode == 0, exported.stderr
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    tokens = np.random.default_rng(1).integers(0, 211, (2, 16))
+    np.testing.assert_allclose(hf_logits(back, tokens), hf_logits(model, tokens), atol=1e-5)
+    # The import is a run directory that eval accepts (params only).
+    result = run_cli("eval", str(tmp_path / "run"), "--json", "--batches", "1",
+                     "data.seq_len=16")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-config", "no config.json"),
+    ("no-weights", "no *.safetensors weights"),
+    ("not-llama", "only LLaMA"),
+    ("missing-tensor", "missing tensor model.layers.1.mlp.up_proj.weight"),
+    ("bad-shape", "tensor model.norm.weight has shape (3,), expected (64,)"),
+    ("bad-dtype", "dtype 'int8' cannot be represented"),
+])
+def test_bad_hf_folders_are_refused_in_one_line(tmp_path, damage, message):
+    from safetensors.numpy import load_file, save_file
+
+    tiny_hf(tmp_path)
+    hf = tmp_path / "hf"
+    config = json.loads((hf / "config.json").read_text())
+    weights = hf / "model.safetensors"
+    if damage == "no-config":
+        (hf / "config.json").unlink()
+    elif damage == "no-weights":
+        weights.unlink()
+    elif damage == "not-llama":
+        config["model_type"] = "mistral"
+        config["architectures"] = ["MistralForCausalLM"]
+    elif damage == "bad-dtype":
+        config["torch_dtype"] = "int8"
+        config.pop("dtype", None)
+    elif damage in ("missing-tensor", "bad-shape"):
+        tensors = load_file(str(weights))
+        if damage == "missing-tensor":
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+        else:
+            tensors["model.norm.weight"] = np.ones(3, np.float32)
+        save_file(tensors, str(weights))
+    if (hf / "config.json").is_file():
+        (hf / "config.json").write_text(json.dumps(config))
+    result = run_cli("convert", "hf-to-orbax", str(hf), str(tmp_path / "out"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("form", ["rope_parameters", "legacy"])
+def test_both_config_json_rope_forms(tmp_path, form):
+    model = tiny_hf(tmp_path, **VARIANTS["llama3-rope"])
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    for key in ("rope_parameters", "rope_scaling", "rope_theta"):
+        config.pop(key, None)
+    if form == "legacy":  # as in the published Llama 3.1 checkpoints
+        config.update(rope_theta=500000.0, rope_scaling={"type": "llama3", **scaling})
+    else:  # as transformers 5 writes
+        config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, **scaling}
+    path.write_text(json.dumps(config))
+    tokens = np.random.default_rng(2).integers(0, 211, (1, 40))
+    np.testing.assert_allclose(api.load(tmp_path / "hf").logits(tokens),
+                               hf_logits(model, tokens), atol=1e-4, rtol=1e-4)
