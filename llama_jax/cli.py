@@ -21,9 +21,19 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - Config, imported lazily
+    from llama_jax import distributed
     from llama_jax.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    distributed.initialize(cfg.distributed)
+    return cfg
+
+
+def _join_from_environment() -> None:
+    from llama_jax import distributed
+    from llama_jax.config import DistributedConfig
+
+    distributed.initialize(DistributedConfig())
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -95,8 +105,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from llama_jax.evaluate import evaluate_checkpoint
 
+    _join_from_environment()
     result = evaluate_checkpoint(args.path, args.overrides, step=args.step, split=args.split,
                                  batches=args.batches)
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     if args.json:
         print(json.dumps(result))
     else:
@@ -110,6 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from llama_jax.evaluate import load_for_inference
     from llama_jax.generate import SamplingConfig, generate_ids
 
+    _join_from_environment()
     loaded = load_for_inference(args.path, args.overrides, step=args.step)
     tok = loaded.tokenizer
     prompts = [tok.encode(p, bos=True, eos=False) for p in args.prompt]
@@ -118,6 +134,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               tok.eos_id)
     outputs = generate_ids(loaded.graphdef, loaded.params, prompts, sampling, seed=args.seed,
                            mesh=loaded.mesh, rules=loaded.cfg.mesh.rules)
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
         text = tok.decode([t for t in out if t != tok.eos_id])
         print(f"--- sample {i}" if len(outputs) > 1 else "---")
@@ -232,8 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch(argv: list[str]) -> int:
+    from llama_jax.launch import launch
+
+    p = argparse.ArgumentParser(prog="llama-jax launch",
+                                description="run N local processes of one llama-jax command")
+    p.add_argument("--processes", type=int, required=True)
+    p.add_argument("--devices-per-process", type=int, default=1)
+    p.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+    p.add_argument("--log-dir", default=None, help="where processes 1..N-1 write their output")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS ...")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return launch(command, args.processes, args.devices_per_process, args.port, args.log_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        return _launch(argv[1:])
     parser = build_parser()
     # Overrides may follow options too (`eval RUN --json mesh.fsdp=4`): argparse leaves them
     # unparsed, and we take every `a.b=value` among them as an override.

@@ -166,6 +166,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    enabled: str = "auto"  # auto | true | false
+    coordinator: str = ""  # host:port of process 0's coordinator
+    num_processes: int = 0
+    process_id: int = -1
+    timeout_s: int = 300  # joining, and noticing a dead peer
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -174,6 +183,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +309,7 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "model.attention": ("xla", "dot_product_attention", "cudnn"),
     "optimizer.schedule": ("constant", "cosine", "linear", "wsd"),
+    "distributed.enabled": ("auto", "true", "false"),
 }
 
 _POSITIVE = (
