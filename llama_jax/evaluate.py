@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -82,5 +81,4 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
                       iter(eval_batches(loaded.setup, data, split, batches)),
                       data.bytes_per_token[split] if data else None)
     result.setdefault("bits_per_byte", float("nan"))
-    jax.effects_barrier()
     return {"step": loaded.step, "split": split, **result}
