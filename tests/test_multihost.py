@@ -98,3 +98,16 @@ def test_launcher_reports_a_failing_process(tmp_path):
     result = launch("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "model.num_heads=3")
     assert result.returncode != 0
     assert "exited with status" in result.stderr
+
+
+def test_generate_under_two_processes_matches_one(tmp_path):
+    run = ["train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}", "train.steps=2",
+           "data.dataset=python_docs", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert run_cli(*run).returncode == 0
+    gen = ["generate", str(tmp_path / "run"), "--prompt", "The", "--prompt", "A",
+           "--max-new-tokens", "6"]
+    two, one = launch(*gen), run_cli(*gen)
+    assert two.returncode == 0, two.stderr
+    assert one.returncode == 0, one.stderr
+    assert two.stdout.count("--- sample") == 2
+    assert two.stdout.strip().splitlines()[-4:] == one.stdout.strip().splitlines()[-4:]
