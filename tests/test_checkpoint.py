@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -198,5 +197,3 @@ def test_no_checkpoint_after_nan(tmp_path):
     ckpts = tmp_path / "checkpoints"
     assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
 
-
-os.environ.setdefault("PYTHONUNBUFFERED", "1")
