@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from llama_jax.errors import LlamaJaxError
 
@@ -115,9 +116,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        bpb = result["bits_per_byte"]
         print(f"{args.path} step {result['step']} ({args.split}): loss {result['loss']:.4f}  "
               f"perplexity {result['perplexity']:.2f}  bits/byte "
-              f"{result['bits_per_byte']:.4f}  tokens {result['tokens']:,.0f}")
+              f"{'n/a (synthetic data)' if bpb is None else f'{bpb:.4f}'}  "
+              f"tokens {result['tokens']:,.0f}")
     return 0
 
 
@@ -267,8 +270,19 @@ def _launch(argv: list[str]) -> int:
     return launch(command, args.processes, args.devices_per_process, args.port, args.log_dir)
 
 
+def _quiet_closed_loop_callbacks(unraisable: Any) -> None:
+    """After a failed Orbax restore, tensorstore still completes the reads it had in flight and
+    calls back into the event loop Orbax has already closed. That noise would turn a one-line
+    error into a traceback; everything else goes to the default hook."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.unraisablehook = _quiet_closed_loop_callbacks
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:
         return _launch(argv[1:])

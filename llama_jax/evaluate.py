@@ -56,8 +56,10 @@ def load_for_inference(path: str | Path, overrides: list[str] | tuple[str, ...] 
     if chosen is None or chosen not in steps:
         raise CheckpointError(f"no complete checkpoint {'' if chosen is None else chosen} in "
                               f"{where.directory}")
-    state, _, _ = ckpt.restore(chosen, setup.abstract_state, params_only=True)
-    ckpt.close()
+    try:
+        state, _, _ = ckpt.restore(chosen, setup.abstract_state, params_only=True)
+    finally:
+        ckpt.close()
     tokenizer = None
     if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
         tokenizer = Tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
@@ -80,5 +82,5 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
     result = evaluate(eval_step, loaded.params,
                       iter(eval_batches(loaded.setup, data, split, batches)),
                       data.bytes_per_token[split] if data else None)
-    result.setdefault("bits_per_byte", float("nan"))
+    result.setdefault("bits_per_byte", None)  # synthetic tokens stand for no bytes: JSON null
     return {"step": loaded.step, "split": split, **result}
