@@ -19,6 +19,8 @@ import numpy as np
 from llama_jax import flops
 from llama_jax.config import Config
 from llama_jax.data.batch import to_global
+from llama_jax.sharding import make_mesh
+from llama_jax.topology import TpuSlice, parse_topology, topology_devices
 from llama_jax.train import init_state, make_setup, make_source, make_train_step, prepare
 
 
@@ -32,16 +34,48 @@ def random_batch(cfg: Config) -> dict[str, np.ndarray]:
             "segment_ids": np.ones((rows, cfg.data.seq_len), np.int32)}
 
 
-def _peak_memory(devices: list[jax.Device], compiled: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+def _device_memory_limit(device: jax.Device, tpu: TpuSlice | None) -> int | None:
+    """Bytes one device may hold, where known: the runtime's limit, or the chip's datasheet
+    HBM for a compile-only TPU device (which has no runtime). None on CPU."""
+    if tpu is not None:
+        return tpu.hbm_bytes
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - compile-only and some CPU devices do not implement it
+        stats = None
+    return (stats or {}).get("bytes_limit") if device.platform != "cpu" else None
+
+
+def compiled_figures(devices: list[jax.Device], compiled: Any,
+                     tpu: TpuSlice | None = None) -> dict[str, Any]:
+    """Per-device memory XLA planned for the step (arguments, outputs, temporaries; aliased
+    donated buffers counted once), XLA's own FLOP count for one device's program, and what the
+    device actually peaked at when it ran."""
+    out: dict[str, Any] = {}
     analysis = compiled.memory_analysis()
     if analysis is not None:
-        per_device = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-        out["compiled_per_device_gib"] = per_device / 2**30
+        parts = {"argument": analysis.argument_size_in_bytes,
+                 "output": analysis.output_size_in_bytes,
+                 "temp": analysis.temp_size_in_bytes,
+                 "alias": analysis.alias_size_in_bytes}
+        out.update({f"{k}_gib": v / 2**30 for k, v in parts.items()})
+        total = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+        out["compiled_per_device_gib"] = total / 2**30
+    limit = _device_memory_limit(devices[0], tpu)
+    if limit:
+        out["device_memory_gib"] = limit / 2**30
+        if "compiled_per_device_gib" in out:
+            out["fits"] = out["compiled_per_device_gib"] <= out["device_memory_gib"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    if cost and "flops" in cost:
+        out["xla_flops_per_device"] = float(cost["flops"])
+    try:
+        stats = devices[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
@@ -79,14 +113,17 @@ def bench_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
         "peak_source": peak_source,
         "mfu": flops.mfu(tps, fpt, peak),
         "loss": float(metrics["loss"]),
-        **_peak_memory(devices, compiled),
+        **compiled_figures(devices, compiled),
     }
 
 
-def compile_only(cfg: Config) -> dict[str, Any]:
+def compile_only(cfg: Config, topology: str | None = None) -> dict[str, Any]:
     """Ahead-of-time compile of the real train step from abstract inputs: no parameter or
-    batch is ever allocated, so a 7B step compiles on a laptop."""
-    setup = make_setup(cfg)
+    batch is ever allocated, so a 7B step compiles on a laptop. With `topology` (a TPU slice
+    name) it compiles for that slice's devices, which need not exist here."""
+    tpu = parse_topology(topology) if topology else None
+    mesh = make_mesh(cfg, topology_devices(tpu)) if tpu else None
+    setup = make_setup(cfg, mesh)
     rows, length = cfg.train.global_batch_size, cfg.data.seq_len
     batch_sharding = setup.batch_shardings()
     batch = {k: jax.ShapeDtypeStruct((rows, length), np.float32 if k == "weights" else np.int32,
@@ -97,10 +134,13 @@ def compile_only(cfg: Config) -> dict[str, Any]:
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    out = {"lower_s": lower_s, "compile_s": compile_s,
-           "devices": f"{setup.mesh.size} x {setup.mesh.devices.flat[0].device_kind}"}
-    out.update({k: v for k, v in _peak_memory(list(setup.mesh.devices.flat), compiled).items()
-                if k == "compiled_per_device_gib"})
+    devices = list(setup.mesh.devices.flat)
+    out = {"device": f"{len(devices)} x {devices[0].device_kind}"
+                     + (f" ({tpu}, compile only)" if tpu else ""),
+           "lower_s": lower_s, "compile_s": compile_s,
+           "flops_per_token": flops.flops_per_token(cfg.model, cfg.data.seq_len)}
+    out.update(compiled_figures(devices, compiled, tpu))
+    out.pop("host_peak_rss_gib", None)
     return out
 
 

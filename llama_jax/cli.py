@@ -149,13 +149,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.topology:
+        from llama_jax.topology import compile_only_environment
+
+        for key, value in compile_only_environment().items():  # before JAX starts
+            os.environ.setdefault(key, value)
     from llama_jax.bench import bench_pipeline, bench_step
 
     cfg = _load(args)
-    if args.compile_only:
+    if args.compile_only or args.topology:
         from llama_jax.bench import compile_only
 
-        print(json.dumps(compile_only(cfg)))
+        print(json.dumps(compile_only(cfg, args.topology or None)))
         return 0
     result = bench_step(cfg, steps=args.steps)
     if args.pipeline:
@@ -201,6 +206,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from llama_jax import sweep
+
+    opts = sweep.SweepOptions(
+        config=args.config, overrides=args.overrides, devices=args.devices,
+        axes=sweep.parse_axes(args.axes), layouts=args.layouts, steps=args.steps,
+        compile_only=args.compile_only, topology=args.topology, out=args.out,
+        timeout_s=args.timeout)
+    reporting = sweep.is_reporting_process()
+
+    def progress(index: int, total: int, label: str) -> None:
+        if reporting:
+            print(f"[{index + 1}/{total}] {label}", file=sys.stderr, flush=True)
+
+    result = sweep.run_sweep(opts, progress)
+    if not reporting:
+        return 0
+    out = Path(args.out or f"sweeps/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    sweep.print_table(result)
+    for path in sweep.write_outputs(result, out):
+        print(f"wrote {path}")
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    return 0 if ok else 1
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "parameter count, FLOPs per token and state memory of a config"),
     "prepare-data": (cmd_prepare_data, "build the dataset and train or load the tokenizer"),
@@ -209,6 +242,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "generate": (cmd_generate, "sample from a checkpoint with a KV cache"),
     "bench": (cmd_bench, "compile time, step time, tokens/s, MFU and memory of the train step"),
     "convert": (cmd_convert, "HuggingFace LLaMA <-> llama_jax checkpoints"),
+    "sweep": (cmd_sweep, "compile and measure every mesh layout of the devices (or a TPU slice)"),
 }
 
 
@@ -237,6 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also measure the input pipeline's tokens/s")
             p.add_argument("--compile-only", action="store_true",
                            help="only compile the step ahead of time from abstract inputs")
+            p.add_argument("--topology", default="",
+                           help="compile only, for a TPU slice (v5p:2x2x2, v5p-16, 2xv5p-128); "
+                                "needs the tpu extra")
+        if name == "sweep":
+            p.add_argument("--devices", type=int, default=None,
+                           help="device count (default: all; on CPU, simulated devices)")
+            p.add_argument("--axes", default="data,fsdp,tensor",
+                           help="mesh axes to factor the devices over")
+            p.add_argument("--layouts", default="",
+                           help='explicit layouts instead, e.g. "data=2,fsdp=4;fsdp=8"')
+            p.add_argument("--steps", type=int, default=5, help="timed steps per layout")
+            p.add_argument("--compile-only", action="store_true",
+                           help="compile each layout ahead of time, run nothing")
+            p.add_argument("--topology", default="",
+                           help="compile for a TPU slice (implies --compile-only)")
+            p.add_argument("--out", default="", help="folder for sweep.csv/json/png "
+                           "(default: sweeps/<config>-<time>)")
+            p.add_argument("--timeout", type=float, default=900.0,
+                           help="seconds one layout may take before it is recorded as failed")
         if name in ("info", "eval", "bench"):
             p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "eval":

@@ -34,6 +34,7 @@ PEAK_FLOPS = {
     "v6 lite": 918e12,
     "v6e": 918e12,
     "v4": 275e12,
+    "v5": 459e12,  # v5p reports its kind as plain "TPU v5"
 }
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

@@ -111,3 +111,23 @@ def test_generate_under_two_processes_matches_one(tmp_path):
     assert one.returncode == 0, one.stderr
     assert two.stdout.count("--- sample") == 2
     assert two.stdout.strip().splitlines()[-4:] == one.stdout.strip().splitlines()[-4:]
+
+
+def test_sweep_under_two_processes(tmp_path):
+    """Each layout runs as two coordinated processes (its own coordinator port); process 0
+    alone reports, and a layout's figures match what one process with 8 devices compiles."""
+    layouts = ["--layouts", "data=2,fsdp=4;fsdp=8", "--steps", "2"]
+    two = launch("sweep", "configs/tiny.yaml", *layouts, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote ") == 3
+    one = run_cli("sweep", "configs/tiny.yaml", *layouts, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    rows = {}
+    for name in ("two", "one"):
+        result = json.loads((tmp_path / name / "sweep.json").read_text())
+        assert result["devices"] == 8
+        rows[name] = {r["layout"]: r for r in result["rows"]}
+    assert set(rows["two"]) == {"data=2,fsdp=4", "fsdp=8"}
+    for layout, row in rows["two"].items():
+        assert row["status"] == "ok" and row["tokens_per_sec"] > 0
+        assert row["argument_gib"] == pytest.approx(rows["one"][layout]["argument_gib"])

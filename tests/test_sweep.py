@@ -1,0 +1,168 @@
+"""Mesh sweeps: every layout compiled and measured in its own process, failures isolated,
+outputs written, per-device memory as the shardings say, and TPU slices compiled from CPU."""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS
+from helpers import run_cli
+
+from llama_jax import flops
+from llama_jax.config import load_config
+from llama_jax.errors import ConfigError
+from llama_jax.sweep import enumerate_layouts, factorizations, layout_label, parse_layouts
+from llama_jax.topology import parse_topology
+
+# Crashes (SIGSEGV, no Python traceback) any `bench` child whose command line holds the layout
+# data=4 x tensor=2: the worst kind of failure, with nothing printed to explain it.
+CRASH_ONE_LAYOUT = """
+import os, signal
+with open("/proc/self/cmdline", "rb") as f:
+    argv = f.read().split(b"\\0")
+if b"bench" in argv and b"mesh.data=4" in argv and b"mesh.tensor=2" in argv:
+    os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+
+def test_factorizations_cover_every_ordered_product():
+    assert sorted(factorizations(8, 3)) == sorted(
+        (a, b, 8 // (a * b)) for a in (1, 2, 4, 8) for b in (1, 2, 4, 8) if 8 % (a * b) == 0)
+    assert len(enumerate_layouts(16, ("data", "fsdp", "tensor", "sequence"))) == 35
+    assert layout_label(parse_layouts("data=2, fsdp=4")[0]) == "data=2,fsdp=4"
+
+
+def test_bad_layouts_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match="cannot read 'pipeline=2'"):
+        parse_layouts("data=2;pipeline=2")
+    result = run_cli("sweep", "configs/tiny.yaml", "--layouts", "data=2;fsdp=x")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "fsdp=x" in result.stderr
+
+
+def test_sweep_of_every_layout_isolates_a_crash(tmp_path):
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    (crash / "sitecustomize.py").write_text(CRASH_ONE_LAYOUT)
+    out = tmp_path / "sweep"
+    env = {"PYTHONPATH": f"{crash}:{Path(__file__).resolve().parent.parent}"}
+    result = run_cli("sweep", "configs/tiny.yaml", "--devices", "8", "--steps", "2",
+                     "--out", str(out), env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr
+    rows = {r["layout"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    # Every factorisation of 8 over data, fsdp, tensor is listed once.
+    assert len(rows) == len(factorizations(8, 3)) == 10
+    invalid = {k: r["reason"] for k, r in rows.items() if r["status"] == "invalid"}
+    assert invalid == {
+        "tensor=8": "mesh.tensor=8 does not divide model.num_heads=4",
+        "fsdp=2,tensor=4": "mesh.tensor=4 does not divide model.num_kv_heads=2",
+        "data=2,tensor=4": "mesh.tensor=4 does not divide model.num_kv_heads=2",
+    }
+    assert rows["data=4,tensor=2"]["status"] == "failed"
+    assert rows["data=4,tensor=2"]["reason"] == "crashed (SIGSEGV)"
+    ok = {k: r for k, r in rows.items() if r["status"] == "ok"}
+    assert len(ok) == 6 and all(r["tokens_per_sec"] > 0 and r["compile_s"] > 0 for r in ok.values())
+    assert sorted(r["rank"] for r in ok.values()) == list(range(1, 7))
+    # Per-device argument bytes: the train state split over fsdp x tensor (plus the batch).
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    state = flops.state_bytes(cfg)["total"]
+    for label, row in ok.items():
+        mesh = row["mesh"]
+        expected = state / (mesh["fsdp"] * mesh["tensor"])
+        assert row["argument_gib"] * 2**30 == pytest.approx(expected, rel=0.05), label
+    with (out / "sweep.csv").open() as f:
+        assert sorted(r["layout"] for r in csv.DictReader(f)) == sorted(rows)
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "crashed (SIGSEGV)" in result.stdout and "tokens/s" in result.stdout
+
+
+def test_explicit_layouts_compile_only_and_impossible_ones(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", "configs/tiny.yaml", "--compile-only", "--out", str(out),
+                     "--layouts", "data=2,fsdp=4;data=3;sequence=8",
+                     "train.global_batch_size=4")
+    assert result.returncode == 0, result.stderr
+    rows = {r["layout"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert rows["data=3"]["reason"] == "uses 3 devices, not 8"
+    assert rows["data=2,fsdp=4"]["status"] == "invalid"
+    assert "does not divide train.global_batch_size=4" in rows["data=2,fsdp=4"]["reason"]
+    assert rows["sequence=8"]["status"] == "ok"
+    assert rows["sequence=8"]["compiled_per_device_gib"] > 0
+    assert rows["sequence=8"]["tokens_per_sec"] is None
+
+
+@pytest.mark.parametrize(("name", "generation", "shape", "slices", "chips"), [
+    ("v5p:2x2x2", "v5p", (2, 2, 2), 1, 8),
+    ("v5p-16", "v5p", (2, 2, 2), 1, 8),
+    ("v4-32", "v4", (2, 2, 4), 1, 16),
+    ("v5p-128", "v5p", (4, 4, 4), 1, 64),
+    ("v5e-256", "v5e", (16, 16), 1, 256),
+    ("v5litepod-16", "v5e", (4, 4), 1, 16),
+    ("v6e-64", "v6e", (8, 8), 1, 64),
+    ("2xv5p-128", "v5p", (4, 4, 4), 2, 128),
+])
+def test_tpu_slice_names(name, generation, shape, slices, chips):
+    tpu = parse_topology(name)
+    assert (tpu.generation, tpu.shape, tpu.num_slices, tpu.chips) == (generation, shape, slices,
+                                                                      chips)
+
+
+@pytest.mark.parametrize("name", ["v7x-8", "v5p-12", "v5p:2x2", "tpu", "v5p-3"])
+def test_bad_tpu_slice_names(name):
+    with pytest.raises(ConfigError):
+        parse_topology(name)
+
+
+def _libtpu_requirement() -> str | None:
+    """The libtpu that the installed JAX's own `tpu` extra pins."""
+    for requirement in importlib.metadata.requires("jax") or []:
+        if requirement.startswith("libtpu") and 'extra == "tpu"' in requirement:
+            return re.split(r"\s*;", requirement)[0].replace(" ", "")
+    return None
+
+
+@pytest.fixture(scope="module")
+def libtpu_path(tmp_path_factory) -> Path:
+    requirement = _libtpu_requirement()
+    if requirement is None:
+        pytest.skip("this JAX names no libtpu in its tpu extra")
+    target = tmp_path_factory.mktemp("libtpu")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "--target", str(target), requirement],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.skip(f"cannot install {requirement}: {done.stderr.strip().splitlines()[-1:]}")
+    return target
+
+
+def test_tpu_topology_compile_only_sweep(tmp_path, libtpu_path):
+    out = tmp_path / "sweep"
+    root = Path(__file__).resolve().parent.parent
+    result = run_cli("sweep", "configs/tiny.yaml", "--topology", "v5p:2x2x2", "--out", str(out),
+                     "--layouts", "fsdp=8;data=2,fsdp=4;fsdp=4,tensor=2",
+                     env={"PYTHONPATH": f"{libtpu_path}:{root}"}, timeout=900)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["topology"] == "v5p:2x2x2" and summary["compile_only"]
+    for row in summary["rows"]:
+        assert row["status"] == "ok", row
+        assert row["device_memory_gib"] == pytest.approx(95.74) and row["fits"] is True
+        assert 0 < row["compiled_per_device_gib"] < 1
+        assert row["xla_flops_per_device"] > 0
+
+
+def test_topology_without_libtpu_is_one_line(tmp_path):
+    if importlib.util.find_spec("libtpu") is not None:
+        pytest.skip("libtpu is installed here")
+    result = run_cli("bench", "configs/tiny.yaml", "--topology", "v5p:2x2x2")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("llama-jax bench: error: --topology needs libtpu, which "
+                                     "the default install leaves out: pip install -e '.[tpu]'")
