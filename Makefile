@@ -7,7 +7,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup train test bench lint clean
+.PHONY: setup train test bench lint clean tpu
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ bench: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(PY) -m llama_jax.cli bench configs/bench-small.yaml
 	$(PY) -m llama_jax.cli bench configs/bench-small.yaml mesh.fsdp=8
 	$(PY) -m llama_jax.cli bench configs/default.yaml --pipeline --steps 5
+
+# libtpu (the version this JAX's tpu extra pins) beside the environment, not in it: only
+# `--topology` compiles load it, so ordinary runs never probe for a TPU.
+tpu: setup
+	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu "$$($(PY) -m llama_jax.topology)" \
+	  2>&1 | grep -v "is ignored" || true
+	test -d $(VENV)/libtpu/libtpu
 
 lint: setup
 	$(VENV)/bin/ruff check llama_jax tests scripts

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from llama_jax.config import ModelConfig, RopeScalingConfig, load_config, save_config, validate
@@ -143,71 +145,76 @@ def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
     return tree
 
 
-def params_from_hf(hf_dir: Path, m: ModelConfig, abstract_params: dict[str, Any]
-                   ) -> dict[str, Any]:
-    """Stream the safetensors shards tensor by tensor into our (stacked) parameter layout."""
+def _source_names(m: ModelConfig) -> dict[tuple[str, ...], list[str]]:
+    """Our parameter path -> the HF tensors it is made of (one per layer for stacked ones)."""
+    out: dict[tuple[str, ...], list[str]] = {("embed",): ["model.embed_tokens.weight"],
+                                             ("final_norm", "scale"): ["model.norm.weight"]}
+    if not m.tie_embeddings:
+        out[("lm_head",)] = ["lm_head.weight"]
+    for hf_name, (path, _) in _layer_map(m).items():
+        out[("layers", *path)] = [f"model.layers.{i}.{hf_name}" for i in range(m.num_layers)]
+    return out
+
+
+def _tensor_index(hf_dir: Path, m: ModelConfig) -> dict[str, Path]:
+    """Which shard holds each tensor, from the shards' headers alone (no tensor is read);
+    anything the model has no place for is refused here, before a byte is written."""
     from safetensors import safe_open
 
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{hf_dir}: no *.safetensors weights")
-    layer_map = _layer_map(m)
-    params: dict[str, Any] = {}
-    filled: set[tuple[str, ...]] = set()
-
-    def place(path: tuple[str, ...], value: np.ndarray, name: str, layer: int | None) -> None:
-        target = _get(abstract_params, path)
-        shape = target.shape[1:] if layer is not None else target.shape
-        if tuple(value.shape) != tuple(shape):
-            raise ConversionError(f"{hf_dir}: tensor {name} has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(shape)} after conversion")
-        value = value.astype(target.dtype)
-        if layer is None:
-            _set(params, path, value)
-        else:
-            try:
-                stacked = _get(params, path)
-            except KeyError:
-                stacked = np.empty(target.shape, target.dtype)
-                _set(params, path, stacked)
-            stacked[layer] = value
-        filled.add((*path, str(layer)))
-
+    wanted = {name for names in _source_names(m).values() for name in names}
+    if m.tie_embeddings:
+        wanted.add("lm_head.weight")  # some tied exports carry it anyway: ignored
+    index: dict[str, Path] = {}
     for file in files:
         with safe_open(str(file), framework="flax") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                value = np.asarray(f.get_tensor(name))
-                if name == "model.embed_tokens.weight":
-                    place(("embed",), value, name, None)
-                elif name == "model.norm.weight":
-                    place(("final_norm", "scale"), value, name, None)
-                elif name == "lm_head.weight":
-                    if not m.tie_embeddings:
-                        place(("lm_head",), value.T, name, None)
-                elif name.startswith("model.layers."):
-                    index, rest = name[len("model.layers."):].split(".", 1)
-                    if rest.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if rest not in layer_map or int(index) >= m.num_layers:
-                        raise ConversionError(f"{hf_dir}: unexpected tensor {name}")
-                    path, fn = layer_map[rest]
-                    place(("layers", *path), fn(value), name, int(index))
-                else:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if name not in wanted:
                     raise ConversionError(f"{hf_dir}: unexpected tensor {name}")
-    expected = [("embed", "None"), ("final_norm", "scale", "None")]
-    if not m.tie_embeddings:
-        expected.append(("lm_head", "None"))
-    hf_names = {("embed", "None"): "model.embed_tokens.weight",
-                ("final_norm", "scale", "None"): "model.norm.weight",
-                ("lm_head", "None"): "lm_head.weight"}
-    for hf_name, (path, _) in layer_map.items():
-        for i in range(m.num_layers):
-            expected.append(("layers", *path, str(i)))
-            hf_names[("layers", *path, str(i))] = f"model.layers.{i}.{hf_name}"
-    for key in expected:
-        if key not in filled:
-            raise ConversionError(f"{hf_dir}: missing tensor {hf_names[key]}")
-    return params
+                index[name] = file
+    return index
+
+
+def _read_leaf(hf_dir: Path, index: dict[str, Path], m: ModelConfig, path: tuple[str, ...],
+               target: Any) -> np.ndarray:
+    """One parameter of ours, built from its HF tensors: only this leaf is ever in memory."""
+    from safetensors import safe_open
+
+    names = _source_names(m)[path]
+    stacked = path[0] == "layers"
+    transform = _layer_map(m)[names[0].split(".", 3)[3]][1] if stacked else (
+        (lambda w: w.T) if path == ("lm_head",) else (lambda w: w))
+    shape = tuple(target.shape[1:] if stacked else target.shape)
+    out = np.empty(target.shape, target.dtype)
+    for i, name in enumerate(names):
+        if name not in index:
+            raise ConversionError(f"{hf_dir}: missing tensor {name}")
+        with safe_open(str(index[name]), framework="flax") as f:
+            value = transform(np.asarray(f.get_tensor(name)))
+        if tuple(value.shape) != shape:
+            raise ConversionError(f"{hf_dir}: tensor {name} has shape {tuple(value.shape)}, "
+                                  f"expected {shape} after conversion")
+        if stacked:
+            out[i] = value
+        else:
+            out[...] = value
+    return out
+
+
+def params_from_hf(hf_dir: Path, m: ModelConfig, abstract_params: dict[str, Any]
+                   ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(path, array) for each of our parameters, in tree order, one at a time."""
+    index = _tensor_index(hf_dir, m)
+    for name in (n for names in _source_names(m).values() for n in names):
+        if name not in index:  # fail before anything is written
+            raise ConversionError(f"{hf_dir}: missing tensor {name}")
+    for key_path, target in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        path = tuple(k.key for k in key_path)
+        yield path, _read_leaf(hf_dir, index, m, path, target)
 
 
 def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray]:
@@ -240,7 +247,6 @@ def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray
 def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Write OUT_DIR as a llama_jax run: config.yaml, checkpoints/0 (parameters only) and the
     tokenizer.model if the HF folder has one."""
-    import jax
     from flax import nnx
 
     from llama_jax.checkpoint import Checkpointer
@@ -263,16 +269,15 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = 
         cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(out_dir / "tokenizer.model")))
     validate(cfg)
     abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model)))
-    params = params_from_hf(hf_dir, cfg.model, abstract)
-    save_config(cfg, out_dir / "config.yaml")
+    leaves = params_from_hf(hf_dir, cfg.model, abstract)
     ckpt = Checkpointer(cfg, out_dir / "checkpoints")
-    ckpt.save(0, {"params": jax.tree.map(jax.numpy.asarray, params)}, None)
+    ckpt.save_params_streamed(0, leaves)
     ckpt.close()
+    save_config(cfg, out_dir / "config.yaml")
     return out_dir
 
 
 def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
-    import jax
     from safetensors.numpy import save_file
 
     from llama_jax.evaluate import load_for_inference

@@ -249,7 +249,10 @@ def ranked(rows: list[Row], compile_only: bool) -> list[tuple[int | None, Row]]:
         return -row.figures.get("tokens_per_sec", 0.0)
 
     ok = sorted((r for r in rows if r.status == "ok"), key=key)
-    rest = [r for r in rows if r.status == "failed"] + [r for r in rows if r.status == "invalid"]
+    # Of the failures, those closest to fitting first.
+    failed = sorted((r for r in rows if r.status == "failed"),
+                    key=lambda r: r.figures.get("required_gib") or math.inf)
+    rest = failed + [r for r in rows if r.status == "invalid"]
     return [(i + 1, r) for i, r in enumerate(ok)] + [(None, r) for r in rest]
 
 
@@ -372,13 +375,16 @@ def print_table(result: dict[str, Any]) -> None:
     for name in columns:
         table.add_column(name, justify="left" if name in ("layout", "status") else "right")
     for r in result["rows"]:
+        # A layout the TPU compiler refused shows the lower bound it reported: "> 160.1".
+        total, bound = r["compiled_per_device_gib"], ""
+        if total is None and r["required_gib"]:
+            total, bound = r["required_gib"], "> "
         cells = [str(r["rank"] or ""), r["layout"], _fmt(r["compile_s"], ".1f"),
                  _fmt(r["argument_gib"], ".3f"), _fmt(r["temp_gib"], ".3f"),
-                 _fmt(r["compiled_per_device_gib"], ".3f")]
+                 bound + _fmt(total, ".3f")]
         if "of device" in columns:
-            share = (r["compiled_per_device_gib"] / r["device_memory_gib"]
-                     if r["compiled_per_device_gib"] and r["device_memory_gib"] else None)
-            cells.append(_fmt(share, ".0%"))
+            share = total / r["device_memory_gib"] if total and r["device_memory_gib"] else None
+            cells.append(bound + _fmt(share, ".0%"))
         flops = r["xla_flops_per_device"]
         cells.append(_fmt(flops, ".3g"))
         if not result["compile_only"]:

@@ -8,11 +8,14 @@ whether a layout fits before any TPU hour is spent. Only the compile needs libtp
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llama_jax.errors import ConfigError
@@ -115,8 +118,35 @@ def parse_topology(name: str) -> TpuSlice:
                       f"v5e-256 or 2xv5p-128")
 
 
-def libtpu_available() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
+ENV_LIBTPU = "LLAMA_JAX_LIBTPU"
+
+
+def libtpu_folder() -> Path:
+    """Where `make tpu` puts libtpu: beside the environment, not in it, so that ordinary runs
+    never see it (with libtpu importable, JAX probes for a TPU at every start-up)."""
+    return Path(os.environ.get(ENV_LIBTPU) or Path(sys.prefix) / "libtpu")
+
+
+def find_libtpu() -> bool:
+    """Whether libtpu can be loaded, putting `libtpu_folder()` on the import path if it is
+    there."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    folder = libtpu_folder()
+    if (folder / "libtpu").is_dir():
+        sys.path.insert(0, str(folder))
+        importlib.invalidate_caches()
+        return True
+    return False
+
+
+def libtpu_requirement() -> str:
+    """The libtpu that the installed JAX's own `tpu` extra pins (`libtpu==0.0.42.*`)."""
+    for requirement in importlib.metadata.requires("jax") or []:
+        name, _, marker = requirement.partition(";")
+        if name.strip().startswith("libtpu") and '"tpu"' in marker:
+            return name.replace(" ", "")
+    return "libtpu"
 
 
 def compile_only_environment() -> dict[str, str]:
@@ -128,9 +158,9 @@ def compile_only_environment() -> dict[str, str]:
 
 def topology_devices(tpu: TpuSlice) -> list[Any]:
     """Compile-only devices of the slice(s): they compile programs but run nothing."""
-    if not libtpu_available():
+    if not find_libtpu():
         raise ConfigError("--topology needs libtpu, which the default install leaves out: "
-                          "pip install -e '.[tpu]'")
+                          "run `make tpu` (or pip install -e '.[tpu]')")
     for key, value in compile_only_environment().items():
         os.environ.setdefault(key, value)
     from jax.experimental import topologies
@@ -148,3 +178,7 @@ def topology_devices(tpu: TpuSlice) -> list[Any]:
     except Exception as e:  # noqa: BLE001 - libtpu reports bad shapes as runtime errors
         raise ConfigError(f"libtpu refused topology {tpu}: {str(e).splitlines()[0]}") from None
     return list(topology.devices)
+
+
+if __name__ == "__main__":  # `make tpu` asks which libtpu matches this JAX
+    print(libtpu_requirement())

@@ -4,10 +4,8 @@ outputs written, per-device memory as the shardings say, and TPU slices compiled
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from llama_jax import flops
 from llama_jax.config import load_config
 from llama_jax.errors import ConfigError
 from llama_jax.sweep import enumerate_layouts, factorizations, layout_label, parse_layouts
-from llama_jax.topology import parse_topology
+from llama_jax.topology import ENV_LIBTPU, libtpu_requirement, parse_topology
 
 # Crashes (SIGSEGV, no Python traceback) any `bench` child whose command line holds the layout
 # data=4 x tensor=2: the worst kind of failure, with nothing printed to explain it.
@@ -121,19 +119,9 @@ def test_bad_tpu_slice_names(name):
         parse_topology(name)
 
 
-def _libtpu_requirement() -> str | None:
-    """The libtpu that the installed JAX's own `tpu` extra pins."""
-    for requirement in importlib.metadata.requires("jax") or []:
-        if requirement.startswith("libtpu") and 'extra == "tpu"' in requirement:
-            return re.split(r"\s*;", requirement)[0].replace(" ", "")
-    return None
-
-
 @pytest.fixture(scope="module")
 def libtpu_path(tmp_path_factory) -> Path:
-    requirement = _libtpu_requirement()
-    if requirement is None:
-        pytest.skip("this JAX names no libtpu in its tpu extra")
+    requirement = libtpu_requirement()
     target = tmp_path_factory.mktemp("libtpu")
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                            "--target", str(target), requirement],
@@ -145,10 +133,9 @@ def libtpu_path(tmp_path_factory) -> Path:
 
 def test_tpu_topology_compile_only_sweep(tmp_path, libtpu_path):
     out = tmp_path / "sweep"
-    root = Path(__file__).resolve().parent.parent
     result = run_cli("sweep", "configs/tiny.yaml", "--topology", "v5p:2x2x2", "--out", str(out),
                      "--layouts", "fsdp=8;data=2,fsdp=4;fsdp=4,tensor=2",
-                     env={"PYTHONPATH": f"{libtpu_path}:{root}"}, timeout=900)
+                     env={ENV_LIBTPU: str(libtpu_path)}, timeout=900)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["topology"] == "v5p:2x2x2" and summary["compile_only"]
@@ -161,8 +148,10 @@ def test_tpu_topology_compile_only_sweep(tmp_path, libtpu_path):
 
 def test_topology_without_libtpu_is_one_line(tmp_path):
     if importlib.util.find_spec("libtpu") is not None:
-        pytest.skip("libtpu is installed here")
-    result = run_cli("bench", "configs/tiny.yaml", "--topology", "v5p:2x2x2")
+        pytest.skip("libtpu is installed in this environment")
+    result = run_cli("bench", "configs/tiny.yaml", "--topology", "v5p:2x2x2",
+                     env={ENV_LIBTPU: str(tmp_path)})
     assert result.returncode == 2
-    assert result.stderr.strip() == ("llama-jax bench: error: --topology needs libtpu, which "
-                                     "the default install leaves out: pip install -e '.[tpu]'")
+    assert result.stderr.strip() == (
+        "llama-jax bench: error: --topology needs libtpu, which the default install leaves "
+        "out: run `make tpu` (or pip install -e '.[tpu]')")
