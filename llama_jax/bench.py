@@ -34,16 +34,19 @@ def random_batch(cfg: Config) -> dict[str, np.ndarray]:
             "segment_ids": np.ones((rows, cfg.data.seq_len), np.int32)}
 
 
+def _memory_stats(device: jax.Device) -> dict[str, Any]:
+    try:
+        return device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - compile-only and some CPU devices do not implement it
+        return {}
+
+
 def _device_memory_limit(device: jax.Device, tpu: TpuSlice | None) -> int | None:
     """Bytes one device may hold, where known: the runtime's limit, or the chip's datasheet
     HBM for a compile-only TPU device (which has no runtime). None on CPU."""
     if tpu is not None:
         return tpu.hbm_bytes
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - compile-only and some CPU devices do not implement it
-        stats = None
-    return (stats or {}).get("bytes_limit") if device.platform != "cpu" else None
+    return _memory_stats(device).get("bytes_limit") if device.platform != "cpu" else None
 
 
 def compiled_figures(devices: list[jax.Device], compiled: Any,
@@ -70,11 +73,8 @@ def compiled_figures(devices: list[jax.Device], compiled: Any,
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     if cost and "flops" in cost:
         out["xla_flops_per_device"] = float(cost["flops"])
-    try:
-        stats = devices[0].memory_stats()
-    except Exception:  # noqa: BLE001
-        stats = None
-    if stats and "peak_bytes_in_use" in stats:
+    stats = _memory_stats(devices[0])
+    if "peak_bytes_in_use" in stats:
         out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
