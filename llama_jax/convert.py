@@ -133,38 +133,40 @@ def _layer_map(m: ModelConfig) -> dict[str, tuple[tuple[str, ...], Any]]:
     return out
 
 
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
-
-
 def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
     for part in path:
         tree = tree[part]
     return tree
 
 
-def _source_names(m: ModelConfig) -> dict[tuple[str, ...], list[str]]:
-    """Our parameter path -> the HF tensors it is made of (one per layer for stacked ones)."""
-    out: dict[tuple[str, ...], list[str]] = {("embed",): ["model.embed_tokens.weight"],
-                                             ("final_norm", "scale"): ["model.norm.weight"]}
+Sources = dict[tuple[str, ...], tuple[list[str], Any]]
+
+
+def _sources(m: ModelConfig) -> Sources:
+    """Our parameter path -> (the HF tensors it is made of, one per layer for stacked ones;
+    the HF -> ours transform of each)."""
+    keep, transpose = (lambda w: w), (lambda w: w.T)
+    out: Sources = {("embed",): (["model.embed_tokens.weight"], keep),
+                    ("final_norm", "scale"): (["model.norm.weight"], keep)}
     if not m.tie_embeddings:
-        out[("lm_head",)] = ["lm_head.weight"]
-    for hf_name, (path, _) in _layer_map(m).items():
-        out[("layers", *path)] = [f"model.layers.{i}.{hf_name}" for i in range(m.num_layers)]
+        out[("lm_head",)] = (["lm_head.weight"], transpose)
+    for hf_name, (path, fn) in _layer_map(m).items():
+        out[("layers", *path)] = ([f"model.layers.{i}.{hf_name}" for i in range(m.num_layers)],
+                                  fn)
     return out
 
 
-def _tensor_index(hf_dir: Path, m: ModelConfig) -> dict[str, Path]:
-    """Which shard holds each tensor, from the shards' headers alone (no tensor is read);
-    anything the model has no place for is refused here, before a byte is written."""
+def _tensor_index(hf_dir: Path, m: ModelConfig, sources: Sources) -> dict[str, Path]:
+    """Which shard holds each tensor, from the shards' headers alone (no tensor is read). A
+    tensor the model has no place for, or one it needs and no shard has, is refused here,
+    before a byte is written."""
     from safetensors import safe_open
 
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{hf_dir}: no *.safetensors weights")
-    wanted = {name for names in _source_names(m).values() for name in names}
+    needed = [name for names, _ in sources.values() for name in names]
+    wanted = set(needed)
     if m.tie_embeddings:
         wanted.add("lm_head.weight")  # some tied exports carry it anyway: ignored
     index: dict[str, Path] = {}
@@ -176,23 +178,21 @@ def _tensor_index(hf_dir: Path, m: ModelConfig) -> dict[str, Path]:
                 if name not in wanted:
                     raise ConversionError(f"{hf_dir}: unexpected tensor {name}")
                 index[name] = file
+    for name in needed:
+        if name not in index:
+            raise ConversionError(f"{hf_dir}: missing tensor {name}")
     return index
 
 
-def _read_leaf(hf_dir: Path, index: dict[str, Path], m: ModelConfig, path: tuple[str, ...],
+def _read_leaf(hf_dir: Path, index: dict[str, Path], names: list[str], transform: Any,
                target: Any) -> np.ndarray:
     """One parameter of ours, built from its HF tensors: only this leaf is ever in memory."""
     from safetensors import safe_open
 
-    names = _source_names(m)[path]
-    stacked = path[0] == "layers"
-    transform = _layer_map(m)[names[0].split(".", 3)[3]][1] if stacked else (
-        (lambda w: w.T) if path == ("lm_head",) else (lambda w: w))
+    stacked = names[0].startswith("model.layers.")  # one tensor per layer, stacked on axis 0
     shape = tuple(target.shape[1:] if stacked else target.shape)
     out = np.empty(target.shape, target.dtype)
     for i, name in enumerate(names):
-        if name not in index:
-            raise ConversionError(f"{hf_dir}: missing tensor {name}")
         with safe_open(str(index[name]), framework="flax") as f:
             value = transform(np.asarray(f.get_tensor(name)))
         if tuple(value.shape) != shape:
@@ -208,13 +208,11 @@ def _read_leaf(hf_dir: Path, index: dict[str, Path], m: ModelConfig, path: tuple
 def params_from_hf(hf_dir: Path, m: ModelConfig, abstract_params: dict[str, Any]
                    ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(path, array) for each of our parameters, in tree order, one at a time."""
-    index = _tensor_index(hf_dir, m)
-    for name in (n for names in _source_names(m).values() for n in names):
-        if name not in index:  # fail before anything is written
-            raise ConversionError(f"{hf_dir}: missing tensor {name}")
+    sources = _sources(m)
+    index = _tensor_index(hf_dir, m, sources)
     for key_path, target in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         path = tuple(k.key for k in key_path)
-        yield path, _read_leaf(hf_dir, index, m, path, target)
+        yield path, _read_leaf(hf_dir, index, *sources[path], target)
 
 
 def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray]:

@@ -22,6 +22,11 @@ ENV_NUM_PROCESSES = "LLAMA_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "LLAMA_JAX_PROCESS_ID"
 
 
+def env_int(name: str, default: int) -> int:
+    """An integer launch setting from the environment (unset or empty: `default`)."""
+    return int(os.environ.get(name, "") or default)
+
+
 def _cluster_environment() -> bool:
     """A TPU pod slice or a multi-task SLURM job, which JAX detects on its own."""
     if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
@@ -50,9 +55,8 @@ def initialize(d: DistributedConfig) -> bool:
     if jax.distributed.is_initialized():
         return True
     coordinator = d.coordinator or os.environ.get(ENV_COORDINATOR, "")
-    num_processes = d.num_processes or int(os.environ.get(ENV_NUM_PROCESSES, "0") or 0)
-    process_id = d.process_id if d.process_id >= 0 else int(
-        os.environ.get(ENV_PROCESS_ID, "-1") or -1)
+    num_processes = d.num_processes or env_int(ENV_NUM_PROCESSES, 0)
+    process_id = d.process_id if d.process_id >= 0 else env_int(ENV_PROCESS_ID, -1)
     explicit = bool(coordinator) and num_processes > 1
     if d.enabled == "false" or not (explicit or d.enabled == "true" or _cluster_environment()):
         return False

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_jax.config import MESH_AXES, Config, apply_overrides, load_config
-from llama_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from llama_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, env_int
 from llama_jax.errors import ConfigError
 from llama_jax.topology import TpuSlice, compile_only_environment, parse_topology
 
@@ -66,6 +66,11 @@ class Row:
         out.update({k: self.figures.get(k) for k in COLUMNS if k not in out})
         out["mesh"] = dict(self.layout)
         return out
+
+
+def with_dcn(layout: Layout, dcn: Layout) -> Layout:
+    """The layout as recorded: ICI sizes, plus `dcn_<axis>` for each axis joined over DCN."""
+    return {**layout, **{f"dcn_{a}": s for a, s in dcn.items() if s > 1}}
 
 
 def layout_label(layout: Layout) -> str:
@@ -166,10 +171,9 @@ _TPU_OOM = re.compile(r"memory required for (?P<what>.+?) \((?P<need>[\d.]+)G\) 
                       r"available HBM \((?P<have>[\d.]+)G\)")
 
 
-def _child_environment(opts: SweepOptions, devices: int, index: int,
-                       tpu: TpuSlice | None) -> dict[str, str]:
+def _child_environment(devices: int, index: int, tpu: TpuSlice | None) -> dict[str, str]:
     env = dict(os.environ)
-    processes = int(env.get(ENV_NUM_PROCESSES, "0") or 0)
+    processes = env_int(ENV_NUM_PROCESSES, 0)
     if tpu is not None:  # one process compiles for the whole slice
         env.update(compile_only_environment())
         for key in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID):
@@ -197,10 +201,10 @@ def run_layout(opts: SweepOptions, layout: Layout, dcn: Layout, devices: int, in
         command += ["--compile-only"]
     else:
         command += ["--steps", str(opts.steps)]
-    full = {**layout, **{f"dcn_{a}": s for a, s in dcn.items() if s > 1}}
+    full = with_dcn(layout, dcn)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=opts.timeout_s,
-                              env=_child_environment(opts, devices, index, tpu))
+                              env=_child_environment(devices, index, tpu))
     except subprocess.TimeoutExpired:
         return Row(full, "failed", f"timed out after {opts.timeout_s:.0f} s")
     if done.returncode != 0:
@@ -233,12 +237,12 @@ def device_count(opts: SweepOptions, tpu: TpuSlice | None) -> int:
         return opts.devices
     import jax
 
-    processes = int(os.environ.get(ENV_NUM_PROCESSES, "0") or 0)
+    processes = env_int(ENV_NUM_PROCESSES, 0)
     return jax.local_device_count() * processes if processes > 1 else jax.device_count()
 
 
 def is_reporting_process() -> bool:
-    return int(os.environ.get(ENV_PROCESS_ID, "0") or 0) == 0
+    return env_int(ENV_PROCESS_ID, 0) == 0
 
 
 def ranked(rows: list[Row], compile_only: bool) -> list[tuple[int | None, Row]]:
@@ -272,8 +276,7 @@ def run_sweep(opts: SweepOptions, progress: Any = None) -> dict[str, Any]:
     for layout in layouts:
         reason = layout_problem(cfg, layout, dcn, devices)
         if reason:
-            full = {**layout, **{f"dcn_{a}": s for a, s in dcn.items()}}
-            rows.append(Row(full, "invalid", reason))
+            rows.append(Row(with_dcn(layout, dcn), "invalid", reason))
         else:
             todo.append(layout)
     for index, layout in enumerate(todo):
