@@ -82,6 +82,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     scan_layers: bool = True
     attention: str = "xla"  # xla | dot_product_attention | cudnn
+    attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
 
     @property
     def kv_heads(self) -> int:
@@ -356,6 +357,8 @@ def validate(cfg: Config) -> None:
         )
     if m.head_dim is not None and m.head_dim <= 0:
         raise ConfigError(f"model.head_dim={m.head_dim} must be positive")
+    if m.attention_block < 0:
+        raise ConfigError(f"model.attention_block={m.attention_block} must be >= 0 (0: off)")
     if not 0.0 < m.rotary_pct <= 1.0:
         raise ConfigError(f"model.rotary_pct={m.rotary_pct} must be in (0, 1]")
     if m.position == "rope" and m.rotary_dim % 2:

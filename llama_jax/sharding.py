@@ -196,6 +196,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def is_sharded(name: str) -> bool:
+    """Whether activations' logical dimension `name` is split over devices right now."""
+    if not _ACTIVE:
+        return False
+    mesh, rules = _ACTIVE[-1]
+    sizes = mesh_sizes(mesh)
+    return any(sizes.get(axis, 1) > 1 for axis in rules.get(name, ()))
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, length, ...] input array."""
     names = ("batch", "length") + (None,) * (ndim - 2)
