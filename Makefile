@@ -3,26 +3,35 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup train test bench lint clean tpu
+.PHONY: setup setup-dev train test bench lint clean tpu
 
+# `setup` is what running needs; `setup-dev` adds the test tools and the reference
+# implementations (pytest, ruff, transformers, torch), so `make train` does not wait for them.
 setup: $(STAMP)
+setup-dev: $(DEV_STAMP)
 
 # Re-installs only when pyproject.toml changes; the package itself is editable.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]' > $(VENV)/pip.log 2>&1 \
+	$(PY) -m pip install -q -e . > $(VENV)/pip.log 2>&1 \
 	  || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 	$(PY) -c "import llama_jax, jax, flax, optax, orbax.checkpoint, grain, sentencepiece"
 	touch $(STAMP)
 
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]' > $(VENV)/pip-dev.log 2>&1 \
+	  || { grep -v "is ignored" $(VENV)/pip-dev.log; exit 1; }
+	touch $(DEV_STAMP)
+
 train: setup
 	$(PY) -m llama_jax.cli train configs/default.yaml $(if $(RUN_DIR),run_dir=$(RUN_DIR),)
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
 # The fixed bench-small model on one CPU device, then sharded over 8 simulated devices, then
@@ -39,7 +48,7 @@ tpu: setup
 	  2>&1 | grep -v "is ignored" || true
 	test -d $(VENV)/libtpu/libtpu
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check llama_jax tests scripts
 
 clean:
