@@ -194,15 +194,16 @@ def blocked_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Arra
     Why: the one-einsum form computes, masks, normalises and stores all T x T scores although
     causality throws half of them away; the scores and their gradient are the layer's
     largest tensors. With blocks of `block` queries the work is (n + 1) / 2n of it for n
-    blocks (62% at n = 4), the same numbers up to float rounding. Plain XLA ops, so it runs,
-    shards and differentiates wherever the one-einsum form does (docs/performance.md).
+    blocks (62% at n = 4), the same numbers up to float rounding; the last block may be
+    shorter. Plain XLA ops, so it runs, shards and differentiates wherever the one-einsum form
+    does (docs/performance.md).
     """
     t = q_BxTxNxH.shape[1]
     q, k, v = _to_head_major(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale)
     outs = []
     for start in range(0, t, block):
-        end = start + block
-        mask_BxQxS = attention_mask(None, block, end, start)
+        end = min(start + block, t)
+        mask_BxQxS = attention_mask(None, end - start, end, start)
         if segment_ids_BxT is not None:
             same_doc = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end]
             mask_BxQxS = mask_BxQxS & same_doc
@@ -261,8 +262,8 @@ class Attention(nnx.Module):
         scale = 1.0 / math.sqrt(self.cfg.head_size)
         impl, t, block = self.cfg.attention, q.shape[1], self.cfg.attention_block
         # Not when the sequence is split over devices: each query block would sit on one.
-        if impl == "xla" and mask_BxTxS is None and t == k.shape[1] and block and (
-                t > block and t % block == 0 and not is_sharded("length")):
+        if impl == "xla" and mask_BxTxS is None and t == k.shape[1] and 0 < block < t and (
+                not is_sharded("length")):
             return blocked_causal_attention(q, k, v, segment_ids_BxT, scale, block)
         if impl == "xla" or mask_BxTxS is not None:
             if mask_BxTxS is None:

@@ -175,10 +175,10 @@ def test_dot_product_attention_matches_xla(tiny_overrides):
     np.testing.assert_allclose(model(x, pos, seg), other(x, pos, seg), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [4, 8])
+@pytest.mark.parametrize("block", [4, 6])
 def test_blocked_causal_attention_matches_one_block(tiny_overrides, block):
     """Query blocks (the CPU fast path) give the one-einsum logits and gradients, packed rows
-    included, with document boundaries inside and across blocks."""
+    included, with document boundaries inside and across blocks, and a shorter last block."""
     cfg = model_cfg(tiny_overrides, ["model.attention_block=0"])
     blocked_cfg = dataclasses.replace(cfg, attention_block=block)
     params = nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0))))
