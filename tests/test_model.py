@@ -162,6 +162,34 @@ def test_mixed_precision_keeps_fp32_params_and_logits(tiny_overrides):
     np.testing.assert_allclose(logits, full, atol=0.05)
 
 
+def test_mixed_precision_lm_head_gradient_stays_in_bf16(tiny_overrides):
+    """Every matmul that touches the vocabulary runs on bf16 operands, forward and backward
+    (autodiff alone would run the two gradient products in f32), and the gradients stay close
+    to the float32 model's."""
+    cfg = model_cfg(tiny_overrides, ["model.compute_dtype=bfloat16"])
+    params = nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0))))
+    x = tokens(cfg)
+
+    def grads_fn(c):
+        def loss(p):
+            model = nnx.merge(nnx.split(Transformer(c, nnx.Rngs(0)))[0], p)
+            return jnp.mean(jax.nn.log_softmax(model(x))[..., 0])
+        return jax.jit(jax.grad(loss))
+
+    hlo = grads_fn(cfg).lower(params).as_text()
+    vocab_dots = [line for line in hlo.splitlines()
+                  if "dot_general" in line and f"x{cfg.vocab_size}x" in line.split(":")[-1]
+                  or "dot_general" in line and f"<{cfg.vocab_size}x" in line.split(":")[-1]]
+    assert len(vocab_dots) == 3, vocab_dots  # the forward and the two gradient products
+    for line in vocab_dots:
+        operands = line.split(":")[-1].split("->")[0]
+        assert "f32>" not in operands, line
+    bf16_grads = grads_fn(cfg)(params)
+    f32_grads = grads_fn(dataclasses.replace(cfg, compute_dtype="float32"))(params)
+    for a, b in zip(jax.tree.leaves(bf16_grads), jax.tree.leaves(f32_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=0.05 * float(jnp.max(jnp.abs(b))) + 1e-6)
+
+
 def test_dot_product_attention_matches_xla(tiny_overrides):
     cfg = model_cfg(tiny_overrides)
     model = Transformer(cfg, nnx.Rngs(0))
