@@ -88,6 +88,7 @@ def _dense_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def _dense_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
     x, w = residuals
+    dy = dy.astype(x.dtype)  # `dense_to_f32`'s float32 output gradient, to the compute dtype
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     return dy @ jnp.transpose(w), jnp.transpose(x2) @ dy2
 
@@ -96,32 +97,24 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @jax.custom_vjp
-def dense_to_f32(x_BxTxD: Array, w_DxV: Array) -> Array:
-    """`x @ w` in the operands' (low-precision) dtype, accumulated and returned in float32;
-    its gradients are taken in the operands' dtype too.
+def dense_to_f32(x: Array, w: Array) -> Array:
+    """`dense`, accumulated and returned in float32 whatever the operands' dtype (the LM
+    head), with `dense`'s gradients taken in the operands' dtype.
 
     Why: autodiff of a bf16 x bf16 -> f32 product differentiates in f32 (the f32 output
     gradient meets the operands upcast to f32), so both gradient products of the LM head,
     a fifth of a 1B LLaMA's FLOPs at a 128k vocabulary, ran as f32/TF32 matmuls on a GPU.
     Casting the output gradient to the compute dtype first keeps them on the bf16 units, as
-    the forward is; both still accumulate in f32 (the usual mixed-precision recipe).
+    the forward is (the usual mixed-precision recipe). In float32 it is `dense` exactly.
     """
-    return jnp.einsum("btd,dv->btv", x_BxTxD, w_DxV, preferred_element_type=F32)
+    return jnp.matmul(x, w, preferred_element_type=F32)
 
 
 def _dense_to_f32_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
     return dense_to_f32(x, w), (x, w)
 
 
-def _dense_to_f32_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
-    x, w = residuals
-    dy = dy.astype(x.dtype)
-    dx = jnp.einsum("btv,dv->btd", dy, w, preferred_element_type=F32).astype(x.dtype)
-    dw = jnp.einsum("btd,btv->dv", x, dy, preferred_element_type=F32).astype(w.dtype)
-    return dx, dw
-
-
-dense_to_f32.defvjp(_dense_to_f32_fwd, _dense_to_f32_bwd)
+dense_to_f32.defvjp(_dense_to_f32_fwd, _dense_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.config import ModelConfig
-from llama_jax.layers import MLP, Attention, LayerCache, Norm, dense, dense_to_f32, dtype_of, param
+from llama_jax.layers import MLP, Attention, LayerCache, Norm, dense_to_f32, dtype_of, param
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -108,10 +108,7 @@ class Transformer(nnx.Module):
             w_DxV = self.embed[...].astype(cd).T
         else:
             w_DxV = self.lm_head[...].astype(cd)
-        if cd == jnp.float32:  # the same product, with `dense`'s cheaper gradient on CPU
-            logits = dense(x, w_DxV)
-        else:
-            logits = dense_to_f32(x, w_DxV)
+        logits = dense_to_f32(x, w_DxV)
         return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
