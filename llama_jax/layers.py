@@ -8,6 +8,7 @@ alone maps those names to a mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -177,14 +178,117 @@ def attention_mask(segment_ids_BxT: Array | None, t: int, s: int, offset: Array 
     return mask_1xTxS
 
 
-def _head_major_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
-                          mask_BxTxS: Array) -> Array:
-    """Softmax attention on head-major operands (Q already scaled); returns [B, K, G, T, H]."""
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH,
-                        preferred_element_type=F32)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-    return jnp.einsum("bkgts,bksh->bkgth", probs, v_BxKxSxH)
+def _masked_scores(q_BxKxGxTxH: Array, k_BxKxSxH: Array, mask_BxTxS: Array) -> Array:
+    scores = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH, preferred_element_type=F32)
+    return jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
+
+
+def _block_forward(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array
+                   ) -> tuple[Array, Array]:
+    """Softmax attention on head-major operands (Q already scaled): the output [B, K, G, T, H]
+    and the log-sum-exp of each query's scores [B, K, G, T, 1] (float32)."""
+    scores = _masked_scores(q_BxKxGxTxH, k_BxKxSxH, mask_BxTxS)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(scores - peak)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksh->bkgth", unnormalised.astype(v_BxKxSxH.dtype), v_BxKxSxH,
+                     preferred_element_type=F32) / total
+    return out.astype(v_BxKxSxH.dtype), peak + jnp.log(total)
+
+
+def _block_backward(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array,
+                    out_BxKxGxTxH: Array, lse_BxKxGxTx1: Array, d_out_BxKxGxTxH: Array
+                    ) -> tuple[Array, Array, Array]:
+    """Gradients of `_block_forward` for Q, K and V (the last two in float32), recomputing the
+    probabilities from the log-sum-exp instead of reading stored ones (FlashAttention's
+    backward): `d_scores = P * (dP - rowsum(dO * O))`."""
+    cd = q_BxKxGxTxH.dtype
+    probs = jnp.exp(_masked_scores(q_BxKxGxTxH, k_BxKxSxH, mask_BxTxS) - lse_BxKxGxTx1)
+    d_probs = jnp.einsum("bkgth,bksh->bkgts", d_out_BxKxGxTxH, v_BxKxSxH,
+                         preferred_element_type=F32)
+    row = jnp.sum(d_out_BxKxGxTxH.astype(F32) * out_BxKxGxTxH.astype(F32), axis=-1,
+                  keepdims=True)
+    d_scores = (probs * (d_probs - row)).astype(cd)
+    dq = jnp.einsum("bkgts,bksh->bkgth", d_scores, k_BxKxSxH)
+    dk = jnp.einsum("bkgts,bkgth->bksh", d_scores, q_BxKxGxTxH, preferred_element_type=F32)
+    dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(cd), d_out_BxKxGxTxH,
+                    preferred_element_type=F32)
+    return dq, dk, dv
+
+
+@jax.custom_vjp
+def _masked_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
+                      mask_BxTxS: Array) -> Array:
+    """`_block_forward` under any mask, with the recomputing backward."""
+    return _block_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS)[0]
+
+
+def _masked_attention_fwd(q: Array, k: Array, v: Array, mask: Array
+                          ) -> tuple[Array, tuple[Array, ...]]:
+    out, lse = _block_forward(q, k, v, mask)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _masked_attention_bwd(residuals: tuple[Array, ...], d_out: Array
+                          ) -> tuple[Array, Array, Array, None]:
+    q, k, v = residuals[:3]
+    dq, dk, dv = _block_backward(*residuals, d_out)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
+
+
+def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def _causal_block_mask(segment_ids_BxT: Array | None, start: int, end: int) -> Array:
+    """Mask of queries `start:end` over keys `:end`: causal, within one document if packed."""
+    mask_BxQxS = attention_mask(None, end - start, end, start)
+    if segment_ids_BxT is not None:
+        same_doc = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end]
+        mask_BxQxS = mask_BxQxS & same_doc
+    return mask_BxQxS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal_blocks(q_BxKxGxTxH: Array, k_BxKxTxH: Array, v_BxKxTxH: Array,
+                   segment_ids_BxT: Array | None, block: int) -> Array:
+    return _causal_blocks_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT, block)[0]
+
+
+def _causal_blocks_fwd(q: Array, k: Array, v: Array, segment_ids: Array | None, block: int
+                       ) -> tuple[Array, tuple[Array | None, ...]]:
+    outs, lses = [], []
+    for start, end in _query_blocks(q.shape[3], block):
+        out, lse = _block_forward(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end],
+                                  _causal_block_mask(segment_ids, start, end))
+        outs.append(out)
+        lses.append(lse)
+    out, lse = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _causal_blocks_bwd(block: int, residuals: tuple[Array | None, ...], d_out: Array
+                       ) -> tuple[Array, Array, Array, None]:
+    q, k, v, segment_ids, out, lse = residuals
+    dqs, dk, dv = [], None, None
+    # Last block first: it reads every key, so its K/V gradients start the sums.
+    for start, end in reversed(_query_blocks(q.shape[3], block)):
+        rows = slice(start, end)
+        dq_i, dk_i, dv_i = _block_backward(
+            q[:, :, :, rows], k[:, :, :end], v[:, :, :end],
+            _causal_block_mask(segment_ids, start, end), out[:, :, :, rows], lse[:, :, :, rows],
+            d_out[:, :, :, rows])
+        dqs.append(dq_i)
+        dk = dk_i if dk is None else dk.at[:, :, :end].add(dk_i)
+        dv = dv_i if dv is None else dv.at[:, :, :end].add(dv_i)
+    dq = jnp.concatenate(dqs[::-1], axis=3)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
 def _to_head_major(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, scale: float
@@ -210,7 +314,7 @@ def xla_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxT
     layer. The scale is applied to Q, the smaller operand.
     """
     q, k, v = _to_head_major(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, scale)
-    return _from_head_major(_head_major_attention(q, k, v, mask_BxTxS))
+    return _from_head_major(_masked_attention(q, k, v, mask_BxTxS))
 
 
 def blocked_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
@@ -224,18 +328,8 @@ def blocked_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Arra
     shorter. Plain XLA ops, so it runs, shards and differentiates wherever the one-einsum form
     does (docs/performance.md).
     """
-    t = q_BxTxNxH.shape[1]
     q, k, v = _to_head_major(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale)
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        mask_BxQxS = attention_mask(None, end - start, end, start)
-        if segment_ids_BxT is not None:
-            same_doc = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end]
-            mask_BxQxS = mask_BxQxS & same_doc
-        outs.append(_head_major_attention(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end],
-                                          mask_BxQxS))
-    return _from_head_major(jnp.concatenate(outs, axis=3))
+    return _from_head_major(_causal_blocks(q, k, v, segment_ids_BxT, block))
 
 
 @flax.struct.dataclass
