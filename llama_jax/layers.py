@@ -448,15 +448,54 @@ class MLP(nnx.Module):
         up = dense(x_BxTxD, self.up_proj[...].astype(cd))
         if self.use_bias:
             up = up + self.up_bias[...].astype(cd)
+        gate = None
         if self.activation == "swiglu":
             gate = dense(x_BxTxD, self.gate_proj[...].astype(cd))
             if self.use_bias:
                 gate = gate + self.gate_bias[...].astype(cd)
-            h_BxTxF = jax.nn.silu(gate) * up
-        else:
-            h_BxTxF = jax.nn.gelu(up, approximate=False)
-        h_BxTxF = constrain(h_BxTxF, ("batch", "length", "mlp"))
-        y = dense(h_BxTxF, self.down_proj[...].astype(cd))
+        y = activation_down(self.activation, up, gate, self.down_proj[...].astype(cd))
         if self.use_bias:
             y = y + self.down_bias[...].astype(cd)
         return y
+
+
+def _mlp_hidden(activation: str, up_BxTxF: Array, gate_BxTxF: Array | None) -> Array:
+    if activation == "swiglu":
+        h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    else:
+        h_BxTxF = jax.nn.gelu(up_BxTxF, approximate=False)
+    return constrain(h_BxTxF, ("batch", "length", "mlp"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def activation_down(activation: str, up_BxTxF: Array, gate_BxTxF: Array | None,
+                    w_FxD: Array) -> Array:
+    """`dense(act(gate, up), w)`, the MLP after its input projections, keeping only the
+    projections' outputs for the backward and recomputing the activation there.
+
+    Why: autodiff keeps every intermediate of SwiGLU (the gate, its sigmoid, silu, the product)
+    for the backward, each as wide as the MLP; under `scan_layers` each becomes a stacked
+    [layers, B, T, F] buffer that is zero-filled and copied every step. Recomputing them is a
+    few element-wise ops that fuse into the backward's loops (docs/performance.md).
+    """
+    return dense(_mlp_hidden(activation, up_BxTxF, gate_BxTxF), w_FxD)
+
+
+def _activation_down_fwd(activation: str, up: Array, gate: Array | None, w: Array
+                         ) -> tuple[Array, tuple[Array | None, ...]]:
+    return activation_down(activation, up, gate, w), (up, gate, w)
+
+
+def _activation_down_bwd(activation: str, residuals: tuple[Array | None, ...], dy: Array
+                         ) -> tuple[Array, Array | None, Array]:
+    up, gate, w = residuals
+    if gate is None:
+        h, pullback = jax.vjp(lambda u: _mlp_hidden(activation, u, None), up)
+    else:
+        h, pullback = jax.vjp(lambda u, g: _mlp_hidden(activation, u, g), up, gate)
+    dh, dw = _dense_bwd((h, w), dy)
+    d_pre = pullback(dh)
+    return d_pre[0], (d_pre[1] if gate is not None else None), dw
+
+
+activation_down.defvjp(_activation_down_fwd, _activation_down_bwd)
