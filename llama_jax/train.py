@@ -7,6 +7,7 @@ step merges it with the params, which costs nothing at run time.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -188,6 +189,31 @@ def gradients(setup: Setup, params: PyTree, batch: Batch) -> tuple[PyTree, dict]
     return grads, {**aux, "loss": aux["ce_sum"] / tokens}
 
 
+# XLA:CPU options for the training step, each measured (docs/performance.md).
+CPU_COMPILER_OPTIONS = {
+    # Copy insertion by region analysis (XLA's GPU default): fewer copies of the stacked
+    # per-layer buffers that a scanned layer loop carries.
+    "xla_cpu_copy_insertion_use_region_analysis": True,
+}
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+    """Whether this jaxlib knows the options: an unknown name fails every compile."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+            jnp.zeros((), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001 - XLA's INVALID_ARGUMENT ("No such compile option")
+        return False
+    return True
+
+
+def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
+    if mesh.devices.flat[0].platform == "cpu" and _cpu_options_accepted():
+        return CPU_COMPILER_OPTIONS
+    return None
+
+
 def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dict]]:
     cfg = setup.cfg
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
@@ -213,6 +239,7 @@ def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dic
         in_shardings=(setup.state_shardings, setup.batch_shardings()),
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
+        compiler_options=compiler_options(setup.mesh),
     )
     return sharding.synchronous_on_cpu(compiled, setup.mesh)
 
