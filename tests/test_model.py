@@ -11,8 +11,14 @@ import pytest
 from flax import nnx
 
 from llama_jax.config import load_config
-from llama_jax.layers import (Attention, apply_rope, attention_mask, blocked_causal_attention,
-                              rope_inv_freq, xla_attention)
+from llama_jax.layers import (
+    Attention,
+    apply_rope,
+    attention_mask,
+    blocked_causal_attention,
+    rope_inv_freq,
+    xla_attention,
+)
 from llama_jax.model import Transformer, stack_layers, unstack_layers
 
 NEOX = ["model.norm=layernorm", "model.activation=gelu", "model.parallel_residual=true",
