@@ -79,7 +79,8 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # none | full | dots_saveable | dots_with_no_batch_dims_saveable | projections_and_attention
+    remat: str = "none"
     scan_layers: bool = True
     attention: str = "xla"  # xla | dot_product_attention | cudnn
     attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
@@ -307,7 +308,8 @@ _CHOICES = {
     "model.rope_scaling.type": ("none", "linear", "llama3"),
     "model.param_dtype": DTYPES,
     "model.compute_dtype": DTYPES,
-    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                    "projections_and_attention"),
     "model.attention": ("xla", "dot_product_attention", "cudnn"),
     "optimizer.schedule": ("constant", "cosine", "linear", "wsd"),
     "distributed.enabled": ("auto", "true", "false"),

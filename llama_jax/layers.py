@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import ModelConfig
 from llama_jax.sharding import constrain, is_sharded
@@ -216,6 +217,15 @@ def _block_backward(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask
     return dq, dk, dv
 
 
+# Names a remat policy can save (model.REMAT_POLICIES): the attention output and its
+# log-sum-exp are all its backward needs besides Q, K and V.
+ATTENTION_OUT, ATTENTION_LSE = "attention_out", "attention_lse"
+
+
+def _named_for_remat(out: Array, lse: Array) -> tuple[Array, Array]:
+    return checkpoint_name(out, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
+
+
 @jax.custom_vjp
 def _masked_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
                       mask_BxTxS: Array) -> Array:
@@ -225,7 +235,7 @@ def _masked_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
 
 def _masked_attention_fwd(q: Array, k: Array, v: Array, mask: Array
                           ) -> tuple[Array, tuple[Array, ...]]:
-    out, lse = _block_forward(q, k, v, mask)
+    out, lse = _named_for_remat(*_block_forward(q, k, v, mask))
     return out, (q, k, v, mask, out, lse)
 
 
@@ -266,7 +276,7 @@ def _causal_blocks_fwd(q: Array, k: Array, v: Array, segment_ids: Array | None, 
                                   _causal_block_mask(segment_ids, start, end))
         outs.append(out)
         lses.append(lse)
-    out, lse = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+    out, lse = _named_for_remat(jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3))
     return out, (q, k, v, segment_ids, out, lse)
 
 

@@ -15,7 +15,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.config import ModelConfig
-from llama_jax.layers import MLP, Attention, LayerCache, Norm, dense_to_f32, dtype_of, param
+from llama_jax.layers import (
+    ATTENTION_LSE,
+    ATTENTION_OUT,
+    MLP,
+    Attention,
+    LayerCache,
+    Norm,
+    dense_to_f32,
+    dtype_of,
+    param,
+)
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -24,6 +34,11 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Matmul outputs and the attention's output and log-sum-exp: what the backward needs that
+    # is not cheap to recompute. Norms, RoPE, the activation and residual adds are recomputed.
+    "projections_and_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE)),
 }
 
 

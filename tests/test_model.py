@@ -131,7 +131,8 @@ def test_scanned_and_unrolled_agree(tiny_overrides, arch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                                    "projections_and_attention"])
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_changes_no_gradient(tiny_overrides, policy, scan):
     base = dataclasses.replace(model_cfg(tiny_overrides), scan_layers=scan)
@@ -142,6 +143,21 @@ def test_remat_changes_no_gradient(tiny_overrides, policy, scan):
     _, remat = jax.jit(lambda p: _loss_and_grads(remat_cfg, p, x))(params)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("block", [0, 4], ids=["one-einsum", "causal-blocks"])
+def test_projections_and_attention_policy_recomputes_no_matmul(tiny_overrides, block):
+    """The policy keeps every matmul output and the attention's output and log-sum-exp, so
+    the backward repeats no matmul of the forward (as `dots_with_no_batch_dims_saveable`
+    repeats the attention's); only element-wise work is recomputed."""
+    def matmuls(policy):
+        cfg = dataclasses.replace(model_cfg(tiny_overrides), remat=policy, attention_block=block)
+        params = nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0))))
+        hlo = jax.jit(lambda p: _loss_and_grads(cfg, p, tokens(cfg))).lower(params).as_text()
+        return hlo.count("stablehlo.dot_general")
+
+    assert matmuls("projections_and_attention") == matmuls("none")
+    assert matmuls("dots_with_no_batch_dims_saveable") > matmuls("none")
 
 
 def test_packed_documents_do_not_see_each_other(tiny_overrides):
