@@ -241,7 +241,7 @@ def _masked_attention_fwd(q: Array, k: Array, v: Array, mask: Array
 
 def _masked_attention_bwd(residuals: tuple[Array, ...], d_out: Array
                           ) -> tuple[Array, Array, Array, None]:
-    q, k, v = residuals[:3]
+    _, k, v = residuals[:3]
     dq, dk, dv = _block_backward(*residuals, d_out)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 

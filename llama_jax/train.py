@@ -198,18 +198,19 @@ CPU_COMPILER_OPTIONS = {
 
 
 @functools.cache
-def _cpu_options_accepted() -> bool:
+def _options_accepted(device: jax.Device) -> bool:
     """Whether this jaxlib knows the options: an unknown name fails every compile."""
     try:
         jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
-            jnp.zeros((), jnp.float32)).compile()
+            jax.device_put(np.zeros((), np.float32), device)).compile()
     except Exception:  # noqa: BLE001 - XLA's INVALID_ARGUMENT ("No such compile option")
         return False
     return True
 
 
 def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
-    if mesh.devices.flat[0].platform == "cpu" and _cpu_options_accepted():
+    device = mesh.devices.flat[0]
+    if device.platform == "cpu" and _options_accepted(device):
         return CPU_COMPILER_OPTIONS
     return None
 
