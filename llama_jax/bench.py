@@ -21,7 +21,14 @@ from llama_jax.config import Config
 from llama_jax.data.batch import to_global
 from llama_jax.sharding import make_mesh
 from llama_jax.topology import TpuSlice, parse_topology, topology_devices
-from llama_jax.train import init_state, make_setup, make_source, make_train_step, prepare
+from llama_jax.train import (
+    Setup,
+    init_state,
+    make_setup,
+    make_source,
+    make_train_step,
+    prepare,
+)
 
 
 def random_batch(cfg: Config) -> dict[str, np.ndarray]:
@@ -80,16 +87,22 @@ def compiled_figures(devices: list[jax.Device], compiled: Any,
     return out
 
 
+def compiled_random_step(setup: Setup) -> tuple[Any, dict[str, jax.Array], Any, float]:
+    """A fresh train state, one random global batch, the train step compiled ahead of time
+    for them, and the compile seconds: what every throughput measurement starts from."""
+    cfg = setup.cfg
+    state = init_state(setup)
+    batch = to_global(random_batch(cfg), setup.mesh, setup.rules, cfg.train.global_batch_size)
+    start = time.perf_counter()
+    compiled = make_train_step(setup).lower(state, batch).compile()
+    return state, batch, compiled, time.perf_counter() - start
+
+
 def bench_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     setup = make_setup(cfg)
     devices = list(setup.mesh.devices.flat)
     peak, peak_source = flops.platform_peak_flops(devices)  # measured before the model runs
-    state = init_state(setup)
-    batch = to_global(random_batch(cfg), setup.mesh, setup.rules, cfg.train.global_batch_size)
-    step = make_train_step(setup)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
+    state, batch, compiled, compile_s = compiled_random_step(setup)
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()

@@ -469,7 +469,7 @@ class MLP(nnx.Module):
         return y
 
 
-def _mlp_hidden(activation: str, up_BxTxF: Array, gate_BxTxF: Array | None) -> Array:
+def _mlp_hidden(activation: str, up_BxTxF: Array, gate_BxTxF: Array | None = None) -> Array:
     if activation == "swiglu":
         h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     else:
@@ -499,13 +499,11 @@ def _activation_down_fwd(activation: str, up: Array, gate: Array | None, w: Arra
 def _activation_down_bwd(activation: str, residuals: tuple[Array | None, ...], dy: Array
                          ) -> tuple[Array, Array | None, Array]:
     up, gate, w = residuals
-    if gate is None:
-        h, pullback = jax.vjp(lambda u: _mlp_hidden(activation, u, None), up)
-    else:
-        h, pullback = jax.vjp(lambda u, g: _mlp_hidden(activation, u, g), up, gate)
+    inputs = (up,) if gate is None else (up, gate)
+    h, pullback = jax.vjp(functools.partial(_mlp_hidden, activation), *inputs)
     dh, dw = _dense_bwd((h, w), dy)
-    d_pre = pullback(dh)
-    return d_pre[0], (d_pre[1] if gate is not None else None), dw
+    d_up, *d_gate = pullback(dh)
+    return d_up, (d_gate[0] if d_gate else None), dw
 
 
 activation_down.defvjp(_activation_down_fwd, _activation_down_bwd)

@@ -33,16 +33,12 @@ def worker(config: str, overrides: list[str]) -> None:
     """Compile the step, then answer each line "N" on stdin with N step times."""
     import jax
 
-    from llama_jax.bench import random_batch
+    from llama_jax.bench import compiled_random_step
     from llama_jax.config import load_config
-    from llama_jax.data.batch import to_global
-    from llama_jax.train import init_state, make_setup, make_train_step
+    from llama_jax.train import make_setup
 
     cfg = load_config(config, overrides)
-    setup = make_setup(cfg)
-    state = init_state(setup)
-    batch = to_global(random_batch(cfg), setup.mesh, setup.rules, cfg.train.global_batch_size)
-    step = make_train_step(setup).lower(state, batch).compile()
+    state, batch, step, _ = compiled_random_step(make_setup(cfg))
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
 
     def one() -> float:

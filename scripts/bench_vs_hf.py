@@ -44,14 +44,10 @@ def timed_rounds(one_step, steps_per_round: int):  # noqa: ANN001, ANN201
 def ours(cfg, steps_per_round):  # noqa: ANN001, ANN201
     import jax
 
-    from llama_jax.bench import random_batch
-    from llama_jax.data.batch import to_global
-    from llama_jax.train import init_state, make_setup, make_train_step
+    from llama_jax.bench import compiled_random_step
+    from llama_jax.train import make_setup
 
-    setup = make_setup(cfg)
-    state = init_state(setup)
-    batch = to_global(random_batch(cfg), setup.mesh, setup.rules, cfg.train.global_batch_size)
-    step = make_train_step(setup).lower(state, batch).compile()
+    state, batch, step, _ = compiled_random_step(make_setup(cfg))
     holder = {"state": state}
 
     def one() -> None:

@@ -291,20 +291,19 @@ def test_cpu_compile_options_are_dropped_where_xla_does_not_know_them(tmp_path, 
     """The CPU options are probed, not assumed: with a name this XLA lacks (a newer or older
     jaxlib) the step compiles without them, and with them it computes the same step."""
     from llama_jax import train as train_module
-    from llama_jax.bench import random_batch
+    from llama_jax.bench import compiled_random_step
 
-    cfg = tiny(tmp_path)
-    setup = make_setup(cfg)
-    batch = to_global(random_batch(cfg), setup.mesh, setup.rules, cfg.train.global_batch_size)
-    state_a = init_state(setup)
+    setup = make_setup(tiny(tmp_path))
     assert train_module.compiler_options(setup.mesh) == train_module.CPU_COMPILER_OPTIONS
-    _, with_options = make_train_step(setup)(state_a, batch)
+    state, batch, step, _ = compiled_random_step(setup)
+    _, with_options = step(state, batch)
 
     monkeypatch.setitem(train_module.CPU_COMPILER_OPTIONS, "xla_cpu_no_such_option", True)
     train_module._options_accepted.cache_clear()
     try:
         assert train_module.compiler_options(setup.mesh) is None
-        _, without = make_train_step(setup)(init_state(setup), batch)
+        state, batch, step, _ = compiled_random_step(setup)
+        _, without = step(state, batch)
     finally:
         train_module._options_accepted.cache_clear()
     np.testing.assert_array_equal(with_options["loss"], without["loss"])
