@@ -8,6 +8,8 @@ or on CPU a float32 matmul measured in this same process.
 
 from __future__ import annotations
 
+import collections
+import re
 import resource
 import statistics
 import time
@@ -83,6 +85,14 @@ def compiled_figures(devices: list[jax.Device], compiled: Any,
     stats = _memory_stats(devices[0])
     if "peak_bytes_in_use" in stats:
         out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    text = compiled.as_text() or ""
+    out["custom_calls"] = dict(collections.Counter(
+        re.findall(r'custom_call_target="([^"]+)"', text)))
+    # Matmuls (XLA dots or library GEMMs) with an fp8 operand: where model.quantization=fp8
+    # really reached the kernels.
+    out["fp8_matmuls"] = sum(1 for line in text.splitlines()
+                             if ("dot(" in line or "custom-call(" in line)
+                             and ("f8e4m3" in line or "f8e5m2" in line))
     out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 

@@ -84,6 +84,7 @@ class ModelConfig:
     scan_layers: bool = True
     attention: str = "xla"  # xla | dot_product_attention | cudnn
     attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
+    quantization: str = "none"  # none | fp8 (the block's projections; fp8.py)
 
     @property
     def kv_heads(self) -> int:
@@ -154,6 +155,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batches: int = 4
     z_loss: float = 0.0
+    fused_loss: bool = True  # the LM head and the loss as one custom VJP (loss.py)
     profile_start: int = 3
     profile_steps: int = 0  # 0: no profiler trace
 
@@ -310,6 +312,7 @@ _CHOICES = {
     "model.compute_dtype": DTYPES,
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                     "projections_and_attention"),
+    "model.quantization": ("none", "fp8"),
     "model.attention": ("xla", "dot_product_attention", "cudnn"),
     "optimizer.schedule": ("constant", "cosine", "linear", "wsd"),
     "distributed.enabled": ("auto", "true", "false"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import ModelConfig
+from llama_jax.fp8 import fp8_dense
 from llama_jax.sharding import constrain, is_sharded
 
 Array = jax.Array
@@ -88,14 +90,14 @@ def _dense_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
     return x @ w, (x, w)
 
 
-def _dense_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+def dense_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
     x, w = residuals
     dy = dy.astype(x.dtype)  # `dense_to_f32`'s float32 output gradient, to the compute dtype
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     return dy @ jnp.transpose(w), jnp.transpose(x2) @ dy2
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+dense.defvjp(_dense_fwd, dense_bwd)
 
 
 @jax.custom_vjp
@@ -116,7 +118,17 @@ def _dense_to_f32_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
     return dense_to_f32(x, w), (x, w)
 
 
-dense_to_f32.defvjp(_dense_to_f32_fwd, _dense_bwd)
+dense_to_f32.defvjp(_dense_to_f32_fwd, dense_bwd)
+
+
+Matmul = Callable[[Array, Array], Array]
+
+
+def projection_matmul(quantization: str) -> Matmul:
+    """The product the block's projections use: `dense`, or `fp8_dense` with
+    `model.quantization=fp8` (the LM head and attention stay in the compute dtype, as
+    torchtitan's float8 recipe keeps them)."""
+    return fp8_dense if quantization == "fp8" else dense
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,10 +380,11 @@ class Attention(nnx.Module):
             self.o_bias = param(rngs, (d,), ("embed",), 0.0, pdtype)
 
     def project_qkv(self, x_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array, Array]:
-        cd = x_BxTxD.dtype
+        cd, matmul = x_BxTxD.dtype, projection_matmul(self.cfg.quantization)
+
         def project(w_DxNxH: Array) -> Array:
             d, n, h = w_DxNxH.shape
-            y = dense(x_BxTxD, w_DxNxH.astype(cd).reshape(d, n * h))
+            y = matmul(x_BxTxD, w_DxNxH.astype(cd).reshape(d, n * h))
             return y.reshape(*y.shape[:-1], n, h)
 
         q, k, v = project(self.q_proj[...]), project(self.k_proj[...]), project(self.v_proj[...])
@@ -410,7 +423,8 @@ class Attention(nnx.Module):
     def project_out(self, out_BxTxNxH: Array) -> Array:
         n, h, d = self.o_proj.shape
         flat = out_BxTxNxH.reshape(*out_BxTxNxH.shape[:-2], n * h)
-        y = dense(flat, self.o_proj[...].astype(flat.dtype).reshape(n * h, d))
+        matmul = projection_matmul(self.cfg.quantization)
+        y = matmul(flat, self.o_proj[...].astype(flat.dtype).reshape(n * h, d))
         if self.cfg.attention_bias:
             y = y + self.o_bias[...].astype(y.dtype)
         return y
@@ -443,6 +457,7 @@ class MLP(nnx.Module):
         pdtype, std = dtype_of(cfg.param_dtype), cfg.init_std
         self.activation = cfg.activation
         self.use_bias = cfg.mlp_bias
+        self.quantization = cfg.quantization
         if cfg.activation == "swiglu":
             self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), std, pdtype)
         self.up_proj = param(rngs, (d, f), ("embed", "mlp"), std, pdtype)
@@ -455,15 +470,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD: Array) -> Array:
         cd = x_BxTxD.dtype
-        up = dense(x_BxTxD, self.up_proj[...].astype(cd))
+        matmul = projection_matmul(self.quantization)
+        up = matmul(x_BxTxD, self.up_proj[...].astype(cd))
         if self.use_bias:
             up = up + self.up_bias[...].astype(cd)
         gate = None
         if self.activation == "swiglu":
-            gate = dense(x_BxTxD, self.gate_proj[...].astype(cd))
+            gate = matmul(x_BxTxD, self.gate_proj[...].astype(cd))
             if self.use_bias:
                 gate = gate + self.gate_bias[...].astype(cd)
-        y = activation_down(self.activation, up, gate, self.down_proj[...].astype(cd))
+        y = activation_down(self.activation, matmul, up, gate, self.down_proj[...].astype(cd))
         if self.use_bias:
             y = y + self.down_bias[...].astype(cd)
         return y
@@ -477,10 +493,10 @@ def _mlp_hidden(activation: str, up_BxTxF: Array, gate_BxTxF: Array | None = Non
     return constrain(h_BxTxF, ("batch", "length", "mlp"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def activation_down(activation: str, up_BxTxF: Array, gate_BxTxF: Array | None,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def activation_down(activation: str, matmul: Matmul, up_BxTxF: Array, gate_BxTxF: Array | None,
                     w_FxD: Array) -> Array:
-    """`dense(act(gate, up), w)`, the MLP after its input projections, keeping only the
+    """`matmul(act(gate, up), w)`, the MLP after its input projections, keeping only the
     projections' outputs for the backward and recomputing the activation there.
 
     Why: autodiff keeps every intermediate of SwiGLU (the gate, its sigmoid, silu, the product)
@@ -488,20 +504,21 @@ def activation_down(activation: str, up_BxTxF: Array, gate_BxTxF: Array | None,
     [layers, B, T, F] buffer that is zero-filled and copied every step. Recomputing them is a
     few element-wise ops that fuse into the backward's loops (docs/performance.md).
     """
-    return dense(_mlp_hidden(activation, up_BxTxF, gate_BxTxF), w_FxD)
+    return matmul(_mlp_hidden(activation, up_BxTxF, gate_BxTxF), w_FxD)
 
 
-def _activation_down_fwd(activation: str, up: Array, gate: Array | None, w: Array
-                         ) -> tuple[Array, tuple[Array | None, ...]]:
-    return activation_down(activation, up, gate, w), (up, gate, w)
+def _activation_down_fwd(activation: str, matmul: Matmul, up: Array, gate: Array | None,
+                         w: Array) -> tuple[Array, tuple[Array | None, ...]]:
+    return activation_down(activation, matmul, up, gate, w), (up, gate, w)
 
 
-def _activation_down_bwd(activation: str, residuals: tuple[Array | None, ...], dy: Array
-                         ) -> tuple[Array, Array | None, Array]:
+def _activation_down_bwd(activation: str, matmul: Matmul, residuals: tuple[Array | None, ...],
+                         dy: Array) -> tuple[Array, Array | None, Array]:
     up, gate, w = residuals
     inputs = (up,) if gate is None else (up, gate)
     h, pullback = jax.vjp(functools.partial(_mlp_hidden, activation), *inputs)
-    dh, dw = _dense_bwd((h, w), dy)
+    # The product's own backward; its unused forward output is dead code under jit.
+    dh, dw = jax.vjp(matmul, h, w)[1](dy)
     d_up, *d_gate = pullback(dh)
     return d_up, (d_gate[0] if d_gate else None), dw
 

@@ -31,6 +31,7 @@ from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore
 from llama_jax.config import Config, save_config
 from llama_jax.data.batch import BATCH_KEYS, to_global
 from llama_jax.errors import LlamaJaxError
+from llama_jax.loss import head_loss_sums, loss_sums
 from llama_jax.model import Transformer
 from llama_jax.optim import lr_schedule, make_optimizer
 
@@ -43,28 +44,6 @@ Batch = dict[str, jax.Array]
 
 class NonFiniteLoss(LlamaJaxError):
     """The loss or gradient became NaN/Inf."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss
-
-
-def loss_sums(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
-              z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Summed (not averaged) fp32 cross-entropy over weighted tokens, plus optional z-loss.
-
-    Sums let microbatches and data shards be combined exactly; the caller divides by the total
-    token count once.
-    """
-    logits = logits_BxTxV.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    ce = (log_z - target_logit) * weights_BxT
-    total = ce.sum()
-    z = (jnp.square(log_z) * weights_BxT).sum()
-    if z_loss:
-        total = total + z_loss * z
-    return total, {"ce_sum": ce.sum(), "tokens": weights_BxT.sum()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +129,14 @@ def _forward_sums(setup: Setup, params: PyTree, batch: Batch) -> tuple[jax.Array
     model = nnx.merge(setup.graphdef, params)
     # Synthetic rows hold one sequence each: no document mask, so fused attention kernels
     # (cuDNN) run their plain causal path.
-    packed = setup.cfg.data.dataset != "synthetic"
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None)
-    return loss_sums(logits, batch["targets"], batch["weights"], setup.cfg.train.z_loss)
+    cfg = setup.cfg
+    packed = cfg.data.dataset != "synthetic"
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None)
+    if not cfg.train.fused_loss:
+        return loss_sums(model(*args), batch["targets"], batch["weights"], cfg.train.z_loss)
+    x = model.final_norm(model.hidden_states(*args))
+    return head_loss_sums(x, model.head_weight(x.dtype), batch["targets"], batch["weights"],
+                          cfg.train.z_loss)
 
 
 def _split_microbatches(batch: Batch, k: int) -> Batch:

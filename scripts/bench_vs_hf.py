@@ -10,6 +10,7 @@ reports the median tokens/s of each and their ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -57,7 +58,10 @@ def ours(cfg, steps_per_round):  # noqa: ANN001, ANN201
     return timed_rounds(one, steps_per_round)
 
 
-def transformers_llama(cfg, steps_per_round, compile_model):  # noqa: ANN001, ANN201
+def transformers_llama(cfg, steps_per_round, compile_model, device="cpu"):  # noqa: ANN001, ANN201
+    """transformers' LlamaForCausalLM on the config's shapes, trained as its users do: fp32
+    parameters with bf16 autocast when the config computes in bf16, SDPA attention, AdamW
+    (fused on CUDA), gradient clipping, optionally `torch.compile`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,27 +70,37 @@ def transformers_llama(cfg, steps_per_round, compile_model):  # noqa: ANN001, AN
         vocab_size=m.vocab_size, hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads,
-        max_position_embeddings=cfg.data.seq_len, rope_theta=m.rope_theta,
-        rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+        head_dim=m.head_size, max_position_embeddings=cfg.data.seq_len,
+        rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(hf_cfg)
+    model = LlamaForCausalLM(hf_cfg).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr,
                             betas=(cfg.optimizer.b1, cfg.optimizer.b2),
-                            weight_decay=cfg.optimizer.weight_decay)
-    tokens = torch.randint(0, m.vocab_size, (cfg.train.global_batch_size, cfg.data.seq_len))
+                            weight_decay=cfg.optimizer.weight_decay, fused=device == "cuda")
+    tokens = torch.randint(0, m.vocab_size, (cfg.train.global_batch_size, cfg.data.seq_len),
+                           device=device)
     forward = torch.compile(model) if compile_model else model
+    autocast = m.compute_dtype == "bfloat16"
 
     def one() -> None:
-        loss = forward(input_ids=tokens, labels=tokens).loss
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return timed_rounds(one, steps_per_round)
+
+
+SYSTEMS = ("llama_jax", "eager", "compile")
+NAMES = {"llama_jax": "llama_jax", "eager": "transformers eager",
+         "compile": "transformers torch.compile"}
 
 
 def main() -> None:
@@ -95,18 +109,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="steps per system per round")
     parser.add_argument("--compile", action="store_true", help="also torch.compile")
+    parser.add_argument("--systems", default="",
+                        help=f"comma-separated subset of {','.join(SYSTEMS)} (default: "
+                             "llama_jax,eager, plus compile with --compile)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    parser.add_argument("--json", action="store_true", help="one JSON line per system")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     from llama_jax.config import load_config
-    from llama_jax.flops import platform_peak_flops
+    from llama_jax.flops import flops_per_token, mfu, platform_peak_flops
 
+    chosen = (args.systems.split(",") if args.systems
+              else ["llama_jax", "eager", *(["compile"] if args.compile else [])])
+    unknown = sorted(set(chosen) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(SYSTEMS)})")
     cfg = load_config(args.config, ["mesh.fsdp=-1", *args.overrides])
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    systems = {"llama_jax": ours(cfg, args.steps),
-               "transformers eager": transformers_llama(cfg, args.steps, False)}
-    if args.compile:
-        systems["transformers torch.compile"] = transformers_llama(cfg, args.steps, True)
+    systems = {}
+    for key in chosen:
+        if key == "llama_jax":
+            systems[NAMES[key]] = ours(cfg, args.steps)
+        else:
+            systems[NAMES[key]] = transformers_llama(cfg, args.steps, key == "compile",
+                                                     args.device)
     times: dict[str, list[float]] = {name: [] for name in systems}
     for r in range(args.rounds):
         for name, run in systems.items():
@@ -115,12 +142,19 @@ def main() -> None:
             f"{n} {tokens / statistics.median(t[-args.steps:]):,.0f} tok/s"
             for n, t in times.items()), flush=True)
     peak, source = platform_peak_flops()
-    print(f"\njax matmul peak: {peak / 1e9:.0f} GFLOP/s ({source})")
-    ours_tps = tokens / statistics.median(times["llama_jax"])
+    print(f"\njax platform peak: {peak / 1e9:.0f} GFLOP/s ({source})")
+    first = next(iter(times))
+    first_tps = tokens / statistics.median(times[first])
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     for name, t in times.items():
         tps = tokens / statistics.median(t)
-        print(f"{name:28} {tps:8,.0f} tokens/s (median of {len(t)} steps)   "
-              f"llama_jax / this = {ours_tps / tps:.2f}x")
+        if args.json:
+            print(json.dumps({"variant": name, "tokens_per_sec": tps,
+                              "step_time_s": statistics.median(t), "mfu": mfu(tps, fpt, peak),
+                              "steps": len(t)}))
+        else:
+            print(f"{name:28} {tps:8,.0f} tokens/s (median of {len(t)} steps)   "
+                  f"{first} / this = {first_tps / tps:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,60 +1,82 @@
 #!/usr/bin/env bash
-# GPU benchmark, one command of at most ~8 minutes: `llama-jax bench` on Llama 3.2 1B shapes,
-# bf16 compute (fp32 params), seq 2048, one GPU, cuDNN attention, several remat policies.
-# Prints one JSON line per variant and a summary table last.
+# GPU benchmark in one command of at most ~8 minutes: the train step on Llama 3.2 1B shapes
+# (fp32 params, bf16 compute, seq 2048, batch 16, AdamW, one GPU, cuDNN attention) as an A/B
+# ladder of this session's changes, the fp8 path, and transformers + torch.compile on the same
+# card; one JSON line per variant in OUT_DIR/gpu_bench.jsonl and a side-by-side table last.
 #   usage: scripts/gpu_bench.sh [OUT_DIR]
 # Needs jax with CUDA, flax, optax, orbax-checkpoint and omegaconf importable; a folder
-# `.gpu_deps` in the repo root, if present, is put on PYTHONPATH (for omegaconf). If the smoke
-# test fails with the machine's own flax/optax, the wheels in `.whl` (the versions CI tests,
-# pure Python) are installed into a scratch folder and it is tried once more.
+# `.gpu_deps` in the repo root, if present, is put on PYTHONPATH (for omegaconf). The torch
+# peer runs where torch with CUDA and transformers import, and is skipped with a note otherwise.
+# Set GPU_BENCH_QUICK=1 to run the ladder on the tiny preset (how CI checks this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp}}"
 mkdir -p "$out"
+rows="$out/gpu_bench.jsonl"
+: > "$rows"
 export PYTHONPATH="$PWD:$PWD/.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 PY="${PYTHON:-python3}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-versions() {
-  $PY -c "import jax, flax, optax, orbax.checkpoint; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
+
+if [ "${GPU_BENCH_QUICK:-0}" = 1 ]; then
+  base=(configs/tiny.yaml model.compute_dtype=bfloat16 mesh.fsdp=1)
+  steps=2; limit=300; attention=xla; batch=8
+else
+  # A seconds-long smoke test first, so an import or API problem costs seconds, not minutes.
+  timeout 120 $PY -m llama_jax.cli bench configs/tiny.yaml mesh.fsdp=1 \
+    model.compute_dtype=bfloat16 --steps 2 --json > /dev/null || exit 1
+  # cuDNN attention is GPU-only, so CI never runs it: check it against the XLA path and for
+  # causality before timing it.
+  timeout 90 $PY scripts/gpu_checks.py cudnn || exit 1
+  base=(configs/llama3.2-1b.yaml model.compute_dtype=bfloat16 data.seq_len=2048 mesh.fsdp=1)
+  steps=6; limit=110; attention=cudnn; batch=16
+fi
+base+=(model.attention=$attention train.global_batch_size=$batch)
+
+run() {  # name, extra XLA flags, then overrides
+  local name=$1 flags=$2; shift 2
+  echo "== $name: ${flags:+XLA_FLAGS=$flags }$*"
+  XLA_FLAGS="$(echo ${XLA_FLAGS:-} $flags)" timeout $limit $PY -m llama_jax.cli bench "${base[@]}" "$@" \
+    --steps $steps --json | tail -n 1 | grep '^{' \
+    | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$rows"
 }
-# A seconds-long smoke test first, so an import or API problem costs seconds, not minutes.
-smoke() { timeout 120 $PY -m llama_jax.cli bench configs/tiny.yaml mesh.fsdp=1 --steps 2 --json; }
-versions
-if ! smoke; then
-  [ -d .whl ] || exit 1
-  echo "== smoke test failed with this machine's packages; trying the wheels in .whl"
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/llama_jax_site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/llama_jax_site:$PYTHONPATH"
-  versions
-  smoke || exit 1
+# The ladder, each rung one change on the one before (H200 figures in docs/performance.md):
+run before "" model.remat=dots_with_no_batch_dims_saveable train.fused_loss=false
+run +attention-saved "" model.remat=projections_and_attention train.fused_loss=false
+run +fused-loss "" model.remat=projections_and_attention
+run +unrolled "" model.remat=projections_and_attention model.scan_layers=false
+run +batch24 "" model.remat=projections_and_attention model.scan_layers=false \
+  train.global_batch_size=$((${batch} * 3 / 2))
+# fp8 against the same batch, scanned (unrolled, its compile takes minutes).
+run fp8-batch24 "" model.remat=projections_and_attention model.quantization=fp8 \
+  train.global_batch_size=$((${batch} * 3 / 2))
+
+# The peer: transformers' LlamaForCausalLM, bf16 autocast, SDPA, fused AdamW, torch.compile.
+if [ "${GPU_BENCH_QUICK:-0}" != 1 ] && $PY -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
+  echo "== transformers + torch.compile"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 $PY scripts/bench_vs_hf.py \
+    --config "${base[0]}" --systems compile --device cuda --rounds 1 --steps $steps --json \
+    "${base[@]:1}" | grep '^{' | tee -a "$rows"
+else
+  echo "== transformers + torch.compile: skipped (torch with CUDA and transformers do not import)"
 fi
 
-# cuDNN attention is GPU-only, so CI never runs it: check it against the XLA path and for
-# causality before timing it.
-timeout 90 $PY scripts/gpu_checks.py cudnn || exit 1
-
-base=(configs/llama3.2-1b.yaml model.compute_dtype=bfloat16 data.seq_len=2048 mesh.fsdp=1)
-run() {  # name, then overrides
-  local name=$1; shift
-  echo "== $name: $*"
-  timeout 110 $PY -m llama_jax.cli bench "${base[@]}" "$@" --steps 8 --json \
-    | tail -n 1 | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$out/gpu_bench.jsonl"
-}
-# Best first (H200, 2026-11-27: 45.8% MFU); see docs/performance.md for the others tried.
-run cudnn-dots-b16 model.attention=cudnn model.remat=dots_with_no_batch_dims_saveable train.global_batch_size=16
-run cudnn-remat-none-b8 model.attention=cudnn model.remat=none train.global_batch_size=8
-run cudnn-dots_saveable-b16 model.attention=cudnn model.remat=dots_saveable train.global_batch_size=16
-# XLA attention materialises [batch, heads, T, T] scores: with remat none they are kept for
-# every layer (64 GiB at batch 8 -- it did not fit), so compare it under the dots policy.
-run xla-dots-b8 model.attention=xla model.remat=dots_with_no_batch_dims_saveable train.global_batch_size=8
-
-$PY - "$out/gpu_bench.jsonl" <<'PYEOF'
+$PY - "$rows" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print(f"{'variant':24} {'tokens/s':>10} {'step ms':>9} {'MFU':>6} {'compile s':>9} {'peak GiB':>8}")
+if not rows:
+    sys.exit("no variant ran")
+first = rows[0]["tokens_per_sec"]
+peer = next((r["tokens_per_sec"] for r in rows if "torch" in r["variant"]), None)
+print(f"\n{'variant':28} {'tokens/s':>10} {'step ms':>8} {'MFU':>6} {'vs first':>8} "
+      f"{'vs torch':>8} {'loss':>7} {'peak GiB':>8} {'fp8 dots':>8}")
 for r in rows:
-    print(f"{r['variant']:24} {r['tokens_per_sec']:>10,.0f} {r['step_time_s']*1e3:>9.1f} "
-          f"{r['mfu']:>6.1%} {r['compile_s']:>9.1f} {r.get('device_peak_gib', float('nan')):>8.1f}")
+    print(f"{r['variant']:28} {r['tokens_per_sec']:>10,.0f} {r['step_time_s'] * 1e3:>8.1f} "
+          f"{r['mfu']:>6.1%} {r['tokens_per_sec'] / first:>7.3f}x "
+          f"{(r['tokens_per_sec'] / peer if peer else float('nan')):>7.3f}x "
+          f"{r.get('loss', float('nan')):>7.3f} {r.get('device_peak_gib', float('nan')):>8.1f}"
+          f" {r.get('fp8_matmuls', ''):>8}")
 PYEOF

@@ -1,0 +1,190 @@
+"""The GPU fast paths, checked on CPU: the fused LM-head loss, fp8 matmuls, and the remat
+policy that keeps a fused attention kernel's forward outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax.config import load_config
+from llama_jax.fp8 import fp8_dense
+from llama_jax.layers import dense_to_f32
+from llama_jax.loss import head_loss_sums, loss_sums
+from llama_jax.model import Transformer
+from llama_jax.train import gradients, make_setup
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_fused_head_loss_matches_autodiff(dtype, z_loss):
+    """Loss and both gradients equal autodiff of logits -> cross-entropy, with padding
+    weights and z-loss; a wrong sign or scale of any term fails it."""
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (2, 12, 32)).astype(dtype)
+    w = jax.random.normal(k[1], (32, 70)).astype(dtype)
+    targets = jax.random.randint(k[2], (2, 12), 0, 70)
+    weights = (jax.random.uniform(k[3], (2, 12)) > 0.3).astype(jnp.float32)
+
+    def reference(x, w):
+        return loss_sums(dense_to_f32(x, w), targets, weights, z_loss)
+
+    def fused(x, w):
+        return head_loss_sums(x, w, targets, weights, z_loss)
+
+    (ref_total, ref_aux), ref_grads = jax.value_and_grad(reference, (0, 1), has_aux=True)(x, w)
+    (total, aux), grads = jax.value_and_grad(fused, (0, 1), has_aux=True)(x, w)
+    np.testing.assert_allclose(total, ref_total, rtol=1e-6)
+    np.testing.assert_allclose(aux["ce_sum"], ref_aux["ce_sum"], rtol=1e-6)
+    assert aux["tokens"] == weights.sum()
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert a.dtype == b.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   atol=tol * float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+
+
+def _setup(extra=()):
+    return make_setup(load_config("configs/tiny.yaml", ["model.compute_dtype=bfloat16", *extra]))
+
+
+def _batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    b, t = cfg.train.global_batch_size, cfg.data.seq_len
+    tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "weights": np.ones((b, t), np.float32),
+            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+            "segment_ids": np.ones((b, t), np.int32)}
+
+
+def test_train_step_gradients_same_with_fused_loss():
+    """The whole model's gradients through the fused head equal those of the logits path."""
+    fused, plain = _setup(), _setup(["train.fused_loss=false"])
+    params = nnx.to_pure_dict(nnx.state(Transformer(fused.cfg.model, nnx.Rngs(0))))
+    batch = _batch(fused.cfg)
+    g_fused, aux_fused = jax.jit(lambda p: gradients(fused, p, batch))(params)
+    g_plain, aux_plain = jax.jit(lambda p: gradients(plain, p, batch))(params)
+    np.testing.assert_allclose(aux_fused["loss"], aux_plain["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_plain), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-2 * float(jnp.max(jnp.abs(b))) + 1e-8)
+
+
+def _emulated_fp8_matmul(x, w, fmt_x, fmt_w):
+    """Reference: scale each operand by amax / format max, round to the fp8 format with
+    ml_dtypes (not jax), multiply in float64, scale back."""
+    def q(a, fmt):
+        a = np.asarray(a, np.float64)
+        scale = np.abs(a).max() / float(ml_dtypes.finfo(fmt).max)
+        return (a / scale).astype(np.float32).astype(fmt).astype(np.float64), scale
+    qx, sx = q(x, fmt_x)
+    qw, sw = q(w, fmt_w)
+    return qx @ qw * sx * sw
+
+
+def test_fp8_dense_is_current_scaled_fp8():
+    k = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k[0], (3, 40, 64), jnp.float32).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(k[1], (64, 48))).astype(jnp.bfloat16)
+    dy = jax.random.normal(k[2], (3, 40, 48)).astype(jnp.bfloat16)
+    y, pullback = jax.vjp(fp8_dense, x, w)
+    dx, dw = pullback(dy)
+    x2, dy2 = np.asarray(x, np.float32).reshape(-1, 64), np.asarray(dy, np.float32).reshape(-1, 48)
+    e4m3, e5m2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
+    expected = {
+        "y": _emulated_fp8_matmul(x2, np.asarray(w, np.float32), e4m3, e4m3),
+        "dx": _emulated_fp8_matmul(dy2, np.asarray(w, np.float32).T, e5m2, e4m3),
+        "dw": _emulated_fp8_matmul(x2.T, dy2, e4m3, e5m2),
+    }
+    got = {"y": y.reshape(-1, 48), "dx": dx.reshape(-1, 64), "dw": dw}
+    for name, value in got.items():
+        assert value.dtype == jnp.bfloat16, name
+        ref = expected[name]
+        # Only the bf16 output rounding separates the two (2^-8 relative).
+        np.testing.assert_allclose(np.asarray(value, np.float64), ref,
+                                   atol=2 ** -7 * np.abs(ref).max(), err_msg=name)
+    exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    rel = np.linalg.norm(np.asarray(y, np.float32) - exact) / np.linalg.norm(exact)
+    assert 1e-3 < rel < 0.06  # really fp8 (not bf16), and as close as E4M3 allows
+
+
+def test_fp8_model_gradients_close_to_bf16_and_lowered_to_fp8_dots():
+    """Stated tolerance: every fp8 parameter gradient within 15% (relative L2) of bf16's;
+    the step's matmuls of the block take fp8 operands, the LM head does not."""
+    bf16, fp8 = _setup(), _setup(["model.quantization=fp8"])
+    params = nnx.to_pure_dict(nnx.state(Transformer(bf16.cfg.model, nnx.Rngs(0))))
+    batch = _batch(bf16.cfg)
+    g16, aux16 = jax.jit(lambda p: gradients(bf16, p, batch))(params)
+    step8 = jax.jit(lambda p: gradients(fp8, p, batch))
+    g8, aux8 = step8(params)
+    assert abs(float(aux8["loss"]) - float(aux16["loss"])) < 0.01 * float(aux16["loss"])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g8), jax.tree.leaves(g16),
+                            strict=True):
+        rel = float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-12))
+        assert rel < 0.15, (jax.tree_util.keystr(path), rel)
+    hlo = step8.lower(params).as_text()
+    fp8_dots = [line for line in hlo.splitlines()
+                if "dot_general" in line and "f8E4M3FN" in line.split("->")[0]]
+    # 7 projections x (forward + 2 gradient products), one set per scanned layer body.
+    assert len(fp8_dots) >= 7 * 3, len(fp8_dots)
+    vocab = f"x{bf16.cfg.model.vocab_size}x"
+    assert not any(vocab in line for line in fp8_dots)
+
+
+def test_attention_policy_saves_the_fused_kernels_forward(monkeypatch):
+    """With cuDNN attention, `projections_and_attention` keeps the kernel's output and
+    log-sum-exp, so the backward has no second forward kernel (dots-only policies re-run
+    it). Traced to a jaxpr with the cuDNN availability checks stubbed: CPU cannot run it."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_is_flash_attention", lambda *a, **k: None)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    base = load_config("configs/tiny.yaml", ["model.attention=cudnn", "model.head_dim=64",
+                                             "model.compute_dtype=bfloat16"]).model
+
+    def forward_kernels(policy: str) -> int:
+        cfg = dataclasses.replace(base, remat=policy)
+        graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+        tokens = jnp.zeros((2, 128), jnp.int32)
+
+        def loss(s):
+            return jnp.mean(nnx.merge(graphdef, s)(tokens))
+
+        # The scanned layer body appears once in the jaxpr, however many layers there are.
+        return str(jax.make_jaxpr(jax.grad(loss))(state)).count("dot_product_attention_fwd")
+
+    assert forward_kernels("none") == 1
+    assert forward_kernels("projections_and_attention") == 1
+    assert forward_kernels("dots_with_no_batch_dims_saveable") == 2
+
+
+def test_gpu_bench_script_runs_its_ladder(tmp_path):
+    """scripts/gpu_bench.sh on the tiny preset (GPU_BENCH_QUICK=1): every rung runs and
+    lands in the table, and the rungs that change only speed give the same loss (unrolled
+    layers draw their initial weights differently, so that rung is not compared)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "GPU_BENCH_QUICK": "1", "PYTHON": sys.executable,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "gpu_bench.jsonl").open())}
+    assert list(rows) == ["before", "+attention-saved", "+fused-loss", "+unrolled", "+batch24",
+                          "fp8-batch24"]
+    for name in ["+attention-saved", "+fused-loss"]:
+        assert abs(rows[name]["loss"] - rows["before"]["loss"]) < 2e-3, name
+    assert "skipped" in done.stdout  # no CUDA torch here: the peer says so
+    table = done.stdout[done.stdout.index("variant "):]
+    assert all(name in table for name in rows)
