@@ -34,6 +34,43 @@ class CheckpointError(LlamaJaxError):
     """A checkpoint that is missing, incomplete or damaged."""
 
 
+class StateMismatch(LlamaJaxError):
+    """A sound checkpoint whose arrays do not fit the state asked for (another model shape,
+    dtype or optimizer): a settings problem, never a reason to set the checkpoint aside."""
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """A tree path as `a/0/b`, the same for a NamedTuple field, a list index or a dict key
+    (Orbax's metadata stores optimizer states' NamedTuples as dicts)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+
+
+def saved_shapes(state_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Path -> (shape, dtype) of every array Orbax recorded in a saved state."""
+    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    return {_path_name(path): (tuple(leaf.shape), str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_fits(where: Path, target: PyTree) -> None:
+    try:
+        saved = saved_shapes(where / "state")
+    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
+        raise CheckpointError(f"checkpoint {where} is damaged: no readable array metadata "
+                              f"({type(e).__name__})") from None
+    wanted = {_path_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+              for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    differ = [f"{key} saved {saved.get(key, 'absent')} but wanted {value}"
+              for key, value in wanted.items() if saved.get(key) != value]
+    if differ:
+        more = f" (and {len(differ) - 2} more)" if len(differ) > 2 else ""
+        raise StateMismatch(f"checkpoint {where} does not fit this config: "
+                            f"{'; '.join(differ[:2])}{more}")
+
+
 @jax.jit
 def fingerprint(tree: PyTree) -> list[jax.Array]:
     def one(x: jax.Array) -> jax.Array:
@@ -153,6 +190,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} holds parameters only (an imported "
                                   f"model); restore it with checkpoint.restore_params_only=true")
         target = {"params": abstract_state["params"]} if params_only else abstract_state
+        _check_fits(where, target)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(

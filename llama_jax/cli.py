@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command][0](args)
     except LlamaJaxError as e:
         print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
-        return 143 if type(e).__name__ == "Preempted" else 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -162,7 +162,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only at the end
+    every: int = 500  # steps; 0: only at the end (SIGTERM/SIGINT also save)
     keep: int = 3
     keep_every: int = 0
     restore_from: str = ""
@@ -339,10 +339,23 @@ def _get(cfg: Config, key: str) -> Any:
     return node
 
 
+def _set(cfg: Config, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node: Any = cfg
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+
+
 def validate(cfg: Config) -> None:
     """Refuse impossible settings, naming the key and the value."""
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
+        # YAML and the override parser read `true`/`false` as booleans, which a string
+        # setting receives as "True"/"False": take them as the choices they spell.
+        if isinstance(value, str) and value not in choices and value.lower() in choices:
+            value = value.lower()
+            _set(cfg, key, value)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
     for key in _POSITIVE:

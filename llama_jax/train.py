@@ -34,6 +34,7 @@ from llama_jax.errors import LlamaJaxError
 from llama_jax.loss import head_loss_sums, loss_sums
 from llama_jax.model import Transformer
 from llama_jax.optim import lr_schedule, make_optimizer
+from llama_jax.run_dir import check_resume, locked
 
 if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
     from llama_jax.data.pipeline import PreparedData
@@ -318,10 +319,32 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             if self.path.is_file():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= resume_step]
-                self.path.write_text("".join(f"{line}\n" for line in kept))
+                self._keep_through(resume_step)
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+
+    def _keep_through(self, resume_step: int) -> None:
+        """Drop rows after `resume_step`, and a torn last line (a crash mid-write)."""
+        kept = []
+        lines = self.path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:
+                    print(f"note: dropping a torn last line of {self.path} (a write cut short)",
+                          file=sys.stderr)
+                    continue
+                raise LlamaJaxError(f"{self.path}: line {i + 1} is not JSON; fix or move the "
+                                    f"file to resume") from None
+            if row.get("step", 0) <= resume_step:
+                kept.append(line)
+        new_text = "".join(f"{line}\n" for line in kept)
+        if new_text != self.path.read_text():
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(new_text)
+            tmp.replace(self.path)
 
     def write(self, row: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -346,27 +369,46 @@ class TrainResult:
 
 
 class Preempted(LlamaJaxError):
-    """SIGTERM arrived; a checkpoint of the current step was saved."""
+    """SIGTERM or SIGINT arrived; a checkpoint of the current step was saved."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-class _SigtermFlag:
-    """Turns SIGTERM (preemption notice) into a flag the loop polls between steps."""
+class _StopSignals:
+    """Turns SIGTERM (a preemption notice) and a first SIGINT (Ctrl-C) into a flag the loop
+    polls between steps, so either ends the run with a checkpoint of the step reached; a
+    second Ctrl-C interrupts at once, as users expect."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.raised = False
-        self.previous = None
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _SigtermFlag:
+    @property
+    def raised(self) -> bool:
+        return self.received is not None
+
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def stopped(self, step: int, where: Path) -> Preempted:
+        name = signal.Signals(self.received).name
+        return Preempted(f"stopped by {name} after step {step}; checkpoint saved in {where}",
+                         128 + int(self.received))
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any
@@ -403,22 +445,37 @@ def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any
 
 def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainResult:
     """Run (or resume) `cfg.train.steps` steps: log every `log_every`, evaluate every
-    `eval_every`, checkpoint every `checkpoint.every`, at the end and on SIGTERM."""
+    `eval_every`, checkpoint every `checkpoint.every`, at the end and on SIGTERM/SIGINT.
+
+    Nothing in the run directory is written until the run has really started (the config
+    fits the saved state, the mesh fits the devices, the state is restored or initialised),
+    and only while this process holds the directory's lock (process 0 of a multi-host run).
+    """
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    data = prepare(cfg)
-    if data is not None:
-        from llama_jax.data.pipeline import copy_tokenizer
+    with locked(run_dir, enabled=is_main):
+        return _train_locked(cfg, run_dir, mesh, quiet)
 
-        copy_tokenizer(data, run_dir)
+
+def _train_locked(cfg: Config, run_dir: Path, mesh: Mesh | None, quiet: bool) -> TrainResult:
+    is_main = jax.process_index() == 0
+    applied = check_resume(run_dir, cfg)
+    data = prepare(cfg)
     setup = make_setup(cfg, mesh)
     rows = cfg.train.global_batch_size
     source = make_source(cfg, data, "train", rows, cfg.train.seed)
     ckpt = Checkpointer(cfg, run_dir / "checkpoints")
     state, first_step = _initial_state(cfg, setup, ckpt, source)
+    if is_main:
+        if applied:
+            print(f"resuming with changed settings: {'; '.join(applied)}", file=sys.stderr)
+        save_config(cfg, run_dir / "config.yaml")
+    if data is not None:
+        from llama_jax.data.pipeline import copy_tokenizer
+
+        copy_tokenizer(data, run_dir)
     train_step, eval_step = make_train_step(setup), make_eval_step(setup)
     batches = global_batches(setup, source, rows)
     val = eval_batches(setup, data)
@@ -451,7 +508,7 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
 
     profiler = Profiler(cfg, run_dir)
     try:
-        with progress, _SigtermFlag() as sigterm:
+        with progress, _StopSignals() as stop:
             if first_step == 0:
                 run_eval(0)
             for step in range(first_step + 1, total + 1):
@@ -474,12 +531,11 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
                         f"  {row['tokens_per_sec']:,.0f} tok/s  MFU {row['mfu']:.1%}")
                     progress.update(task, completed=step, stats=f"loss {row['loss']:.4f}{speed}")
                 every = cfg.checkpoint.every
-                if (every and step % every == 0) or step == total or sigterm.raised:
+                if (every and step % every == 0) or step == total or stop.raised:
                     save(step)
-                if sigterm.raised:
+                if stop.raised:
                     ckpt.wait()
-                    raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved in "
-                                    f"{ckpt.directory / str(step)}")
+                    raise stop.stopped(step, ckpt.directory / str(step))
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                     run_eval(step)
             profiler.close()

@@ -138,7 +138,8 @@ def test_retention_keeps_last_n_and_every_kth(tmp_path):
     assert kept == [10, 18, 20]
 
 
-def test_sigterm_saves_and_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_and_resumes(tmp_path, sig):
     args = ["train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=400",
             "train.log_every=1"]
     proc = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], cwd=ROOT,
@@ -147,11 +148,12 @@ def test_sigterm_saves_and_resumes(tmp_path):
     while time.time() < deadline and not (
             (tmp_path / "metrics.jsonl").is_file() and max(losses(tmp_path), default=0) >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM after step" in err
-    step = int(err.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert proc.returncode == 128 + sig, err
+    name = signal.Signals(sig).name
+    assert f"stopped by {name} after step" in err
+    step = int(err.split(f"stopped by {name} after step ")[1].split(";")[0])
     assert (tmp_path / "checkpoints" / str(step)).is_dir()
     resumed = run_cli(*args[:-2], "train.steps=" + str(step + 2))
     assert resumed.returncode == 0 and f"checkpoints/{step}" in resumed.stderr

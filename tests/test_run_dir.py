@@ -1,0 +1,160 @@
+"""A run directory is never damaged by a command: refused resumes change nothing, one
+writer at a time, torn metrics lines, boolean-like settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT
+from helpers import run_cli
+
+from llama_jax.config import load_config
+
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    """Every file's bytes (as a digest) and every folder, by relative path."""
+    out = {}
+    for path in sorted(run_dir.rglob("*")):
+        rel = str(path.relative_to(run_dir))
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny synthetic run with checkpoints at 5 and 10."""
+    run_dir = tmp_path_factory.mktemp("run")
+    done = run_cli("train", "configs/tiny.yaml", f"run_dir={run_dir}", "checkpoint.every=5",
+                   "train.steps=10")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.hidden_size=64"], "model.hidden_size: 128 -> 64"),
+    (["optimizer.clip_norm=0"], "optimizer.clip_norm: 1.0 -> 0.0"),
+    (["model.param_dtype=bfloat16", "data.seq_len=32"],
+     "data.seq_len: 64 -> 32; model.param_dtype: 'float32' -> 'bfloat16'"),
+    (["mesh.data=3", "mesh.fsdp=1"], "3 devices, but 8 are available"),
+])
+def test_refused_resume_leaves_the_run_byte_for_byte(run, overrides, named):
+    before = snapshot(run)
+    done = run_cli("train", "configs/tiny.yaml", f"run_dir={run}", "checkpoint.every=5",
+                   "train.steps=20", *overrides)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], done.stderr
+    assert snapshot(run) == before
+
+
+def test_resume_applies_and_lists_allowed_changes(tmp_path):
+    first = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "checkpoint.every=5",
+                    "train.steps=10", "mesh.fsdp=8")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "checkpoint.every=4",
+                    "train.steps=12", "mesh.fsdp=4", "mesh.tensor=2", "optimizer.lr=1e-3")
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "checkpoints/10" in again.stderr
+    note = next(line for line in again.stderr.splitlines() if "changed settings" in line)
+    for change in ("train.steps: 10 -> 12", "mesh.tensor: 1 -> 2", "optimizer.lr: 0.003 -> 0.001",
+                   "checkpoint.every: 5 -> 4"):
+        assert change in note
+    assert load_config(tmp_path / "config.yaml").train.steps == 12
+    assert (tmp_path / "checkpoints" / "12").is_dir()
+
+
+def test_a_checkpoint_that_does_not_fit_is_not_called_damaged(tmp_path):
+    """Without the saved config to compare with, a shape mismatch surfaces at restore: it is
+    refused in one line and the checkpoint keeps its name (it is not set aside)."""
+    first = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=5")
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "config.yaml").unlink()
+    before = snapshot(tmp_path)
+    again = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=8",
+                    "model.intermediate_size=128")
+    assert again.returncode == 2
+    assert "does not fit this config" in again.stderr.strip().splitlines()[-1]
+    assert snapshot(tmp_path) == before
+
+
+def _lock_record(pid: int, host: str | None = None, heartbeat: float | None = None) -> dict:
+    proc = psutil.Process(pid)
+    now = time.time()
+    return {"host": host or socket.gethostname(), "pid": pid, "started": now,
+            "process_start": proc.create_time(), "heartbeat": heartbeat or now}
+
+
+def test_second_writer_is_refused(tmp_path):
+    """A live holder (this test process, on this host) keeps the directory; the refused
+    train names it and changes nothing."""
+    (tmp_path / ".lock").write_text(json.dumps(_lock_record(os.getpid())))
+    before = snapshot(tmp_path)
+    done = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=3")
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "is in use by another train" in line and f"pid {os.getpid()}" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_two_trains_at_once_one_is_refused(tmp_path):
+    args = [sys.executable, "-m", "llama_jax.cli", "train", "configs/tiny.yaml",
+            f"run_dir={tmp_path}", "train.steps=400"]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / ".lock").is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        second = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=400")
+        assert second.returncode == 2
+        assert "is in use by another train" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("holder", ["dead-pid", "stale-heartbeat-elsewhere"])
+def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path, holder):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    record = _lock_record(dead.pid)
+    dead.wait()
+    if holder == "stale-heartbeat-elsewhere":
+        record = _lock_record(os.getpid(), host="other-host", heartbeat=time.time() - 3600)
+    (tmp_path / ".lock").write_text(json.dumps(record))
+    done = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=3")
+    assert done.returncode == 0, done.stderr
+    assert "taking over" in done.stderr
+    assert not (tmp_path / ".lock").exists()  # released at the end
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    first = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=5",
+                    "train.log_every=1")
+    assert first.returncode == 0, first.stderr
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 6, "loss": 3.1')  # a crash mid-write
+    again = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=7",
+                    "train.log_every=1")
+    assert again.returncode == 0, again.stderr
+    assert "dropping a torn last line" in again.stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "grad_norm" in r] == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("value, expected", [("true", "true"), ("False", "false"),
+                                             ("auto", "auto")])
+def test_boolean_like_choices_from_the_command_line_and_yaml(tmp_path, value, expected):
+    assert load_config("configs/tiny.yaml",
+                       [f"distributed.enabled={value}"]).distributed.enabled == expected
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"base: tiny\ndistributed:\n  enabled: {value}\n")
+    assert load_config(preset).distributed.enabled == expected
