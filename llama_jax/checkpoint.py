@@ -9,9 +9,11 @@ the save is detected on restore instead of being half-loaded.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,12 @@ from llama_jax.errors import LlamaJaxError
 
 PyTree = Any
 ITEMS = ("state", "data", "meta")
-absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs routine read-only notes as WARNING
+# Orbax logs routine read-only notes as WARNING, and a failed background write as ERROR with
+# its traceback before raising it in the caller, where `Checkpointer` turns it into one line.
+absl_logging.set_verbosity(absl_logging.FATAL)
+# Its other write tasks of a failed save end with the same error, which asyncio would log at
+# exit as "Task exception was never retrieved".
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 class CheckpointError(LlamaJaxError):
@@ -115,6 +122,23 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Storage failures of a save (disk full, read-only, permission, a vanished folder),
+        raised by Orbax here or from its background thread, as one line naming the path."""
+        try:
+            yield
+        except LlamaJaxError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError, tensorstore's ValueError, ...
+            kept: list[int] = []
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            with contextlib.suppress(OSError):
+                kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            last = f"step {kept[-1]}" if kept else "none"
+            raise CheckpointError(f"{what} in {self.directory} failed: {text[:300]} (last "
+                                  f"complete checkpoint: {last})") from None
+
     def incomplete(self) -> list[Path]:
         """Temporary directories of saves that never finished."""
         if not self.directory.is_dir():
@@ -126,11 +150,12 @@ class Checkpointer:
         """`state` is the full train state, or {"params": ...} alone (an imported model)."""
         meta = {"step": step, "config": to_yaml(self.cfg), "contents": sorted(state),
                 "fingerprint": _fingerprint_host(state)}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state),
-            data=ocp.args.JsonSave(data_state or {}),
-            meta=ocp.args.JsonSave(meta),
-        ), force=True)
+        with self._writing(f"a checkpoint save (step {step} or the one before)"):
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state),
+                data=ocp.args.JsonSave(data_state or {}),
+                meta=ocp.args.JsonSave(meta),
+            ), force=True)
 
     def save_params_streamed(self, step: int,
                              leaves: Iterable[tuple[tuple[str, ...], np.ndarray]]) -> None:
@@ -160,11 +185,15 @@ class Checkpointer:
         items.save(where / "meta", args=ocp.args.JsonSave(meta))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing("a checkpoint save"):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                self.manager.close()
 
     def read_meta(self, step: int) -> dict[str, Any]:
         path = self.directory / str(step) / "meta"

@@ -353,6 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LlamaJaxError as e:
         print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except OSError as e:  # disk full, read-only, permission denied, a vanished directory
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"llama-jax {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -143,6 +143,9 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot create the run's lock: {e.strerror}"
+                              ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(self.record, f)
         return True

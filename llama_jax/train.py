@@ -7,6 +7,7 @@ step merges it with the params, which costs nothing at run time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -542,9 +543,17 @@ def _train_locked(cfg: Config, run_dir: Path, mesh: Mesh | None, quiet: bool) ->
             if saved_step != total:
                 save(total)
             run_eval(total)
-    finally:
+    except BaseException:
+        # The error already on its way out is the one to report; a save that also fails
+        # while closing adds nothing.
+        with contextlib.suppress(Exception):
+            ckpt.close()
+        raise
+    else:
         ckpt.close()
-        writer.close()
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
         getattr(source, "close", lambda: None)()
     return TrainResult(state, history, evals)
 

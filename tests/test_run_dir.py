@@ -158,3 +158,52 @@ def test_boolean_like_choices_from_the_command_line_and_yaml(tmp_path, value, ex
     preset = tmp_path / "p.yaml"
     preset.write_text(f"base: tiny\ndistributed:\n  enabled: {value}\n")
     assert load_config(preset).distributed.enabled == expected
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of 3 MiB (a full disk after one tiny checkpoint); root only."""
+    where = tmp_path / "fs"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_disk_full_is_one_line_and_the_run_resumes_once_fixed(small_fs):
+    run_dir = small_fs / "run"
+    args = ["train", "configs/tiny.yaml", f"run_dir={run_dir}", "checkpoint.every=5",
+            "checkpoint.keep=1"]
+    full = run_cli(*args, "train.steps=30")
+    assert full.returncode != 0
+    lines = [line for line in full.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, full.stderr
+    assert "checkpoint save" in lines[0] and str(run_dir / "checkpoints") in lines[0]
+    assert "RESOURCE_EXHAUSTED" in lines[0] or "No space left" in lines[0]
+    # Fixed: more room. The run resumes from its last complete checkpoint, if any.
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    resumed = run_cli(*args, "train.steps=12")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run_dir / "checkpoints" / "12").is_dir()
+
+
+def test_read_only_run_dir_is_one_line_and_changes_nothing(small_fs):
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    run_dir = small_fs / "run"
+    args = ["train", "configs/tiny.yaml", f"run_dir={run_dir}", "checkpoint.every=5"]
+    assert run_cli(*args, "train.steps=5").returncode == 0
+    before = snapshot(run_dir)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    refused = run_cli(*args, "train.steps=10")
+    assert refused.returncode != 0
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Read-only file system" in lines[0], refused.stderr
+    assert str(run_dir) in lines[0]
+    subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    assert snapshot(run_dir) == before
+    assert run_cli(*args, "train.steps=10").returncode == 0
