@@ -7,8 +7,10 @@ o `[D, N*H]` -> `[N, H, D]`, MLP and LM head transposed, layers stacked on a lea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -242,6 +244,31 @@ def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray
 # Commands
 
 
+@contextlib.contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside `out_dir`, renamed to it when the block succeeds and removed
+    when it fails: a conversion leaves either the whole output or nothing, and a retry
+    starts clean. An existing, non-empty `out_dir` is never written into."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConversionError(f"{out_dir} already exists and is not empty; choose a new "
+                              f"output folder (nothing was changed)")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if tmp.exists():
+        print(f"note: removing {tmp}, left by a conversion that did not finish",
+              file=sys.stderr)
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    tmp.rename(out_dir)
+
+
 def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Write OUT_DIR as a llama_jax run: config.yaml, checkpoints/0 (parameters only) and the
     tokenizer.model if the HF folder has one."""
@@ -261,17 +288,19 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = 
     model = model_config_from_hf(hf, str(config_file))
     cfg = load_config(None, [f"run_dir={out_dir}", "mesh.fsdp=-1", *overrides])
     cfg = replace(cfg, model=replace(model, param_dtype="float32"))
-    if (hf_dir / "tokenizer.model").is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(hf_dir / "tokenizer.model", out_dir / "tokenizer.model")
+    has_tokenizer = (hf_dir / "tokenizer.model").is_file()
+    if has_tokenizer:
         cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(out_dir / "tokenizer.model")))
     validate(cfg)
     abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model)))
-    leaves = params_from_hf(hf_dir, cfg.model, abstract)
-    ckpt = Checkpointer(cfg, out_dir / "checkpoints")
-    ckpt.save_params_streamed(0, leaves)
-    ckpt.close()
-    save_config(cfg, out_dir / "config.yaml")
+    with staged(out_dir) as tmp:
+        if has_tokenizer:
+            shutil.copyfile(hf_dir / "tokenizer.model", tmp / "tokenizer.model")
+        leaves = params_from_hf(hf_dir, cfg.model, abstract)
+        ckpt = Checkpointer(cfg, tmp / "checkpoints")
+        ckpt.save_params_streamed(0, leaves)
+        ckpt.close()
+        save_config(cfg, tmp / "config.yaml")
     return out_dir
 
 
@@ -283,14 +312,14 @@ def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) 
     loaded = load_for_inference(path, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1",
                                        "mesh.sequence=1"], step=step)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     hf_cfg = hf_config_from_model(loaded.cfg.model)
     tensors = params_to_hf(jax.device_get(loaded.params), loaded.cfg.model)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    if loaded.cfg.data.tokenizer and Path(loaded.cfg.data.tokenizer).is_file():
-        shutil.copyfile(loaded.cfg.data.tokenizer, out_dir / "tokenizer.model")
+    with staged(out_dir) as tmp:
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        if loaded.cfg.data.tokenizer and Path(loaded.cfg.data.tokenizer).is_file():
+            shutil.copyfile(loaded.cfg.data.tokenizer, tmp / "tokenizer.model")
     return out_dir
 
 

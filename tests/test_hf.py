@@ -115,6 +115,33 @@ def test_bad_hf_folders_are_refused_in_one_line(tmp_path, damage, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
+def test_failed_convert_leaves_nothing_and_a_retry_works(tmp_path):
+    """A conversion that fails half-way (the last parameter read has a wrong shape) leaves no
+    output folder; once the folder is fixed the same command succeeds; an existing output is
+    never written into."""
+    from safetensors.numpy import load_file, save_file
+
+    tiny_hf(tmp_path)
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    weights = hf / "model.safetensors"
+    tensors = load_file(str(weights))
+    # The stacked MLP norm is read last: everything else is written before it fails.
+    broken = {**tensors, "model.layers.1.post_attention_layernorm.weight": np.ones(3, np.float32)}
+    save_file(broken, str(weights))
+    failed = run_cli("convert", "hf-to-orbax", str(hf), str(out))
+    assert failed.returncode != 0
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    save_file(tensors, str(weights))
+    done = run_cli("convert", "hf-to-orbax", str(hf), str(out))
+    assert done.returncode == 0, done.stderr
+    assert (out / "checkpoints" / "0").is_dir() and (out / "config.yaml").is_file()
+    again = run_cli("convert", "hf-to-orbax", str(hf), str(out))
+    assert again.returncode != 0
+    assert "already exists and is not empty" in again.stderr.strip().splitlines()[-1]
+    exported = run_cli("convert", "orbax-to-hf", str(out), str(hf))
+    assert exported.returncode != 0 and "already exists" in exported.stderr
+
+
 @pytest.mark.parametrize("form", ["rope_parameters", "legacy"])
 def test_both_config_json_rope_forms(tmp_path, form):
     model = tiny_hf(tmp_path, **VARIANTS["llama3-rope"])
