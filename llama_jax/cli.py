@@ -248,7 +248,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="llama-jax", description=__doc__.splitlines()[0],
+        epilog="llama-jax launch --processes N [--devices-per-process D] -- COMMAND ...: "
+               "run N local processes of one command, joined as one multi-host job "
+               "(see `llama-jax launch --help`)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -320,6 +324,9 @@ def _launch(argv: list[str]) -> int:
     p.add_argument("--log-dir", default=None, help="where processes 1..N-1 write their output")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS ...")
     args = p.parse_args(argv)
+    for name in ("processes", "devices_per_process"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return launch(command, args.processes, args.devices_per_process, args.port, args.log_dir)
 

@@ -84,7 +84,7 @@ class ModelConfig:
     scan_layers: bool = True
     attention: str = "xla"  # xla | dot_product_attention | cudnn
     attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
-    quantization: str = "none"  # none | fp8 (the block's projections; fp8.py)
+    quantization: str = "none"  # none | fp8 | fp8_bf16_wgrad (the block's projections; fp8.py)
 
     @property
     def kv_heads(self) -> int:
@@ -203,7 +203,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping, got {type(raw).__name__}")
     bases = raw.pop("base", None) or []
@@ -312,7 +315,7 @@ _CHOICES = {
     "model.compute_dtype": DTYPES,
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                     "projections_and_attention"),
-    "model.quantization": ("none", "fp8"),
+    "model.quantization": ("none", "fp8", "fp8_bf16_wgrad"),
     "model.attention": ("xla", "dot_product_attention", "cudnn"),
     "optimizer.schedule": ("constant", "cosine", "linear", "wsd"),
     "distributed.enabled": ("auto", "true", "false"),

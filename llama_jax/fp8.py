@@ -17,6 +17,9 @@ The quantise/dequantise helpers are Flax's (`flax.linen.fp8_ops`).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax.linen import fp8_ops
@@ -45,29 +48,46 @@ def _scaled_dot(a: Array, a_scale: Array, b: Array, b_scale: Array,
 
 
 def fp8_dense(x: Array, w: Array) -> Array:
-    """`x @ w` over the last axis of x (w 2-D), forward and both backward products in fp8;
+    """`x @ w` over the last axis of x (w 2-D), the forward and both backward products in fp8;
     the output in x's dtype."""
-    y = _fp8_matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype))
+    return _flat(_fp8_matmul, x, w, True)
+
+
+def fp8_dense_bf16_wgrad(x: Array, w: Array) -> Array:
+    """`fp8_dense` with the weight gradient's product in the compute dtype: the output
+    gradient is not rounded to E5M2 (2 mantissa bits) where it meets the activations, which
+    is where fp8 costs the default run its loss (docs/performance.md); torchtitan's
+    "rowwise_with_gw_hp" recipe makes the same choice. The activations stay fp8-rounded."""
+    return _flat(_fp8_matmul, x, w, False)
+
+
+def _flat(matmul: Callable[..., Array], x: Array, w: Array, wgrad_fp8: bool) -> Array:
+    y = matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), wgrad_fp8)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-@jax.custom_vjp
-def _fp8_matmul(x_NxD: Array, w_DxF: Array) -> Array:
-    return _fp8_matmul_fwd(x_NxD, w_DxF)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_matmul(x_NxD: Array, w_DxF: Array, wgrad_fp8: bool) -> Array:
+    return _fp8_matmul_fwd(x_NxD, w_DxF, wgrad_fp8)[0]
 
 
-def _fp8_matmul_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, ...]]:
+def _fp8_matmul_fwd(x: Array, w: Array, wgrad_fp8: bool) -> tuple[Array, tuple[Array, ...]]:
     qx, sx = _quantize(x, E4M3)
     qw, sw = _quantize(w, E4M3)
     # The fp8 operands are what the backward needs: half the bytes of bf16 residuals.
     return _scaled_dot(qx, sx, qw, sw, (1, 0), x.dtype), (qx, sx, qw, sw)
 
 
-def _fp8_matmul_bwd(residuals: tuple[Array, ...], dy: Array) -> tuple[Array, Array]:
+def _fp8_matmul_bwd(wgrad_fp8: bool, residuals: tuple[Array, ...], dy: Array
+                    ) -> tuple[Array, Array]:
     qx, sx, qw, sw = residuals
     qg, sg = _quantize(dy, E5M2)
     dx = _scaled_dot(qg, sg, qw, sw, (1, 1), dy.dtype)
-    dw = _scaled_dot(qx, sx, qg, sg, (0, 0), dy.dtype)
+    if wgrad_fp8:
+        dw = _scaled_dot(qx, sx, qg, sg, (0, 0), dy.dtype)
+    else:
+        x = fp8_ops.dequantize(qx, dy.dtype, sx)
+        dw = jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
     return dx, dw
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import ModelConfig
-from llama_jax.fp8 import fp8_dense
+from llama_jax.fp8 import fp8_dense, fp8_dense_bf16_wgrad
 from llama_jax.sharding import constrain, is_sharded
 
 Array = jax.Array
@@ -124,11 +124,15 @@ dense_to_f32.defvjp(_dense_to_f32_fwd, dense_bwd)
 Matmul = Callable[[Array, Array], Array]
 
 
+PROJECTION_MATMULS: dict[str, Matmul] = {
+    "none": dense, "fp8": fp8_dense, "fp8_bf16_wgrad": fp8_dense_bf16_wgrad,
+}
+
+
 def projection_matmul(quantization: str) -> Matmul:
-    """The product the block's projections use: `dense`, or `fp8_dense` with
-    `model.quantization=fp8` (the LM head and attention stay in the compute dtype, as
-    torchtitan's float8 recipe keeps them)."""
-    return fp8_dense if quantization == "fp8" else dense
+    """The product the block's projections use for `model.quantization` (the LM head and
+    attention stay in the compute dtype, as torchtitan's float8 recipes keep them)."""
+    return PROJECTION_MATMULS[quantization]
 
 
 # ---------------------------------------------------------------------------------------------

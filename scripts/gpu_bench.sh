@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# GPU benchmark in one command of at most ~8 minutes: the train step on Llama 3.2 1B shapes
-# (fp32 params, bf16 compute, seq 2048, batch 16, AdamW, one GPU, cuDNN attention) as an A/B
-# ladder of this session's changes, the fp8 path, and transformers + torch.compile on the same
-# card; one JSON line per variant in OUT_DIR/gpu_bench.jsonl and a side-by-side table last.
+# GPU benchmark in one command of about 7 minutes: the train step on Llama 3.2 1B shapes
+# (fp32 params, bf16 compute, seq 2048, AdamW, one GPU, cuDNN attention): the reference step
+# (batch 16), the best bf16 settings and both fp8 recipes (batch 24), and transformers +
+# torch.compile on the same card; one JSON line per variant in OUT_DIR/gpu_bench.jsonl and a
+# side-by-side table with ratios last.
 #   usage: scripts/gpu_bench.sh [OUT_DIR]
 # Needs jax with CUDA, flax, optax, orbax-checkpoint and omegaconf importable; a folder
 # `.gpu_deps` in the repo root, if present, is put on PYTHONPATH (for omegaconf). The torch
 # peer runs where torch with CUDA and transformers import, and is skipped with a note otherwise.
-# Set GPU_BENCH_QUICK=1 to run the ladder on the tiny preset (how CI checks this script).
+# Set GPU_BENCH_QUICK=1 to run it on the tiny preset (how CI checks this script), and
+# GPU_BENCH_LADDER=1 for every rung of the bf16 A/B ladder (about 2 more minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp}}"
@@ -43,16 +45,23 @@ run() {  # name, extra XLA flags, then overrides
     --steps $steps --json | tail -n 1 | grep '^{' \
     | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$rows"
 }
-# The ladder, each rung one change on the one before (H200 figures in docs/performance.md):
+# The reference (the step before session 5), then the best bf16 and the fp8 recipes at the same
+# batch; GPU_BENCH_LADDER=1 adds every rung between them, each one change on the one before
+# (H200 figures in docs/performance.md).
+big=$((batch * 3 / 2))
 run before "" model.remat=dots_with_no_batch_dims_saveable train.fused_loss=false
-run +attention-saved "" model.remat=projections_and_attention train.fused_loss=false
-run +fused-loss "" model.remat=projections_and_attention
-run +unrolled "" model.remat=projections_and_attention model.scan_layers=false
-run +batch24 "" model.remat=projections_and_attention model.scan_layers=false \
-  train.global_batch_size=$((${batch} * 3 / 2))
-# fp8 against the same batch, scanned (unrolled, its compile takes minutes).
-run fp8-batch24 "" model.remat=projections_and_attention model.quantization=fp8 \
-  train.global_batch_size=$((${batch} * 3 / 2))
+if [ "${GPU_BENCH_LADDER:-0}" = 1 ]; then
+  run +attention-saved "" model.remat=projections_and_attention train.fused_loss=false
+  run +fused-loss "" model.remat=projections_and_attention
+  run +unrolled "" model.remat=projections_and_attention model.scan_layers=false
+fi
+run bf16-best "" model.remat=projections_and_attention model.scan_layers=false \
+  train.global_batch_size=$big
+# fp8 scanned: unrolled, its compile took over 2 minutes on the H200.
+run fp8 "" model.remat=projections_and_attention model.quantization=fp8 \
+  train.global_batch_size=$big
+run fp8-bf16-wgrad "" model.remat=projections_and_attention \
+  model.quantization=fp8_bf16_wgrad train.global_batch_size=$big
 
 # The peer: transformers' LlamaForCausalLM, bf16 autocast, SDPA, fused AdamW, torch.compile.
 if [ "${GPU_BENCH_QUICK:-0}" != 1 ] && $PY -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then

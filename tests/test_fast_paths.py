@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from llama_jax.config import load_config
-from llama_jax.fp8 import fp8_dense
+from llama_jax.fp8 import fp8_dense, fp8_dense_bf16_wgrad
 from llama_jax.layers import dense_to_f32
 from llama_jax.loss import head_loss_sums, loss_sums
 from llama_jax.model import Transformer
@@ -87,12 +87,13 @@ def _emulated_fp8_matmul(x, w, fmt_x, fmt_w):
     return qx @ qw * sx * sw
 
 
-def test_fp8_dense_is_current_scaled_fp8():
+@pytest.mark.parametrize("matmul", [fp8_dense, fp8_dense_bf16_wgrad])
+def test_fp8_dense_is_current_scaled_fp8(matmul):
     k = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(k[0], (3, 40, 64), jnp.float32).astype(jnp.bfloat16)
     w = (0.05 * jax.random.normal(k[1], (64, 48))).astype(jnp.bfloat16)
     dy = jax.random.normal(k[2], (3, 40, 48)).astype(jnp.bfloat16)
-    y, pullback = jax.vjp(fp8_dense, x, w)
+    y, pullback = jax.vjp(matmul, x, w)
     dx, dw = pullback(dy)
     x2, dy2 = np.asarray(x, np.float32).reshape(-1, 64), np.asarray(dy, np.float32).reshape(-1, 48)
     e4m3, e5m2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
@@ -101,6 +102,9 @@ def test_fp8_dense_is_current_scaled_fp8():
         "dx": _emulated_fp8_matmul(dy2, np.asarray(w, np.float32).T, e5m2, e4m3),
         "dw": _emulated_fp8_matmul(x2.T, dy2, e4m3, e5m2),
     }
+    if matmul is fp8_dense_bf16_wgrad:  # fp8-rounded activations, the gradient as it is
+        qx = _emulated_fp8_matmul(x2, np.eye(64, dtype=np.float32), e4m3, e4m3)
+        expected["dw"] = qx.T @ dy2.astype(np.float64)
     got = {"y": y.reshape(-1, 48), "dx": dx.reshape(-1, 64), "dw": dw}
     for name, value in got.items():
         assert value.dtype == jnp.bfloat16, name
@@ -175,14 +179,15 @@ def test_gpu_bench_script_runs_its_ladder(tmp_path):
 
     from helpers import ROOT
 
-    env = {**os.environ, "GPU_BENCH_QUICK": "1", "PYTHON": sys.executable,
+    env = {**os.environ, "GPU_BENCH_QUICK": "1", "GPU_BENCH_LADDER": "1",
+           "PYTHON": sys.executable,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "gpu_bench.jsonl").open())}
-    assert list(rows) == ["before", "+attention-saved", "+fused-loss", "+unrolled", "+batch24",
-                          "fp8-batch24"]
+    assert list(rows) == ["before", "+attention-saved", "+fused-loss", "+unrolled", "bf16-best",
+                          "fp8", "fp8-bf16-wgrad"]
     for name in ["+attention-saved", "+fused-loss"]:
         assert abs(rows[name]["loss"] - rows["before"]["loss"]) < 2e-3, name
     assert "skipped" in done.stdout  # no CUDA torch here: the peer says so

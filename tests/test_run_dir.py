@@ -207,3 +207,19 @@ def test_read_only_run_dir_is_one_line_and_changes_nothing(small_fs):
     subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
     assert snapshot(run_dir) == before
     assert run_cli(*args, "train.steps=10").returncode == 0
+
+
+def test_yaml_errors_name_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden_size: 64\n   num_layers: 2\n")
+    done = run_cli("info", str(bad))
+    assert done.returncode == 2
+    assert f"{bad}:3:" in done.stderr and "invalid YAML" in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--processes", "--devices-per-process"])
+def test_launch_refuses_zero(flag):
+    args = ["--processes", "2", "--devices-per-process", "1"]
+    args[args.index(flag) + 1] = "0"
+    done = run_cli("launch", *args, "--", "info", "configs/tiny.yaml")
+    assert done.returncode == 2 and f"{flag} must be at least 1" in done.stderr
