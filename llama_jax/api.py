@@ -18,7 +18,7 @@ from flax import nnx
 
 from llama_jax import sharding
 from llama_jax.evaluate import Loaded, load_for_inference
-from llama_jax.generate import SamplingConfig, generate_ids
+from llama_jax.generate import SamplingConfig, check_token_ids, generate_ids
 
 
 class Model:
@@ -39,6 +39,7 @@ class Model:
         tokens = np.asarray(tokens, np.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        check_token_ids(tokens, self.cfg.model.vocab_size)
         return np.asarray(self._forward(self.loaded.params, tokens), np.float32)
 
     def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64,

@@ -99,7 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"validation loss: {first['loss']:.4f} at step {first['step']} -> "
               f"{last['loss']:.4f} at step {last['step']}")
         print("evaluate:  llama-jax eval " + cfg.run_dir)
-        print(f"sample:    llama-jax generate {cfg.run_dir} --prompt 'The'")
+        prompt = ("--prompt-ids 1,2,3" if cfg.data.dataset == "synthetic" and not cfg.data.tokenizer
+                  else "--prompt 'The'")
+        print(f"sample:    llama-jax generate {cfg.run_dir} {prompt}")
     return 0
 
 
@@ -130,21 +132,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _join_from_environment()
     loaded = load_for_inference(args.path, args.overrides, step=args.step)
+    vocab = loaded.cfg.model.vocab_size
+    if args.top_k > vocab:
+        raise LlamaJaxError(f"--top-k {args.top_k} exceeds the vocabulary ({vocab} tokens)")
     tok = loaded.tokenizer
-    prompts = [tok.encode(p, bos=True, eos=False) for p in args.prompt]
+    if not args.prompt and not args.prompt_ids:
+        raise LlamaJaxError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
+    if args.prompt and tok is None:
+        raise LlamaJaxError(f"{args.path} has no tokenizer (trained on synthetic tokens?): "
+                            f"give token ids with --prompt-ids 1,2,3, or a sentencepiece "
+                            f"model with data.tokenizer=PATH")
+    try:
+        id_prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
+    except ValueError:
+        raise LlamaJaxError("--prompt-ids takes comma-separated integers") from None
+    prompts = [tok.encode(p, bos=True, eos=False) for p in args.prompt] + id_prompts
+    as_text = [True] * len(args.prompt) + [False] * len(id_prompts)
     prompts = [p for p in prompts for _ in range(args.num_samples)]
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              tok.eos_id)
+    as_text = [t for t in as_text for _ in range(args.num_samples)]
+    eos = tok.eos_id if tok is not None else -1
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos)
     outputs = generate_ids(loaded.graphdef, loaded.params, prompts, sampling, seed=args.seed,
                            mesh=loaded.mesh, rules=loaded.cfg.mesh.rules)
     import jax
 
     if jax.process_index() != 0:
         return 0
-    for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
-        text = tok.decode([t for t in out if t != tok.eos_id])
+    for i, (prompt, out, text_prompt) in enumerate(zip(prompts, outputs, as_text, strict=True)):
         print(f"--- sample {i}" if len(outputs) > 1 else "---")
-        print(tok.decode(prompt) + text)
+        if text_prompt:
+            print(tok.decode(prompt) + tok.decode([t for t in out if t != eos]))
+        else:
+            print(" ".join(str(t) for t in prompt + out))
     return 0
 
 
@@ -247,6 +266,26 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 
 
+def _bounded(kind: type, low: float, high: float | None = None, low_open: bool = False
+             ) -> Callable[[str], Any]:
+    """An argparse type: `kind` within [low, high] ((low, high] with `low_open`), refused in
+    argparse's one-line usage error otherwise."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if too_low or (high is not None and value > high):
+            span = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high else "")
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+    return parse
+
+
+SPLITS = ("train", "validation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-jax", description=__doc__.splitlines()[0],
@@ -271,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             _config_args(p)
         if name == "bench":
-            p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+            p.add_argument("--steps", type=_bounded(int, 1), default=10,
+                           help="timed steps after warm-up")
             p.add_argument("--pipeline", action="store_true",
                            help="also measure the input pipeline's tokens/s")
             p.add_argument("--compile-only", action="store_true",
@@ -286,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="mesh axes to factor the devices over")
             p.add_argument("--layouts", default="",
                            help='explicit layouts instead, e.g. "data=2,fsdp=4;fsdp=8"')
-            p.add_argument("--steps", type=int, default=5, help="timed steps per layout")
+            p.add_argument("--steps", type=_bounded(int, 1), default=5,
+                           help="timed steps per layout")
             p.add_argument("--compile-only", action="store_true",
                            help="compile each layout ahead of time, run nothing")
             p.add_argument("--topology", default="",
@@ -298,18 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("info", "eval", "bench"):
             p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "eval":
-            p.add_argument("--split", default="validation")
-            p.add_argument("--batches", type=int, default=0,
-                           help="batches to evaluate (default: one pass over the split)")
+            p.add_argument("--split", default="validation", choices=SPLITS)
+            p.add_argument("--batches", type=_bounded(int, 0), default=0,
+                           help="batches to evaluate (default 0: one pass over the split)")
         if name == "generate":
-            p.add_argument("--prompt", action="append", required=True,
+            p.add_argument("--prompt", action="append", default=[],
                            help="prompt text; repeat for a batch of prompts")
-            p.add_argument("--max-new-tokens", type=int, default=64)
-            p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-            p.add_argument("--top-k", type=int, default=0)
-            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--prompt-ids", action="append", default=[],
+                           help="a prompt as comma-separated token ids (runs without a "
+                                "tokenizer, e.g. trained on synthetic tokens); repeatable")
+            p.add_argument("--max-new-tokens", type=_bounded(int, 1), default=64)
+            p.add_argument("--temperature", type=_bounded(float, 0.0), default=0.0,
+                           help="0: greedy")
+            p.add_argument("--top-k", type=_bounded(int, 0), default=0,
+                           help="keep the k likeliest tokens (0: all); at most the vocabulary")
+            p.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True),
+                           default=1.0, help="nucleus mass in (0, 1] (1: all)")
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--num-samples", type=int, default=1)
+            p.add_argument("--num-samples", type=_bounded(int, 1), default=1)
     return parser
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama_jax import sharding
+from llama_jax.errors import LlamaJaxError
 from llama_jax.model import KVCache, decode
 
 PyTree = Any
@@ -116,12 +117,23 @@ class _maybe_rules:
             self.ctx.__exit__(*exc)
 
 
+def check_token_ids(ids: np.ndarray | list[list[int]], vocab_size: int) -> None:
+    """Refuse ids the embedding has no row for: XLA's gather would clamp or fill them and the
+    logits come out as NaN or garbage, never an error."""
+    flat = np.concatenate([np.asarray(r, np.int64).ravel() for r in ids]) if len(ids) else []
+    bad = [int(t) for t in flat if not 0 <= t < vocab_size]
+    if bad:
+        raise LlamaJaxError(f"token id {bad[0]} is outside the vocabulary ({vocab_size} "
+                            f"tokens: ids 0..{vocab_size - 1})")
+
+
 def generate_ids(graphdef: nnx.GraphDef, params: PyTree, prompts: list[list[int]],
                  sampling: SamplingConfig, seed: int = 0, mesh: Mesh | None = None,
                  rules: dict[str, list[str]] | None = None) -> list[list[int]]:
     """Continuations of token-id prompts (each stops after EOS, which is kept)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise LlamaJaxError("every prompt needs at least one token")
+    check_token_ids(prompts, params["embed"].shape[0])
     width = max(len(p) for p in prompts)
     pad = np.array([width - len(p) for p in prompts], np.int32)
     tokens = np.zeros((len(prompts), width), np.int32)

@@ -223,3 +223,53 @@ def test_launch_refuses_zero(flag):
     args[args.index(flag) + 1] = "0"
     done = run_cli("launch", *args, "--", "info", "configs/tiny.yaml")
     assert done.returncode == 2 and f"{flag} must be at least 1" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens: must be >= 1"),
+    (["--temperature", "-1"], "--temperature: must be >= 0.0"),
+    (["--top-p", "2"], "--top-p: must be > 0.0 and <= 1.0"),
+    (["--top-p", "0"], "--top-p: must be > 0.0 and <= 1.0"),
+    (["--top-k", "-3"], "--top-k: must be >= 0"),
+    (["--top-k", "5000"], "--top-k 5000 exceeds the vocabulary (1024 tokens)"),
+    (["--num-samples", "0"], "--num-samples: must be >= 1"),
+    (["--prompt-ids", "1,2,4096"], "token id 4096 is outside the vocabulary (1024 tokens"),
+    (["--prompt", "The"], "has no tokenizer (trained on synthetic tokens?)"),
+    ([], "give a prompt"),
+])
+def test_generate_arguments_are_checked_in_one_line(run, args, message):
+    if "--prompt" not in args and "--prompt-ids" not in args and args:
+        args = [*args, "--prompt-ids", "1,2,3"]
+    done = run_cli("generate", str(run), *args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    # The last line says it (argparse prints its usage above); never a traceback.
+    assert message in lines[-1] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_generate_on_a_synthetic_run_takes_token_ids(run):
+    done = run_cli("generate", str(run), "--prompt-ids", "1,2,3", "--max-new-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    ids = done.stdout.strip().splitlines()[-1].split()
+    assert ids[:3] == ["1", "2", "3"] and len(ids) == 7
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batches", "-1"], "--batches: must be >= 0"),
+    (["--split", "test"], "invalid choice: 'test'"),
+])
+def test_eval_arguments_are_checked(run, args, message):
+    done = run_cli("eval", str(run), *args)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_api_refuses_ids_outside_the_vocabulary(run):
+    from llama_jax import api
+    from llama_jax.errors import LlamaJaxError
+
+    m = api.load(run)
+    with pytest.raises(LlamaJaxError, match="token id 1024 is outside the vocabulary"):
+        m.logits([[1, 2, 1024]])
+    with pytest.raises(LlamaJaxError, match="token id -1 is outside"):
+        m.generate([[1, -1]], max_new_tokens=2)
