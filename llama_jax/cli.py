@@ -250,8 +250,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for path in sweep.write_outputs(result, out):
         print(f"wrote {path}")
     if not any(r["status"] == "ok" for r in result["rows"]):
-        print("no layout ran: the reasons are in the table", file=sys.stderr)
-    return 0  # the sweep did its job; which layouts work is its finding
+        print(f"llama-jax sweep: error: no layout ran (the reasons are in the table and "
+              f"{out})", file=sys.stderr)
+        return 1
+    return 0  # some layouts ran: which ones fail is a finding, not an error
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 
 from llama_jax.checkpoint import Checkpointer, CheckpointError, config_of, resolve
-from llama_jax.config import Config, apply_overrides
+from llama_jax.config import MESH_AXES, Config, apply_overrides
 from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.sharding import make_mesh
 from llama_jax.train import (
     eval_batches,
     evaluate,
@@ -32,6 +36,7 @@ class Loaded:
     step: int
     tokenizer: Tokenizer | None
     setup: Any
+    imported: bool = False  # a parameters-only checkpoint (an HF import), not a training run
 
 
 def _with_run_tokenizer(cfg: Config, run_dir: Path) -> Config:
@@ -42,13 +47,49 @@ def _with_run_tokenizer(cfg: Config, run_dir: Path) -> Config:
     return cfg
 
 
+def _mesh_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """A layout named on the command line is the whole layout: the mesh axes it does not
+    name are 1 (fsdp takes the remaining devices unless an axis already does), not the saved
+    run's, so `mesh.fsdp=4 mesh.tensor=2` means 4 x 2 on any run."""
+    named = {o.split("=", 1)[0].removeprefix("mesh.") for o in overrides
+             if o.startswith("mesh.") and "=" in o}
+    if not named & set(MESH_AXES):
+        return []
+    fills = any(o.split("=", 1)[1].strip() == "-1" for o in overrides
+                if o.split("=", 1)[0].removeprefix("mesh.") in MESH_AXES)
+    defaults = {a: ("-1" if a == "fsdp" and not fills else "1") for a in MESH_AXES}
+    defaults.update({f"dcn_{a}": "1" for a in MESH_AXES})
+    return [f"mesh.{a}={v}" for a, v in defaults.items() if a not in named]
+
+
+def _fit_to_devices(cfg: Config, user_named_mesh: bool) -> Config:
+    """The saved layout when it fits the devices at hand; otherwise all of them on fsdp,
+    said in a note. A layout the user named is taken as given (and refused if it does not
+    fit)."""
+    try:
+        make_mesh(cfg)
+        return cfg
+    except ConfigError as e:
+        if user_named_mesh:
+            raise
+        fitted = apply_overrides(cfg, [*(f"mesh.{a}=1" for a in MESH_AXES if a != "fsdp"),
+                                       "mesh.fsdp=-1",
+                                       *(f"mesh.dcn_{a}=1" for a in MESH_AXES)])
+        if jax.process_index() == 0:
+            print(f"note: the saved layout does not fit here ({e}); using fsdp="
+                  f"{jax.device_count()} (override with mesh.*=...)", file=sys.stderr)
+        return fitted
+
+
 def load_for_inference(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                        step: int | None = None) -> Loaded:
     """Parameters only, restored straight into the shardings of the mesh the config (and the
-    overrides) describe, whatever layout they were saved from."""
+    overrides) describe, whatever layout they were saved from; on the devices at hand when
+    the saved layout does not fit them."""
     where = resolve(path, step)
-    cfg = _with_run_tokenizer(apply_overrides(config_of(path, step), overrides),
-                              where.directory.parent)
+    mesh_defaults = _mesh_overrides(overrides)
+    cfg = apply_overrides(config_of(path, step), [*mesh_defaults, *overrides])
+    cfg = _with_run_tokenizer(_fit_to_devices(cfg, bool(mesh_defaults)), where.directory.parent)
     setup = make_setup(cfg)
     ckpt = Checkpointer(cfg, where.directory, read_only=True)
     steps = ckpt.steps()
@@ -57,19 +98,26 @@ def load_for_inference(path: str | Path, overrides: list[str] | tuple[str, ...] 
         raise CheckpointError(f"no complete checkpoint {'' if chosen is None else chosen} in "
                               f"{where.directory}")
     try:
-        state, _, _ = ckpt.restore(chosen, setup.abstract_state, params_only=True)
+        state, _, meta = ckpt.restore(chosen, setup.abstract_state, params_only=True)
     finally:
         ckpt.close()
     tokenizer = None
     if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
         tokenizer = Tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
-    return Loaded(cfg, setup.mesh, setup.graphdef, state["params"], chosen, tokenizer, setup)
+    return Loaded(cfg, setup.mesh, setup.graphdef, state["params"], chosen, tokenizer, setup,
+                  imported=meta.get("contents") == ["params"])
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                         step: int | None = None, split: str = "validation",
                         batches: int = 0) -> dict[str, Any]:
     loaded = load_for_inference(path, overrides, step)
+    asked_synthetic = "data.dataset=synthetic" in overrides
+    if loaded.imported and loaded.cfg.data.dataset == "synthetic" and not asked_synthetic:
+        raise LlamaJaxError(f"{path} is an imported model with no dataset, and its loss on "
+                            f"random tokens means nothing: name one, e.g. "
+                            f"data.dataset=python_docs (or text_files with data.files=...); "
+                            f"data.dataset=synthetic if random tokens are what you want")
     data = prepare(loaded.cfg)
     rows = loaded.cfg.train.global_batch_size
     if not batches:

@@ -69,9 +69,13 @@ def test_cli_round_trip_hf_orbax_hf(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     tokens = np.random.default_rng(1).integers(0, 211, (2, 16))
     np.testing.assert_allclose(hf_logits(back, tokens), hf_logits(model, tokens), atol=1e-5)
-    # The import is a run directory that eval accepts (params only).
+    # The import is a run directory that eval accepts (params only), given a dataset: on
+    # none it says so rather than report a loss on random tokens.
+    refused = run_cli("eval", str(tmp_path / "run"), "--json", "--batches", "1")
+    assert refused.returncode == 2
+    assert "imported model with no dataset" in refused.stderr.strip().splitlines()[-1]
     result = run_cli("eval", str(tmp_path / "run"), "--json", "--batches", "1",
-                     "data.seq_len=16")
+                     "data.seq_len=16", "data.dataset=synthetic")
     assert result.returncode == 0, result.stderr
 
 

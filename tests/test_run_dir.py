@@ -273,3 +273,24 @@ def test_api_refuses_ids_outside_the_vocabulary(run):
         m.logits([[1, 2, 1024]])
     with pytest.raises(LlamaJaxError, match="token id -1 is outside"):
         m.generate([[1, -1]], max_new_tokens=2)
+
+
+def test_eval_and_api_restore_onto_the_devices_at_hand(tmp_path):
+    """A run saved as data=2 x fsdp=4 on 8 devices evaluates in a shell with 1 device (the
+    layout that fits is said in a note), and a layout named in overrides is the whole layout
+    (`mesh.fsdp=4 mesh.tensor=2` does not keep the saved data=2)."""
+    trained = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=2",
+                      "mesh.data=2", "mesh.fsdp=4")
+    assert trained.returncode == 0, trained.stderr
+    one = run_cli("eval", str(tmp_path), "--json", "--batches", "1",
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert one.returncode == 0, one.stderr
+    assert "saved layout does not fit here" in one.stderr and "fsdp=1" in one.stderr
+    eight = run_cli("eval", str(tmp_path), "--json", "--batches", "1")
+    assert json.loads(one.stdout)["loss"] == pytest.approx(json.loads(eight.stdout)["loss"],
+                                                           rel=1e-5)
+    from llama_jax import api
+
+    m = api.load(tmp_path, ["mesh.fsdp=4", "mesh.tensor=2"])
+    assert (m.cfg.mesh.data, m.cfg.mesh.fsdp, m.cfg.mesh.tensor) == (1, 4, 2)
+    assert m.logits([[1, 2, 3]]).shape == (1, 3, 1024)

@@ -97,6 +97,15 @@ def test_explicit_layouts_compile_only_and_impossible_ones(tmp_path):
     assert rows["sequence=8"]["tokens_per_sec"] is None
 
 
+def test_a_sweep_in_which_no_layout_ran_fails(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", "configs/tiny.yaml", "--compile-only", "--out", str(out),
+                     "--layouts", "data=3;data=2,fsdp=4", "train.global_batch_size=4")
+    assert result.returncode == 1
+    assert "no layout ran" in result.stderr.strip().splitlines()[-1]
+    assert (out / "sweep.json").is_file()  # the table still says why
+
+
 @pytest.mark.parametrize(("name", "generation", "shape", "slices", "chips"), [
     ("v5p:2x2x2", "v5p", (2, 2, 2), 1, 8),
     ("v5p-16", "v5p", (2, 2, 2), 1, 8),
