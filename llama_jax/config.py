@@ -84,7 +84,9 @@ class ModelConfig:
     scan_layers: bool = True
     attention: str = "xla"  # xla | dot_product_attention | cudnn
     attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
-    quantization: str = "none"  # none | fp8 | fp8_bf16_wgrad (the block's projections; fp8.py)
+    quantization: str = "none"  # none | fp8: the block's projections (fp8.py)
+    fp8_gradients: str = "e4m3"  # e4m3 | e5m2: the output gradients' format
+    fp8_weight_gradient: str = "fp8"  # fp8 | bf16: the weight gradient's product
 
     @property
     def kv_heads(self) -> int:
@@ -315,7 +317,9 @@ _CHOICES = {
     "model.compute_dtype": DTYPES,
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                     "projections_and_attention"),
-    "model.quantization": ("none", "fp8", "fp8_bf16_wgrad"),
+    "model.quantization": ("none", "fp8"),
+    "model.fp8_gradients": ("e4m3", "e5m2"),
+    "model.fp8_weight_gradient": ("fp8", "bf16"),
     "model.attention": ("xla", "dot_product_attention", "cudnn"),
     "optimizer.schedule": ("constant", "cosine", "linear", "wsd"),
     "distributed.enabled": ("auto", "true", "false"),

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import ModelConfig
-from llama_jax.fp8 import fp8_dense, fp8_dense_bf16_wgrad
+from llama_jax.fp8 import fp8_matmul
 from llama_jax.sharding import constrain, is_sharded
 
 Array = jax.Array
@@ -124,15 +124,13 @@ dense_to_f32.defvjp(_dense_to_f32_fwd, dense_bwd)
 Matmul = Callable[[Array, Array], Array]
 
 
-PROJECTION_MATMULS: dict[str, Matmul] = {
-    "none": dense, "fp8": fp8_dense, "fp8_bf16_wgrad": fp8_dense_bf16_wgrad,
-}
-
-
-def projection_matmul(quantization: str) -> Matmul:
-    """The product the block's projections use for `model.quantization` (the LM head and
-    attention stay in the compute dtype, as torchtitan's float8 recipes keep them)."""
-    return PROJECTION_MATMULS[quantization]
+def projection_matmul(cfg: ModelConfig) -> Matmul:
+    """The product the block's projections use: `dense`, or an fp8 one with
+    `model.quantization=fp8` (the LM head and attention stay in the compute dtype, as
+    torchtitan's float8 recipes keep them)."""
+    if cfg.quantization == "fp8":
+        return fp8_matmul(cfg.fp8_gradients, cfg.fp8_weight_gradient)
+    return dense
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +382,7 @@ class Attention(nnx.Module):
             self.o_bias = param(rngs, (d,), ("embed",), 0.0, pdtype)
 
     def project_qkv(self, x_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array, Array]:
-        cd, matmul = x_BxTxD.dtype, projection_matmul(self.cfg.quantization)
+        cd, matmul = x_BxTxD.dtype, projection_matmul(self.cfg)
 
         def project(w_DxNxH: Array) -> Array:
             d, n, h = w_DxNxH.shape
@@ -427,7 +425,7 @@ class Attention(nnx.Module):
     def project_out(self, out_BxTxNxH: Array) -> Array:
         n, h, d = self.o_proj.shape
         flat = out_BxTxNxH.reshape(*out_BxTxNxH.shape[:-2], n * h)
-        matmul = projection_matmul(self.cfg.quantization)
+        matmul = projection_matmul(self.cfg)
         y = matmul(flat, self.o_proj[...].astype(flat.dtype).reshape(n * h, d))
         if self.cfg.attention_bias:
             y = y + self.o_bias[...].astype(y.dtype)
@@ -461,7 +459,7 @@ class MLP(nnx.Module):
         pdtype, std = dtype_of(cfg.param_dtype), cfg.init_std
         self.activation = cfg.activation
         self.use_bias = cfg.mlp_bias
-        self.quantization = cfg.quantization
+        self.cfg = cfg
         if cfg.activation == "swiglu":
             self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), std, pdtype)
         self.up_proj = param(rngs, (d, f), ("embed", "mlp"), std, pdtype)
@@ -474,7 +472,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD: Array) -> Array:
         cd = x_BxTxD.dtype
-        matmul = projection_matmul(self.quantization)
+        matmul = projection_matmul(self.cfg)
         up = matmul(x_BxTxD, self.up_proj[...].astype(cd))
         if self.use_bias:
             up = up + self.up_bias[...].astype(cd)

@@ -35,7 +35,8 @@ RESUMABLE = (
     "train.profile_start", "train.profile_steps", "train.microbatches", "train.fused_loss",
     "train.z_loss", "checkpoint.", "mesh.", "distributed.", "data.prefetch", "data.cache_dir",
     "data.tfds_data_dir", "model.remat", "model.attention", "model.attention_block",
-    "model.compute_dtype", "model.quantization", "optimizer.lr", "optimizer.schedule",
+    "model.compute_dtype", "model.quantization", "model.fp8_gradients",
+    "model.fp8_weight_gradient", "optimizer.lr", "optimizer.schedule",
     "optimizer.warmup_steps", "optimizer.min_lr_ratio", "optimizer.decay_fraction",
     "optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.weight_decay",
 )

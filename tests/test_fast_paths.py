@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from llama_jax.config import load_config
-from llama_jax.fp8 import fp8_dense, fp8_dense_bf16_wgrad
+from llama_jax.fp8 import fp8_matmul
 from llama_jax.layers import dense_to_f32
 from llama_jax.loss import head_loss_sums, loss_sums
 from llama_jax.model import Transformer
@@ -87,22 +87,24 @@ def _emulated_fp8_matmul(x, w, fmt_x, fmt_w):
     return qx @ qw * sx * sw
 
 
-@pytest.mark.parametrize("matmul", [fp8_dense, fp8_dense_bf16_wgrad])
-def test_fp8_dense_is_current_scaled_fp8(matmul):
+@pytest.mark.parametrize("grad_format", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("weight_gradient", ["fp8", "bf16"])
+def test_fp8_matmul_is_current_scaled_fp8(grad_format, weight_gradient):
     k = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(k[0], (3, 40, 64), jnp.float32).astype(jnp.bfloat16)
     w = (0.05 * jax.random.normal(k[1], (64, 48))).astype(jnp.bfloat16)
     dy = jax.random.normal(k[2], (3, 40, 48)).astype(jnp.bfloat16)
-    y, pullback = jax.vjp(matmul, x, w)
+    y, pullback = jax.vjp(fp8_matmul(grad_format, weight_gradient), x, w)
     dx, dw = pullback(dy)
     x2, dy2 = np.asarray(x, np.float32).reshape(-1, 64), np.asarray(dy, np.float32).reshape(-1, 48)
-    e4m3, e5m2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
+    e4m3 = ml_dtypes.float8_e4m3fn
+    grad = {"e4m3": e4m3, "e5m2": ml_dtypes.float8_e5m2}[grad_format]
     expected = {
         "y": _emulated_fp8_matmul(x2, np.asarray(w, np.float32), e4m3, e4m3),
-        "dx": _emulated_fp8_matmul(dy2, np.asarray(w, np.float32).T, e5m2, e4m3),
-        "dw": _emulated_fp8_matmul(x2.T, dy2, e4m3, e5m2),
+        "dx": _emulated_fp8_matmul(dy2, np.asarray(w, np.float32).T, grad, e4m3),
+        "dw": _emulated_fp8_matmul(x2.T, dy2, e4m3, grad),
     }
-    if matmul is fp8_dense_bf16_wgrad:  # fp8-rounded activations, the gradient as it is
+    if weight_gradient == "bf16":  # fp8-rounded activations, the gradient as it is
         qx = _emulated_fp8_matmul(x2, np.eye(64, dtype=np.float32), e4m3, e4m3)
         expected["dw"] = qx.T @ dy2.astype(np.float64)
     got = {"y": y.reshape(-1, 48), "dx": dx.reshape(-1, 64), "dw": dw}
@@ -117,10 +119,12 @@ def test_fp8_dense_is_current_scaled_fp8(matmul):
     assert 1e-3 < rel < 0.06  # really fp8 (not bf16), and as close as E4M3 allows
 
 
-def test_fp8_model_gradients_close_to_bf16_and_lowered_to_fp8_dots():
+@pytest.mark.parametrize("grad_format", ["e4m3", "e5m2"])
+def test_fp8_model_gradients_close_to_bf16_and_lowered_to_fp8_dots(grad_format):
     """Stated tolerance: every fp8 parameter gradient within 15% (relative L2) of bf16's;
     the step's matmuls of the block take fp8 operands, the LM head does not."""
-    bf16, fp8 = _setup(), _setup(["model.quantization=fp8"])
+    bf16 = _setup()
+    fp8 = _setup(["model.quantization=fp8", f"model.fp8_gradients={grad_format}"])
     params = nnx.to_pure_dict(nnx.state(Transformer(bf16.cfg.model, nnx.Rngs(0))))
     batch = _batch(bf16.cfg)
     g16, aux16 = jax.jit(lambda p: gradients(bf16, p, batch))(params)
@@ -187,7 +191,7 @@ def test_gpu_bench_script_runs_its_ladder(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "gpu_bench.jsonl").open())}
     assert list(rows) == ["before", "+attention-saved", "+fused-loss", "+unrolled", "bf16-best",
-                          "fp8", "fp8-bf16-wgrad"]
+                          "fp8-e5m2", "fp8", "fp8-bf16-wgrad"]
     for name in ["+attention-saved", "+fused-loss"]:
         assert abs(rows[name]["loss"] - rows["before"]["loss"]) < 2e-3, name
     assert "skipped" in done.stdout  # no CUDA torch here: the peer says so
