@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
 
 if [ "${GPU_BENCH_QUICK:-0}" = 1 ]; then
-  base=(configs/tiny.yaml model.compute_dtype=bfloat16 mesh.fsdp=1)
+  base=(configs/tiny.yaml model.compute_dtype=bfloat16 mesh.fsdp=1 model.num_layers=2)
   steps=2; limit=300; attention=xla; batch=8
 else
   # A seconds-long smoke test first, so an import or API problem costs seconds, not minutes.

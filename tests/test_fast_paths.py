@@ -172,10 +172,9 @@ def test_attention_policy_saves_the_fused_kernels_forward(monkeypatch):
     assert forward_kernels("dots_with_no_batch_dims_saveable") == 2
 
 
-def test_gpu_bench_script_runs_its_ladder(tmp_path):
-    """scripts/gpu_bench.sh on the tiny preset (GPU_BENCH_QUICK=1): every rung runs and
-    lands in the table, and the rungs that change only speed give the same loss (unrolled
-    layers draw their initial weights differently, so that rung is not compared)."""
+def test_gpu_bench_script_runs(tmp_path):
+    """scripts/gpu_bench.sh on the tiny preset (GPU_BENCH_QUICK=1): every variant runs and
+    lands in the table with its ratio; the torch peer says it was skipped (no CUDA here)."""
     import json
     import os
     import subprocess
@@ -183,17 +182,14 @@ def test_gpu_bench_script_runs_its_ladder(tmp_path):
 
     from helpers import ROOT
 
-    env = {**os.environ, "GPU_BENCH_QUICK": "1", "GPU_BENCH_LADDER": "1",
-           "PYTHON": sys.executable,
+    env = {**os.environ, "GPU_BENCH_QUICK": "1", "PYTHON": sys.executable,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "gpu_bench.jsonl").open())}
-    assert list(rows) == ["before", "+attention-saved", "+fused-loss", "+unrolled", "bf16-best",
-                          "fp8-e5m2", "fp8", "fp8-bf16-wgrad"]
-    for name in ["+attention-saved", "+fused-loss"]:
-        assert abs(rows[name]["loss"] - rows["before"]["loss"]) < 2e-3, name
-    assert "skipped" in done.stdout  # no CUDA torch here: the peer says so
+    assert list(rows) == ["before", "bf16-best", "fp8-e5m2", "fp8", "fp8-bf16-wgrad"]
+    assert all(r["tokens_per_sec"] > 0 and r["loss"] > 0 for r in rows.values())
+    assert "skipped" in done.stdout
     table = done.stdout[done.stdout.index("variant "):]
-    assert all(name in table for name in rows)
+    assert all(name in table for name in rows) and "1.000x" in table
