@@ -70,7 +70,7 @@ def config_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
         # Clipping on or off adds or removes a stage of the optimizer's state.
         if key == "optimizer.clip_norm" and (old[key] > 0) == (cur[key] > 0):
             applied.append(line)
-        elif _resumable(key) and key != "optimizer.clip_norm":
+        elif _resumable(key):
             applied.append(line)
         else:
             refused.append(line)
