@@ -17,7 +17,7 @@ from llama_jax.errors import LlamaJaxError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config (a preset in configs/ or your own)")
+    p.add_argument("config", help="a YAML file, or a preset by name (tiny, default, llama3-8b, ...)")
     p.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file")
 
 

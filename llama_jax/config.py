@@ -20,7 +20,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from llama_jax.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets ship inside the package (a checkout's `configs/` links here), so `info tiny`,
+# `base: tiny` and `configs/tiny.yaml` all work, also after a non-editable install.
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOGICAL_AXES = (
@@ -219,15 +221,31 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     return layers
 
 
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
 def _resolve_base(name: str, here: Path) -> Path:
-    for folder in (here, CONFIG_DIR):
+    for folder in (here, PRESET_DIR):
         for candidate in (folder / name, folder / f"{name}.yaml"):
             if candidate.is_file():
                 return candidate
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    close = difflib.get_close_matches(name, presets, n=3)
+    close = difflib.get_close_matches(name, preset_names(), n=3)
     hint = f" (did you mean: {', '.join(close)})" if close else ""
-    raise ConfigError(f"config base '{name}' not found in {here} or {CONFIG_DIR}{hint}")
+    raise ConfigError(f"config base '{name}' not found in {here} or among the presets{hint}")
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML file as given or, when no such file exists, the preset of that name."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    preset = PRESET_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if preset.is_file():
+        return preset
+    close = difflib.get_close_matches(path.stem, preset_names(), n=3)
+    hint = f" (presets: {', '.join(close or preset_names())})"
+    raise ConfigError(f"config file not found: {path}, and no preset is named '{path.stem}'{hint}")
 
 
 def _valid_keys(full_key: str) -> list[str]:
@@ -253,7 +271,7 @@ def _one_line(e: OmegaConfBaseException, source: str) -> ConfigError:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- base presets <- the YAML file <- `a.b=value` overrides, validated."""
     merged = OmegaConf.structured(Config)
-    layers = _read_yaml(Path(path)) if path else []
+    layers = _read_yaml(resolve_config_path(path)) if path else []
     for layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)

@@ -15,7 +15,7 @@ install=${LLAMA_JAX_INSTALL:-"python3 -m pip install -q -e '.[tpu]'"}
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir "$stage/llama_jax"
-(cd "$repo" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$stage/llama_jax")
+(cd "$repo" && git ls-files -co --exclude-standard -z | xargs -0 cp -P --parents -t "$stage/llama_jax")
 gcloud compute tpus tpu-vm scp --recurse "$stage/llama_jax" "$name":~/ --worker=all \
   --zone "$zone" --project "$project"
 gcloud compute tpus tpu-vm ssh "$name" --worker=all --zone "$zone" --project "$project" \

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import sysconfig
 
 import pytest
 from conftest import CONFIGS
-from helpers import run_cli
+from helpers import ROOT, run_cli
 
 from llama_jax import flops
 from llama_jax.config import load_config
@@ -83,3 +87,52 @@ def test_compile_only_needs_no_parameters():
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["compile_s"] > 0 and out["compiled_per_device_gib"] > 0
+
+
+def test_presets_by_name_file_and_base_after_a_wheel_install(tmp_path):
+    """A non-editable install used from another folder still finds every preset."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "llama_jax", source / "llama_jax", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
+                    source], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("llama_jax-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    subprocess.run([*pip, "--python", venv / "bin" / "python", "install", "--no-deps", wheel],
+                   check=True, capture_output=True, timeout=300)
+    # The dependencies come from the test environment's site-packages, as a plain path (its
+    # editable-install hook for this checkout is not processed from there).
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text("base: tiny\nmodel:\n  num_layers: 3\n")
+
+    def info(config: str) -> dict:
+        done = subprocess.run([venv / "bin" / "llama-jax", "info", config, "--json"],
+                              capture_output=True, text=True, cwd=elsewhere, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    where = subprocess.run([venv / "bin" / "python", "-c",
+                            "import llama_jax; print(llama_jax.__file__)"],
+                           capture_output=True, text=True, cwd=elsewhere, check=True)
+    assert where.stdout.startswith(str(site)), where.stdout
+    assert info("llama3-8b")["params"] == PUBLISHED["llama3-8b"]
+    assert info("llama3-8b.yaml")["params"] == PUBLISHED["llama3-8b"]
+    expected = flops.count_params(load_config(CONFIGS / "tiny.yaml", ["model.num_layers=3"]).model)
+    assert info("tiny")["params"] != expected.total
+    assert info("mine.yaml")["params"] == expected.total
+    done = subprocess.run([venv / "bin" / "llama-jax", "info", "llama3-8x"], capture_output=True,
+                          text=True, cwd=elsewhere, timeout=300)
+    assert done.returncode == 2 and "no preset is named 'llama3-8x'" in done.stderr
+    assert "llama3-8b" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_info_by_path_in_a_checkout():
+    assert json.loads(run_cli("info", "configs/llama3-8b.yaml", "--json").stdout)["params"] == (
+        PUBLISHED["llama3-8b"])
