@@ -19,6 +19,7 @@ from flax import nnx
 from llama_jax import sharding
 from llama_jax.evaluate import Loaded, load_for_inference
 from llama_jax.generate import SamplingConfig, check_token_ids, generate_ids
+from llama_jax.storage import PathLike, as_path
 
 
 class Model:
@@ -61,13 +62,13 @@ class Model:
         return [self.tokenizer.decode([t for t in o if t != eos]) for o in out]
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+def load(path: PathLike, overrides: list[str] | tuple[str, ...] = (),
          step: int | None = None) -> Model:
     """Load a llama_jax run or checkpoint, or an HF LLaMA folder (converted on the fly into a
     temporary directory); `overrides` may set a mesh (`mesh.tensor=2`, ...)."""
     from llama_jax.convert import hf_to_orbax, is_hf_folder
 
-    path = Path(path)
+    path = as_path(path)
     if is_hf_folder(path):
         path = hf_to_orbax(path, Path(tempfile.mkdtemp(prefix="llama_jax_hf_")))
     return Model(load_for_inference(path, overrides, step))

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from etils import epath
 
 from llama_jax.config import Config, config_from_yaml_text, to_yaml
 from llama_jax.errors import LlamaJaxError
+from llama_jax.storage import PathLike, absolute, as_path
 
 PyTree = Any
 ITEMS = ("state", "data", "meta")
@@ -53,7 +53,7 @@ def _path_name(path: tuple[Any, ...]) -> str:
                     for k in path)
 
 
-def saved_shapes(state_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def saved_shapes(state_dir: epath.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Path -> (shape, dtype) of every array Orbax recorded in a saved state."""
     metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
     tree = getattr(metadata, "item_metadata", metadata)
@@ -62,7 +62,7 @@ def saved_shapes(state_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _check_fits(where: Path, target: PyTree) -> None:
+def _check_fits(where: epath.Path, target: PyTree) -> None:
     try:
         saved = saved_shapes(where / "state")
     except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
@@ -113,9 +113,9 @@ def _options(cfg: Config, read_only: bool = False) -> ocp.CheckpointManagerOptio
 class Checkpointer:
     """Saves and restores one run's checkpoints."""
 
-    def __init__(self, cfg: Config, directory: str | Path, read_only: bool = False):
+    def __init__(self, cfg: Config, directory: PathLike, read_only: bool = False):
         self.cfg = cfg
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(directory)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         self.manager = ocp.CheckpointManager(self.directory, options=_options(cfg, read_only),
@@ -141,7 +141,7 @@ class Checkpointer:
             raise CheckpointError(f"{what} in {self.directory} failed: {text[:300]} (last "
                                   f"complete checkpoint: {last})") from None
 
-    def incomplete(self) -> list[Path]:
+    def incomplete(self) -> list[epath.Path]:
         """Temporary directories of saves that never finished."""
         if not self.directory.is_dir():
             return []
@@ -246,13 +246,13 @@ class Checkpointer:
 class Resolved:
     """A checkpoint location given on the command line."""
 
-    directory: Path  # the `checkpoints` folder
+    directory: epath.Path  # the `checkpoints` folder
     step: int | None  # None: the latest
 
 
-def resolve(path: str | Path, step: int | None = None) -> Resolved:
+def resolve(path: PathLike, step: int | None = None) -> Resolved:
     """RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/STEP -> (checkpoints dir, step)."""
-    p = Path(path)
+    p = as_path(path)
     if not p.exists():
         raise CheckpointError(f"no such run or checkpoint: {p}")
     if (p / "checkpoints").is_dir():
@@ -266,7 +266,7 @@ def resolve(path: str | Path, step: int | None = None) -> Resolved:
     raise CheckpointError(f"{p} holds no checkpoints")
 
 
-def config_of(path: str | Path, step: int | None = None) -> Config:
+def config_of(path: PathLike, step: int | None = None) -> Config:
     """The resolved config saved with a checkpoint (or its run's config.yaml)."""
     where = resolve(path, step)
     run_config = where.directory.parent / "config.yaml"
@@ -300,7 +300,7 @@ def restore_latest_good(ckpt: Checkpointer, abstract_state: PyTree, params_only:
     return None
 
 
-def _set_aside(path: Path) -> None:
+def _set_aside(path: epath.Path) -> None:
     """Keep a damaged checkpoint (renamed), so nothing saved is lost and the step can be
     saved again."""
     if jax.process_index() == 0 and path.exists():
@@ -309,7 +309,7 @@ def _set_aside(path: Path) -> None:
         while target.exists():
             target = path.with_name(f"damaged-{path.name}.{n}")
             n += 1
-        shutil.move(str(path), str(target))
+        path.rename(target)  # on an object store: a copy of each object, then a delete
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -17,7 +17,7 @@ from llama_jax.errors import LlamaJaxError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML file, or a preset by name (tiny, default, llama3-8b, ...)")
+    p.add_argument("config", help="a YAML file, or a preset by name (tiny, llama3-8b, ...)")
     p.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file")
 
 
@@ -412,6 +412,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only, permission denied, a vanished directory
         where = f"{e.filename}: " if e.filename else ""
         print(f"llama-jax {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # an object store's refusal (HTTP error, no credentials)
+        from llama_jax.storage import storage_errors
+
+        if not isinstance(e, storage_errors()):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"llama-jax {args.command}: error: storage: {type(e).__name__}: {first}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)

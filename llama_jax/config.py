@@ -310,8 +310,11 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(to_yaml(cfg))
+    from llama_jax.storage import as_path, replace_text
+
+    target = as_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    replace_text(target, to_yaml(cfg))
 
 
 def config_from_yaml_text(text: str) -> Config:

@@ -21,6 +21,7 @@ import numpy as np
 
 from llama_jax.config import ModelConfig, RopeScalingConfig, load_config, save_config, validate
 from llama_jax.errors import LlamaJaxError
+from llama_jax.storage import as_path, is_remote
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -244,6 +245,14 @@ def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray
 # Commands
 
 
+def _local_output(out_dir: str | Path) -> Path:
+    """Conversions write local folders: an object store has no rename to finish them with."""
+    if is_remote(out_dir):
+        raise ConversionError(f"{out_dir}: conversions write to a local folder; write there and "
+                              f"copy it up (gcloud storage cp -r); nothing was changed")
+    return Path(out_dir)
+
+
 @contextlib.contextmanager
 def staged(out_dir: Path) -> Iterator[Path]:
     """A temporary folder beside `out_dir`, renamed to it when the block succeeds and removed
@@ -277,7 +286,7 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = 
     from llama_jax.checkpoint import Checkpointer
     from llama_jax.model import abstract_model
 
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir, out_dir = Path(hf_dir), _local_output(out_dir)
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{hf_dir}: no config.json")
@@ -309,17 +318,18 @@ def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) 
 
     from llama_jax.evaluate import load_for_inference
 
+    out_dir = _local_output(out_dir)
     loaded = load_for_inference(path, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1",
                                        "mesh.sequence=1"], step=step)
-    out_dir = Path(out_dir)
     hf_cfg = hf_config_from_model(loaded.cfg.model)
     tensors = params_to_hf(jax.device_get(loaded.params), loaded.cfg.model)
     with staged(out_dir) as tmp:
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        if loaded.cfg.data.tokenizer and Path(loaded.cfg.data.tokenizer).is_file():
-            shutil.copyfile(loaded.cfg.data.tokenizer, tmp / "tokenizer.model")
+        tokenizer = as_path(loaded.cfg.data.tokenizer or "")
+        if loaded.cfg.data.tokenizer and tokenizer.is_file():
+            (tmp / "tokenizer.model").write_bytes(tokenizer.read_bytes())
     return out_dir
 
 

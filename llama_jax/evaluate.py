@@ -6,10 +6,10 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -18,6 +18,7 @@ from llama_jax.config import MESH_AXES, Config, apply_overrides
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.sharding import make_mesh
+from llama_jax.storage import PathLike, as_path
 from llama_jax.train import (
     eval_batches,
     evaluate,
@@ -39,7 +40,7 @@ class Loaded:
     imported: bool = False  # a parameters-only checkpoint (an HF import), not a training run
 
 
-def _with_run_tokenizer(cfg: Config, run_dir: Path) -> Config:
+def _with_run_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
     """Prefer the tokenizer saved in the run directory over rebuilding one from the corpus."""
     saved = run_dir / "tokenizer.model"
     if saved.is_file() and cfg.data.dataset != "synthetic":
@@ -81,7 +82,7 @@ def _fit_to_devices(cfg: Config, user_named_mesh: bool) -> Config:
         return fitted
 
 
-def load_for_inference(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = (),
                        step: int | None = None) -> Loaded:
     """Parameters only, restored straight into the shardings of the mesh the config (and the
     overrides) describe, whatever layout they were saved from; on the devices at hand when
@@ -102,13 +103,13 @@ def load_for_inference(path: str | Path, overrides: list[str] | tuple[str, ...] 
     finally:
         ckpt.close()
     tokenizer = None
-    if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
+    if cfg.data.tokenizer and as_path(cfg.data.tokenizer).is_file():
         tokenizer = Tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
     return Loaded(cfg, setup.mesh, setup.graphdef, state["params"], chosen, tokenizer, setup,
                   imported=meta.get("contents") == ["params"])
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+def evaluate_checkpoint(path: PathLike, overrides: list[str] | tuple[str, ...] = (),
                         step: int | None = None, split: str = "validation",
                         batches: int = 0) -> dict[str, Any]:
     loaded = load_for_inference(path, overrides, step)

@@ -19,11 +19,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from llama_jax.config import Config, config_from_yaml_text
 from llama_jax.errors import LlamaJaxError
+from llama_jax.storage import create_exclusive, replace_text
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
@@ -77,7 +79,7 @@ def config_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
     return applied, refused
 
 
-def check_resume(run_dir: Path, cfg: Config) -> list[str]:
+def check_resume(run_dir: epath.Path, cfg: Config) -> list[str]:
     """The changes a resume applies, or RunDirError when the run's state cannot take them.
 
     The reference is the config.yaml the run was started with; a directory without one has no
@@ -124,11 +126,12 @@ def _describe(holder: dict[str, Any]) -> str:
 
 class RunLock:
     """`run_dir/.lock`: JSON naming the holder (host, pid, start time) and a heartbeat that
-    the holder rewrites every 30 s. Created with O_EXCL, so two starts cannot both win; a lock
-    whose holder is gone (its process on this host is not running, or elsewhere its
-    heartbeat is over 5 minutes old) is taken over with a note."""
+    the holder rewrites every 30 s. Created only if absent (O_EXCL on a disk, a conditional
+    write on an object store), so two starts cannot both win; a lock whose holder is gone
+    (its process on this host is not running, or elsewhere its heartbeat is over 5 minutes
+    old) is taken over with a note."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: epath.Path):
         self.path = run_dir / LOCK_NAME
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -141,15 +144,13 @@ class RunLock:
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": now,
                        "process_start": psutil.Process().create_time(), "heartbeat": now}
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+            return create_exclusive(self.path, json.dumps(self.record).encode())
         except OSError as e:
-            raise RunDirError(f"{self.path}: cannot create the run's lock: {e.strerror}"
-                              ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.record, f)
-        return True
+            raise RunDirError(f"{self.path}: cannot create the run's lock: "
+                              f"{e.strerror or e}") from None
+        except ValueError as e:  # TensorStore's error for a refused or failed request
+            raise RunDirError(f"{self.path}: cannot create the run's lock: "
+                              f"{str(e).splitlines()[0][:200]}") from None
 
     def acquire(self) -> None:
         for _ in range(2):
@@ -174,10 +175,8 @@ class RunLock:
     def _beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             self.record["heartbeat"] = time.time()
-            tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-            with contextlib.suppress(OSError):
-                tmp.write_text(json.dumps(self.record))
-                os.replace(tmp, self.path)
+            with contextlib.suppress(Exception):  # a missed beat only ages the lock
+                replace_text(self.path, json.dumps(self.record))
 
     def release(self) -> None:
         self.stop.set()
@@ -189,7 +188,7 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path, enabled: bool = True) -> Iterator[None]:
+def locked(run_dir: epath.Path, enabled: bool = True) -> Iterator[None]:
     """Hold the run directory's lock for the block (only where `enabled`: process 0)."""
     if not enabled:
         yield

@@ -11,19 +11,20 @@ import contextlib
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -36,6 +37,7 @@ from llama_jax.loss import head_loss_sums, loss_sums
 from llama_jax.model import Transformer
 from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.run_dir import check_resume, locked
+from llama_jax.storage import Appender, as_path, is_remote, replace_text, upload_tree
 
 if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
     from llama_jax.data.pipeline import PreparedData
@@ -312,7 +314,7 @@ class MetricsWriter:
     so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int = 0):
+    def __init__(self, run_dir: epath.Path, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
@@ -321,7 +323,8 @@ class MetricsWriter:
 
             if self.path.is_file():
                 self._keep_through(resume_step)
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+            self.rows = Appender(self.path)
+            self.tb = SummaryWriter(os.fspath(run_dir / "tb"), purge_step=resume_step + 1)
 
     def _keep_through(self, resume_step: int) -> None:
         """Drop rows after `resume_step`, and a torn last line (a crash mid-write)."""
@@ -343,15 +346,12 @@ class MetricsWriter:
                 kept.append(line)
         new_text = "".join(f"{line}\n" for line in kept)
         if new_text != self.path.read_text():
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(new_text)
-            tmp.replace(self.path)
+            replace_text(self.path, new_text)
 
     def write(self, row: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.rows.write(json.dumps(row) + "\n")
         for key, value in row.items():
             if key != "step" and isinstance(value, int | float):
                 self.tb.add_scalar(f"{prefix}/{key}", value, row["step"])
@@ -359,6 +359,7 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.tb is not None:
+            self.rows.flush()
             self.tb.close()
 
 
@@ -402,7 +403,7 @@ class _StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
-    def stopped(self, step: int, where: Path) -> Preempted:
+    def stopped(self, step: int, where: epath.Path) -> Preempted:
         name = signal.Signals(self.received).name
         return Preempted(f"stopped by {name} after step {step}; checkpoint saved in {where}",
                          128 + int(self.received))
@@ -452,7 +453,7 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
     fits the saved state, the mesh fits the devices, the state is restored or initialised),
     and only while this process holds the directory's lock (process 0 of a multi-host run).
     """
-    run_dir = Path(cfg.run_dir)
+    run_dir = as_path(cfg.run_dir)
     is_main = jax.process_index() == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -460,7 +461,7 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
         return _train_locked(cfg, run_dir, mesh, quiet)
 
 
-def _train_locked(cfg: Config, run_dir: Path, mesh: Mesh | None, quiet: bool) -> TrainResult:
+def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bool) -> TrainResult:
     is_main = jax.process_index() == 0
     applied = check_resume(run_dir, cfg)
     data = prepare(cfg)
@@ -583,18 +584,24 @@ def _log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per
 
 
 class Profiler:
-    """A JAX profiler trace of steps [profile_start, profile_start + profile_steps)."""
+    """A JAX profiler trace of steps [profile_start, profile_start + profile_steps), in
+    RUN_DIR/profile (on an object store: traced into a local folder, then copied up)."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: epath.Path):
         self.start = cfg.train.profile_start
         self.stop = self.start + cfg.train.profile_steps
         self.enabled = cfg.train.profile_steps > 0
         self.path = run_dir / "profile"
+        self.local: str | None = None
         self.active = False
 
     def at(self, step: int) -> None:
         if self.enabled and step == self.start and not self.active:
-            jax.profiler.start_trace(str(self.path))
+            if is_remote(self.path):
+                import tempfile
+
+                self.local = tempfile.mkdtemp(prefix="llama_jax_profile_")
+            jax.profiler.start_trace(self.local or os.fspath(self.path))
             self.active = True
         elif self.active and step >= self.stop:
             self.close()
@@ -603,6 +610,8 @@ class Profiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if self.local:
+                upload_tree(epath.Path(self.local), self.path)
 
 
 def _progress(disabled: bool):  # noqa: ANN202 - rich Progress

@@ -10,20 +10,21 @@ restored exactly.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+from etils import epath
 
 from llama_jax.config import Config
 from llama_jax.data.tfds_text import Dataset, load_dataset
 from llama_jax.data.tokenizer import Tokenizer, as_text, train_tokenizer
 from llama_jax.errors import LlamaJaxError
+from llama_jax.storage import as_path
 
 STATS_DOCS = 2000
 
@@ -126,9 +127,9 @@ class PreparedData:
         return {split: s["bytes_per_token"] for split, s in self.stats.items()}
 
 
-def _resolve_tokenizer(cfg: Config, dataset: Dataset) -> Path:
+def _resolve_tokenizer(cfg: Config, dataset: Dataset) -> os.PathLike:
     if cfg.data.tokenizer:
-        path = Path(cfg.data.tokenizer)
+        path = as_path(cfg.data.tokenizer)
         if not path.is_file():
             raise LlamaJaxError(f"data.tokenizer: file not found: {path}")
         return path
@@ -191,7 +192,7 @@ def _prepare(cfg: Config) -> PreparedData:
     return PreparedData(dataset, tokenizer, _split_stats(dataset, tokenizer))
 
 
-def copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
+def copy_tokenizer(data: PreparedData, run_dir: epath.Path) -> None:
     """Runs carry their tokenizer, so evaluation and sampling need nothing else."""
     if jax.process_index() == 0:
-        shutil.copyfile(data.tokenizer.path, run_dir / "tokenizer.model")
+        (run_dir / "tokenizer.model").write_bytes(data.tokenizer.path.read_bytes())

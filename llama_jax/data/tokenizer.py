@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llama_jax.errors import LlamaJaxError
+from llama_jax.storage import as_path
 
 MAX_TRAINING_DOCS = 50_000
 
@@ -25,14 +27,15 @@ def as_text(value: object) -> str:
 
 
 class Tokenizer:
-    def __init__(self, model_path: str | Path, add_bos: bool = True, add_eos: bool = True):
-        path = Path(model_path)
+    def __init__(self, model_path: str | os.PathLike, add_bos: bool = True,
+                 add_eos: bool = True):
+        path = as_path(model_path)  # a run's copy may live on an object store
         if not path.is_file():
             raise LlamaJaxError(f"tokenizer not found: {path}")
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(str(path))
+            self.sp.LoadFromSerializedProto(path.read_bytes())
         except (OSError, RuntimeError):
             raise LlamaJaxError(f"tokenizer {path} is not a sentencepiece model") from None
         self.add_bos, self.add_eos = add_bos, add_eos
