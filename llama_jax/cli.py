@@ -96,8 +96,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if jax.process_index() == 0 and result.evals:
         first, last = result.evals[0], result.evals[-1]
         print(f"\nrun directory: {cfg.run_dir}")
+        # Training validates on train.eval_batches batches; `eval` on the whole split (real
+        # data): the token counts say which number is which.
+        whole = "" if cfg.data.dataset == "synthetic" else (
+            "; `llama-jax eval` covers the whole validation split")
         print(f"validation loss: {first['loss']:.4f} at step {first['step']} -> "
-              f"{last['loss']:.4f} at step {last['step']}")
+              f"{last['loss']:.4f} at step {last['step']} (over {last['tokens']:,.0f} tokens, "
+              f"train.eval_batches={cfg.train.eval_batches}{whole})")
         print("evaluate:  llama-jax eval " + cfg.run_dir)
         prompt = ("--prompt-ids 1,2,3" if cfg.data.dataset == "synthetic" and not cfg.data.tokenizer
                   else "--prompt 'The'")

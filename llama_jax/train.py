@@ -500,7 +500,8 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         evals.append(result)
         writer.write({k: v for k, v in result.items() if k != "tokens"}, prefix="eval")
         if is_main and not quiet:
-            progress.console.print(f"step {step}: validation loss {result['loss']:.4f}")
+            progress.console.print(f"step {step}: validation loss {result['loss']:.4f} "
+                                   f"({result['tokens']:,.0f} tokens)")
 
     def save(step: int) -> None:
         nonlocal saved_step

@@ -74,9 +74,8 @@ def test_a_run_on_gcs_trains_resumes_exactly_and_is_read_back(gcs, tmp_path):
     assert f"{BUCKET}/run/.lock" not in objects  # released at the end
 
     # A live holder keeps the run: a second train is refused in one line, nothing changes.
-    from etils import epath
-
     import psutil
+    from etils import epath
 
     lock = epath.Path(f"{run}/.lock")
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -260,6 +261,13 @@ def test_train_cli_writes_metrics_tensorboard_and_config(tmp_path):
     assert train_rows[-1]["tokens_per_sec"] > 0 and 0 < train_rows[-1]["mfu"] < 1
     assert any((tmp_path / "tb").iterdir())
     assert load_config(tmp_path / "config.yaml").train.steps == 10
+    # The summary says what its validation loss covered, so it is not confused with `eval`'s.
+    summary = re.search(r"validation loss: .* \(over ([\d,]+) tokens, train.eval_batches=(\d+)",
+                        result.stdout)
+    assert summary, result.stdout
+    cfg = load_config(tmp_path / "config.yaml")
+    per_batch = cfg.train.global_batch_size * cfg.data.seq_len
+    assert int(summary[1].replace(",", "")) == int(summary[2]) * per_batch
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):
