@@ -180,6 +180,7 @@ class DistributedConfig:
     num_processes: int = 0
     process_id: int = -1
     timeout_s: int = 300  # joining, and noticing a dead peer
+    gloo_logs: bool = False  # gloo's per-rank "[Gloo] Rank N is connected ..." lines (CPU)
 
 
 @dataclass

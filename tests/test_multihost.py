@@ -36,6 +36,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     two = launch(*TRAIN, f"run_dir={root / 'two'}")
     assert two.returncode == 0, two.stderr
+    assert "[Gloo]" not in two.stdout + two.stderr  # its per-rank lines are off by default
     one = run_cli(*TRAIN, f"run_dir={root / 'one'}")
     assert one.returncode == 0, one.stderr
     return root
@@ -131,3 +132,27 @@ def test_sweep_under_two_processes(tmp_path):
     for layout, row in rows["two"].items():
         assert row["status"] == "ok" and row["tokens_per_sec"] > 0
         assert row["argument_gib"] == pytest.approx(rows["one"][layout]["argument_gib"])
+
+
+GLOO_CHATTER = """
+import os, sys, time
+from llama_jax.distributed import LineFilter
+LineFilter.install(b"[Gloo] ")
+print("first line", flush=True)
+os.write(1, b"[Glo")
+time.sleep(0.05)
+os.write(1, b"o] Rank 0 is connected to 1 peer ranks\\nkept: [Gloo] not at the start\\n")
+os.write(1, b"[Gl")
+time.sleep(0.05)
+os.write(1, b"ad] starts alike\\nprogress 1\\rprogress 2")
+sys.stdout.write("\\n[Gloo] Rank 1 too\\nno newline at the end")
+"""
+
+
+def test_gloo_lines_are_dropped_from_stdout_and_nothing_else():
+    """gloo writes from C++ to fd 1, in pieces; only whole lines starting "[Gloo] " go."""
+    done = subprocess.run([sys.executable, "-c", GLOO_CHATTER], capture_output=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (b"first line\nkept: [Gloo] not at the start\n[Glad] starts alike\n"
+                           b"progress 1\rprogress 2\nno newline at the end")
