@@ -8,7 +8,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup setup-dev train test bench lint clean tpu
+.PHONY: setup setup-dev train test test-all bench lint clean tpu
 
 # `setup` is what running needs; `setup-dev` adds the test tools and the reference
 # implementations (pytest, ruff, transformers, torch), so `make train` does not wait for them.
@@ -31,7 +31,12 @@ $(DEV_STAMP): $(STAMP)
 train: setup
 	$(PY) -m llama_jax.cli train configs/default.yaml $(if $(RUN_DIR),run_dir=$(RUN_DIR),)
 
+# `make test` leaves out the tests marked slow (paths that faster tests cover too);
+# `make test-all` runs every test.
 test: setup-dev
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" tests
+
+test-all: setup-dev
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
 # The fixed bench-small model on one CPU device, then sharded over 8 simulated devices, then

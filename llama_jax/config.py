@@ -311,10 +311,10 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from llama_jax.storage import as_path, replace_text
+    from llama_jax.storage import as_path, ensure_dir, replace_text
 
     target = as_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(target.parent)
     replace_text(target, to_yaml(cfg))
 
 

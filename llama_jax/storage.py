@@ -2,7 +2,7 @@
 
 Everything a run writes goes through `etils.epath` paths, the path layer Orbax itself uses, so
 `run_dir=gs://bucket/run` reaches checkpoints, config, metrics, the lock and the tokenizer
-alike. Object stores differ from disks in three ways this module absorbs:
+alike. Object stores differ from disks in these ways, which this module absorbs:
 
 - no exclusive create: the run lock is written with a generation precondition (TensorStore's
   conditional write: "only if absent"), which GCS and S3 honour;
@@ -42,6 +42,13 @@ def is_remote(path: PathLike) -> bool:
 def absolute(path: PathLike) -> epath.Path:
     p = as_path(path)
     return p if is_remote(p) else epath.Path(os.path.abspath(os.fspath(p)))
+
+
+def ensure_dir(path: epath.Path) -> None:
+    """A local folder is made; an object store needs none (a prefix exists once an object is
+    under it), and making one there could create a bucket a typo named."""
+    if not is_remote(path):
+        path.mkdir(parents=True, exist_ok=True)
 
 
 def create_exclusive(path: epath.Path, data: bytes) -> bool:
@@ -117,7 +124,7 @@ def upload_tree(local: epath.Path, remote: epath.Path) -> None:
         for name in files:
             source = epath.Path(root) / name
             target = remote / os.path.relpath(os.fspath(source), os.fspath(local))
-            target.parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(target.parent)
             target.write_bytes(source.read_bytes())
 
 

@@ -37,7 +37,14 @@ from llama_jax.loss import head_loss_sums, loss_sums
 from llama_jax.model import Transformer
 from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.run_dir import check_resume, locked
-from llama_jax.storage import Appender, as_path, is_remote, replace_text, upload_tree
+from llama_jax.storage import (
+    Appender,
+    as_path,
+    ensure_dir,
+    is_remote,
+    replace_text,
+    upload_tree,
+)
 
 if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
     from llama_jax.data.pipeline import PreparedData
@@ -355,7 +362,8 @@ class MetricsWriter:
         for key, value in row.items():
             if key != "step" and isinstance(value, int | float):
                 self.tb.add_scalar(f"{prefix}/{key}", value, row["step"])
-        self.tb.flush()
+        if not self.rows.remote:  # on GCS each flush uploads the whole event file again
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
@@ -456,7 +464,7 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
     run_dir = as_path(cfg.run_dir)
     is_main = jax.process_index() == 0
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(run_dir)
     with locked(run_dir, enabled=is_main):
         return _train_locked(cfg, run_dir, mesh, quiet)
 

@@ -1,6 +1,7 @@
 """Eight simulated CPU devices for every test: set before JAX is imported anywhere."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
@@ -15,6 +16,17 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """XLA's persistent compilation cache, one per pytest worker (its writes are not atomic,
+    so two writers could tear an entry): the suite's many CLI runs compile the same tiny
+    programs again and again, and a cache hit halves such a run. Set before any test imports
+    JAX; the CLI processes the tests start inherit it."""
+    worker = getattr(config, "workerinput", {}).get("workerid", "main")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"llama_jax_test_xla_cache_{os.getuid()}_{worker}"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 @pytest.fixture

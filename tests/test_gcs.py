@@ -1,6 +1,7 @@
 """Run directories on Google Cloud Storage, against a GCS emulator on 127.0.0.1: training,
-the lock, a refused resume, an exact resume, a damaged checkpoint, eval / generate / api.load /
-convert reading from the bucket."""
+the lock, a refused resume, an exact resume, eval / generate / api.load / convert reading from
+the bucket, a damaged checkpoint. One run goes through all of it (each step costs a training
+process)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _train_rows(run: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "grad_norm" in r]
 
 
-def test_a_run_on_gcs_trains_resumes_exactly_and_is_read_back(gcs, tmp_path):
+def test_a_run_on_gcs_trains_resumes_exactly_is_read_back_and_survives_damage(gcs, tmp_path):
     run = f"gs://{BUCKET}/run"
     first = run_cli(*TRAIN, f"run_dir={run}", "train.steps=10")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -86,6 +87,11 @@ def test_a_run_on_gcs_trains_resumes_exactly_and_is_read_back(gcs, tmp_path):
     assert held.returncode == 2 and "is in use by another train" in held.stderr
     assert bucket_snapshot("run") == before
     lock.unlink()
+    from llama_jax.storage import create_exclusive
+
+    probe = epath.Path(f"gs://{BUCKET}/probe/.lock")
+    assert create_exclusive(probe, b"first") and not create_exclusive(probe, b"second")
+    assert probe.read_bytes() == b"first"
 
     # A resume the saved state cannot take is refused, and the bucket is left as it was.
     before = bucket_snapshot("run")
@@ -125,20 +131,19 @@ def test_a_run_on_gcs_trains_resumes_exactly_and_is_read_back(gcs, tmp_path):
     assert len(remote_out.stderr.strip().splitlines()) == 1
 
 
-def test_a_damaged_checkpoint_on_gcs_is_set_aside_and_the_run_goes_on(gcs):
-    run = f"gs://{BUCKET}/damaged"
-    assert run_cli(*TRAIN, f"run_dir={run}", "train.steps=10").returncode == 0
+    # A damaged checkpoint there is set aside (copied to damaged-15, then deleted) and the run
+    # goes on from the one before.
     import gcsfs
 
     fs = gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
-    data = [n for n in fs.find(f"{BUCKET}/damaged/checkpoints/10/state") if "/d/" in n]
+    data = [n for n in fs.find(f"{BUCKET}/run/checkpoints/15/state") if "/d/" in n]
     assert data
     for name in data:  # halve every array-data object
         fs.pipe_file(name, fs.cat_file(name)[: fs.size(name) // 2])
-    resumed = run_cli(*TRAIN, f"run_dir={run}", "train.steps=15")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "checkpoints/10 is damaged" in resumed.stderr and "falling back" in resumed.stderr
-    assert f"resuming from {run}/checkpoints/5" in resumed.stderr
-    names = bucket_snapshot("damaged")
-    assert any(n.startswith(f"{BUCKET}/damaged/checkpoints/damaged-10/") for n in names)
-    assert any(n.startswith(f"{BUCKET}/damaged/checkpoints/15/") for n in names)
+    again = run_cli(*TRAIN, f"run_dir={run}", "train.steps=20")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoints/15 is damaged" in again.stderr and "falling back" in again.stderr
+    assert f"resuming from {run}/checkpoints/10" in again.stderr
+    names = bucket_snapshot("run")
+    assert any(n.startswith(f"{BUCKET}/run/checkpoints/damaged-15/") for n in names)
+    assert any(n.startswith(f"{BUCKET}/run/checkpoints/20/") for n in names)

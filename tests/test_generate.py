@@ -14,11 +14,18 @@ from llama_jax.config import load_config
 from llama_jax.generate import SamplingConfig, generate_ids, sample_token
 from llama_jax.model import Transformer
 
+NEOX = ["model.norm=layernorm", "model.activation=gelu", "model.parallel_residual=true",
+        "model.rotary_pct=0.5", "model.attention_bias=true"]
 
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("arch", [[], ["model.norm=layernorm", "model.activation=gelu",
-                                       "model.parallel_residual=true", "model.rotary_pct=0.5",
-                                       "model.attention_bias=true"]], ids=["llama", "neox"])
+
+# Each architecture once in the default suite, scanned for LLaMA and unrolled for GPT-NeoX;
+# the other two pairings are `slow` (make test-all).
+@pytest.mark.parametrize("arch, scan", [
+    pytest.param([], True, id="llama-True"),
+    pytest.param(NEOX, False, id="neox-False"),
+    pytest.param([], False, id="llama-False", marks=pytest.mark.slow),
+    pytest.param(NEOX, True, id="neox-True", marks=pytest.mark.slow),
+])
 def test_greedy_cache_decoding_equals_full_forward_argmax(tiny_overrides, scan, arch):
     cfg = load_config(CONFIGS / "tiny.yaml", [*tiny_overrides, *arch]).model
     cfg = dataclasses.replace(cfg, scan_layers=scan, init_std=0.3)

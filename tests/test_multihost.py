@@ -101,6 +101,7 @@ def test_launcher_reports_a_failing_process(tmp_path):
     assert "exited with status" in result.stderr
 
 
+@pytest.mark.slow
 def test_generate_under_two_processes_matches_one(tmp_path):
     run = ["train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}", "train.steps=2",
            "data.dataset=python_docs", f"data.cache_dir={tmp_path / 'cache'}"]
@@ -114,6 +115,7 @@ def test_generate_under_two_processes_matches_one(tmp_path):
     assert two.stdout.strip().splitlines()[-4:] == one.stdout.strip().splitlines()[-4:]
 
 
+@pytest.mark.slow
 def test_sweep_under_two_processes(tmp_path):
     """Each layout runs as two coordinated processes (its own coordinator port); process 0
     alone reports, and a layout's figures match what one process with 8 devices compiles."""
