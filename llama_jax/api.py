@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import sharding
+from llama_jax.convert import hf_to_orbax, is_hf_folder
 from llama_jax.evaluate import Loaded, load_for_inference
 from llama_jax.generate import SamplingConfig, check_token_ids, generate_ids
 from llama_jax.storage import PathLike, as_path
@@ -66,8 +67,6 @@ def load(path: PathLike, overrides: list[str] | tuple[str, ...] = (),
          step: int | None = None) -> Model:
     """Load a llama_jax run or checkpoint, or an HF LLaMA folder (converted on the fly into a
     temporary directory); `overrides` may set a mesh (`mesh.tensor=2`, ...)."""
-    from llama_jax.convert import hf_to_orbax, is_hf_folder
-
     path = as_path(path)
     if is_hf_folder(path):
         path = hf_to_orbax(path, Path(tempfile.mkdtemp(prefix="llama_jax_hf_")))

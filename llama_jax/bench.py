@@ -20,27 +20,18 @@ import numpy as np
 
 from llama_jax import flops
 from llama_jax.config import Config
-from llama_jax.data.batch import to_global
+from llama_jax.data.batch import one_document_rows, to_global
+from llama_jax.data.feed import make_source, prepare
 from llama_jax.sharding import make_mesh
+from llama_jax.step import Setup, init_state, make_setup, make_train_step
 from llama_jax.topology import TpuSlice, parse_topology, topology_devices
-from llama_jax.train import (
-    Setup,
-    init_state,
-    make_setup,
-    make_source,
-    make_train_step,
-    prepare,
-)
 
 
 def random_batch(cfg: Config) -> dict[str, np.ndarray]:
     rows = cfg.train.global_batch_size // jax.process_count()
     rng = np.random.default_rng(cfg.train.seed + jax.process_index())
     tokens = rng.integers(0, cfg.model.vocab_size, (rows, cfg.data.seq_len + 1), np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "weights": np.ones((rows, cfg.data.seq_len), np.float32),
-            "positions": np.tile(np.arange(cfg.data.seq_len, dtype=np.int32), (rows, 1)),
-            "segment_ids": np.ones((rows, cfg.data.seq_len), np.int32)}
+    return one_document_rows(tokens)
 
 
 def _memory_stats(device: jax.Device) -> dict[str, Any]:

@@ -10,6 +10,7 @@ the save is detected on restore instead of being half-loaded.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -249,6 +250,10 @@ class Resolved:
     directory: epath.Path  # the `checkpoints` folder
     step: int | None  # None: the latest
 
+    def pick(self, steps: list[int]) -> int | None:
+        """The step asked for, else the newest of `steps` (None: there is none)."""
+        return self.step if self.step is not None else max(steps, default=None)
+
 
 def resolve(path: PathLike, step: int | None = None) -> Resolved:
     """RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/STEP -> (checkpoints dir, step)."""
@@ -273,11 +278,9 @@ def config_of(path: PathLike, step: int | None = None) -> Config:
     steps = sorted(int(c.name) for c in where.directory.iterdir() if c.name.isdigit())
     if not steps and run_config.is_file():
         return config_from_yaml_text(run_config.read_text())
-    chosen = where.step if where.step is not None else (steps[-1] if steps else None)
+    chosen = where.pick(steps)
     meta_file = where.directory / str(chosen) / "meta" / "metadata"
     if chosen is not None and meta_file.is_file():
-        import json
-
         return config_from_yaml_text(json.loads(meta_file.read_text())["config"])
     if run_config.is_file():
         return config_from_yaml_text(run_config.read_text())

@@ -71,7 +71,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from llama_jax.train import prepare
+    from llama_jax.data.feed import prepare
 
     cfg = _load(args)
     data = prepare(cfg)
@@ -89,6 +89,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import jax
 
+    from llama_jax.data.feed import source_kind
     from llama_jax.train import train
 
     cfg = _load(args)
@@ -98,13 +99,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\nrun directory: {cfg.run_dir}")
         # Training validates on train.eval_batches batches; `eval` on the whole split (real
         # data): the token counts say which number is which.
-        whole = "" if cfg.data.dataset == "synthetic" else (
+        text = source_kind(cfg).text
+        whole = "" if not text else (
             "; `llama-jax eval` covers the whole validation split")
         print(f"validation loss: {first['loss']:.4f} at step {first['step']} -> "
               f"{last['loss']:.4f} at step {last['step']} (over {last['tokens']:,.0f} tokens, "
               f"train.eval_batches={cfg.train.eval_batches}{whole})")
         print("evaluate:  llama-jax eval " + cfg.run_dir)
-        prompt = ("--prompt-ids 1,2,3" if cfg.data.dataset == "synthetic" and not cfg.data.tokenizer
+        prompt = ("--prompt-ids 1,2,3" if not text and not cfg.data.tokenizer
                   else "--prompt 'The'")
         print(f"sample:    llama-jax generate {cfg.run_dir} {prompt}")
     return 0

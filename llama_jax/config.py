@@ -9,22 +9,39 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from llama_jax.errors import ConfigError
+from llama_jax.storage import as_path, ensure_dir, replace_text
 
 # The presets ship inside the package (a checkout's `configs/` links here), so `info tiny`,
 # `base: tiny` and `configs/tiny.yaml` all work, also after a non-editable install.
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
-DTYPES = ("float32", "bfloat16", "float16")
+# Settings with a fixed set of values: each set is listed here once. OmegaConf checks the
+# fields typed with them; `validate` and the error messages read the same lists.
+Dtype = Literal["float32", "bfloat16", "float16"]
+NormKind = Literal["rmsnorm", "layernorm"]
+Activation = Literal["swiglu", "gelu"]
+PositionKind = Literal["rope", "learned"]
+RopeScaling = Literal["none", "linear", "llama3"]
+Remat = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                "projections_and_attention"]
+AttentionImpl = Literal["xla", "dot_product_attention", "cudnn"]
+Quantization = Literal["none", "fp8"]
+Fp8Gradients = Literal["e4m3", "e5m2"]
+Fp8WeightGradient = Literal["fp8", "bf16"]
+Schedule = Literal["constant", "cosine", "linear", "wsd"]
+Enabled = Literal["auto", "true", "false"]
+DTYPES = typing.get_args(Dtype)
 LOGICAL_AXES = (
     "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
     "norm", "position",
@@ -50,7 +67,7 @@ def _default_rules() -> dict[str, list[str]]:
 
 @dataclass
 class RopeScalingConfig:
-    type: str = "none"  # none | linear | llama3
+    type: RopeScaling = "none"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -67,10 +84,10 @@ class ModelConfig:
     num_kv_heads: int | None = None  # None: same as num_heads (MHA)
     head_dim: int | None = None  # None: hidden_size // num_heads
     max_position_embeddings: int = 4096
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm: NormKind = "rmsnorm"
     norm_eps: float = 1e-5
-    activation: str = "swiglu"  # swiglu | gelu
-    position: str = "rope"  # rope | learned
+    activation: Activation = "swiglu"
+    position: PositionKind = "rope"
     rope_theta: float = 10000.0
     rotary_pct: float = 1.0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -79,16 +96,15 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     init_std: float = 0.02
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    # none | full | dots_saveable | dots_with_no_batch_dims_saveable | projections_and_attention
-    remat: str = "none"
+    param_dtype: Dtype = "float32"
+    compute_dtype: Dtype = "float32"
+    remat: Remat = "none"
     scan_layers: bool = True
-    attention: str = "xla"  # xla | dot_product_attention | cudnn
+    attention: AttentionImpl = "xla"
     attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
-    quantization: str = "none"  # none | fp8: the block's projections (fp8.py)
-    fp8_gradients: str = "e4m3"  # e4m3 | e5m2: the output gradients' format
-    fp8_weight_gradient: str = "fp8"  # fp8 | bf16: the weight gradient's product
+    quantization: Quantization = "none"  # fp8: the block's projections (fp8.py)
+    fp8_gradients: Fp8Gradients = "e4m3"  # the output gradients' format
+    fp8_weight_gradient: Fp8WeightGradient = "fp8"  # the weight gradient's product
 
     @property
     def kv_heads(self) -> int:
@@ -138,7 +154,7 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = 3e-4
-    schedule: str = "cosine"  # constant | cosine | linear | wsd
+    schedule: Schedule = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
@@ -175,7 +191,9 @@ class CheckpointConfig:
 
 @dataclass
 class DistributedConfig:
-    enabled: str = "auto"  # auto | true | false
+    # A string, not `Enabled`: `true` arrives from YAML and the command line as a boolean,
+    # which `validate` takes as the choice it spells.
+    enabled: str = "auto"
     coordinator: str = ""  # host:port of process 0's coordinator
     num_processes: int = 0
     process_id: int = -1
@@ -266,6 +284,10 @@ def _one_line(e: OmegaConfBaseException, source: str) -> ConfigError:
         hint = f" (closest valid: {', '.join(valid)})" if valid else ""
         return ConfigError(f"{source}: unknown config key '{key}'{hint}")
     msg = str(e).splitlines()[0]
+    wrong = re.match(r"Invalid value (.*), expected one of", msg)
+    if wrong and key in _CHOICES:  # a Literal-typed setting, in validate's words
+        return ConfigError(f"{source}: {key}={wrong[1]} is not one of: "
+                           f"{', '.join(_CHOICES[key])}")
     return ConfigError(f"{source}: bad value for '{key}': {msg}")
 
 
@@ -311,8 +333,6 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from llama_jax.storage import as_path, ensure_dir, replace_text
-
     target = as_path(path)
     ensure_dir(target.parent)
     replace_text(target, to_yaml(cfg))
@@ -330,22 +350,18 @@ def config_from_yaml_text(text: str) -> Config:
 # Validation beyond types
 
 
-_CHOICES = {
-    "model.norm": ("rmsnorm", "layernorm"),
-    "model.activation": ("swiglu", "gelu"),
-    "model.position": ("rope", "learned"),
-    "model.rope_scaling.type": ("none", "linear", "llama3"),
-    "model.param_dtype": DTYPES,
-    "model.compute_dtype": DTYPES,
-    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                    "projections_and_attention"),
-    "model.quantization": ("none", "fp8"),
-    "model.fp8_gradients": ("e4m3", "e5m2"),
-    "model.fp8_weight_gradient": ("fp8", "bf16"),
-    "model.attention": ("xla", "dot_product_attention", "cudnn"),
-    "optimizer.schedule": ("constant", "cosine", "linear", "wsd"),
-    "distributed.enabled": ("auto", "true", "false"),
-}
+def _literal_fields(node: Any, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """`a.b` -> the values of every setting typed with a Literal, found in the schema."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, hint in typing.get_type_hints(node).items():
+        if typing.get_origin(hint) is Literal:
+            out[f"{prefix}{name}"] = typing.get_args(hint)
+        elif dataclasses.is_dataclass(hint):
+            out.update(_literal_fields(hint, f"{prefix}{name}."))
+    return out
+
+
+_CHOICES = {**_literal_fields(Config), "distributed.enabled": typing.get_args(Enabled)}
 
 _POSITIVE = (
     "model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",

@@ -19,11 +19,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax.config import ModelConfig, RopeScalingConfig, load_config, save_config, validate
+from llama_jax.config import (
+    DTYPES,
+    ModelConfig,
+    RopeScalingConfig,
+    load_config,
+    save_config,
+    validate,
+)
 from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import as_path, is_remote
-
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class ConversionError(LlamaJaxError):

@@ -15,17 +15,12 @@ from jax.sharding import Mesh
 
 from llama_jax.checkpoint import Checkpointer, CheckpointError, config_of, resolve
 from llama_jax.config import MESH_AXES, Config, apply_overrides
+from llama_jax.data.feed import eval_batches, prepare, source_kind
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.sharding import make_mesh
+from llama_jax.step import evaluate, make_eval_step, make_setup
 from llama_jax.storage import PathLike, as_path
-from llama_jax.train import (
-    eval_batches,
-    evaluate,
-    make_eval_step,
-    make_setup,
-    prepare,
-)
 
 
 @dataclass
@@ -43,7 +38,7 @@ class Loaded:
 def _with_run_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
     """Prefer the tokenizer saved in the run directory over rebuilding one from the corpus."""
     saved = run_dir / "tokenizer.model"
-    if saved.is_file() and cfg.data.dataset != "synthetic":
+    if saved.is_file() and source_kind(cfg).text:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(saved)))
     return cfg
 
@@ -94,7 +89,7 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
     setup = make_setup(cfg)
     ckpt = Checkpointer(cfg, where.directory, read_only=True)
     steps = ckpt.steps()
-    chosen = where.step if where.step is not None else (steps[-1] if steps else None)
+    chosen = where.pick(steps)
     if chosen is None or chosen not in steps:
         raise CheckpointError(f"no complete checkpoint {'' if chosen is None else chosen} in "
                               f"{where.directory}")
@@ -114,7 +109,7 @@ def evaluate_checkpoint(path: PathLike, overrides: list[str] | tuple[str, ...] =
                         batches: int = 0) -> dict[str, Any]:
     loaded = load_for_inference(path, overrides, step)
     asked_synthetic = "data.dataset=synthetic" in overrides
-    if loaded.imported and loaded.cfg.data.dataset == "synthetic" and not asked_synthetic:
+    if loaded.imported and not source_kind(loaded.cfg).text and not asked_synthetic:
         raise LlamaJaxError(f"{path} is an imported model with no dataset, and its loss on "
                             f"random tokens means nothing: name one, e.g. "
                             f"data.dataset=python_docs (or text_files with data.files=...); "

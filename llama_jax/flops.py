@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.config import Config, ModelConfig
+from llama_jax.model import abstract_model
+from llama_jax.optim import decay_mask, make_optimizer
 
 # Dense bf16 peak per chip, FLOP/s (vendor datasheets). Matched against `device_kind`.
 PEAK_FLOPS = {
@@ -63,25 +65,22 @@ class ParamCounts:
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
     """Exact counts from an abstract init: no parameter is allocated."""
-    from llama_jax.model import abstract_model
-
     state = nnx.state(abstract_model(cfg))
     total, embedding = 0, 0
-    for path, leaf in nnx.to_flat_state(state):
+    for _, leaf in nnx.to_flat_state(state):
         size = math.prod(leaf.get_value().shape)
         total += size
-        if str(path[0]) in ("embed", "pos_embed", "lm_head"):
+        if leaf.get_metadata().get("embedding", False):  # tables and the LM head
             embedding += size
     return ParamCounts(total, embedding)
 
 
 def state_bytes(cfg: Config) -> dict[str, int]:
     """Bytes of parameters and of the optimizer state, from abstract shapes."""
-    from llama_jax.model import abstract_model
-    from llama_jax.optim import make_optimizer
-
-    params = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model)))
-    opt_state = jax.eval_shape(make_optimizer(cfg.optimizer, cfg.train.steps).init, params)
+    state = nnx.state(abstract_model(cfg.model))
+    params = nnx.to_pure_dict(state)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(state))
+    opt_state = jax.eval_shape(tx.init, params)
 
     def nbytes(tree: object) -> int:
         return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

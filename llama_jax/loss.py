@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llama_jax.layers import dense_bwd
+from llama_jax.ops import dense_bwd
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -44,7 +44,7 @@ def head_loss_sums(x_BxTxD: Array, w_DxV: Array, targets_BxT: Array, weights_BxT
     cast to the compute dtype for the head's gradient products), the largest tensors of a
     128k-vocabulary model (16.8 GB at batch 16 x 2048). Here the backward makes one: the
     logits gradient `w * ((1 + 2 z log_z) p - onehot)` is formed and written in the compute
-    dtype in one fused loop, then the two products run as in `layers.dense`. Same numbers as
+    dtype in one fused loop, then the two products run as in `ops.dense`. Same numbers as
     autodiff up to float rounding (tests/test_model.py).
     """
     total, ce = _head_loss(x_BxTxD, w_DxV, targets_BxT, weights_BxT, z_loss)

@@ -15,17 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.config import ModelConfig
-from llama_jax.layers import (
-    ATTENTION_LSE,
-    ATTENTION_OUT,
-    MLP,
-    Attention,
-    LayerCache,
-    Norm,
-    dense_to_f32,
-    dtype_of,
-    param,
-)
+from llama_jax.layers import MLP, Attention, LayerCache, Norm, dtype_of, param
+from llama_jax.ops import ATTENTION_LSE, ATTENTION_OUT, dense_to_f32
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -105,10 +96,12 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pdtype, std = dtype_of(cfg.param_dtype), cfg.init_std
         self.cfg = cfg
-        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pdtype)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pdtype,
+                           decay=False, embedding=True)
         if cfg.position == "learned":
             self.pos_embed = param(rngs, (cfg.max_position_embeddings, cfg.hidden_size),
-                                   ("position", "embed"), std, pdtype)
+                                   ("position", "embed"), std, pdtype, decay=False,
+                                   embedding=True)
         if cfg.scan_layers:
             self.layers = stacked_blocks(cfg, rngs)
         else:
@@ -116,7 +109,7 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                                 std, pdtype)
+                                 std, pdtype, embedding=True)
 
     def _block_fn(self) -> Callable[[Block, Array, Array, Array | None], Array]:
         def run(block: Block, x: Array, positions: Array, segment_ids: Array | None) -> Array:
@@ -156,18 +149,28 @@ class Transformer(nnx.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x = self.embed_tokens(tokens_BxT, positions_BxT)
         block_fn = self._block_fn()
+        x, _ = self.over_layers(
+            lambda block, x, _: (block_fn(block, x, positions_BxT, segment_ids_BxT), None), x, None)
+        return x
+
+    def over_layers(self, fn: Callable[[Block, Array, Any], tuple[Array, Any]], x: Array,
+                    per_layer: Any) -> tuple[Array, Any]:
+        """`fn(block, x, per_layer[i]) -> (x, out_i)` through every layer in order: a
+        `lax.scan` over the stacked blocks, or a Python loop over the list. Both take and
+        return per-layer values stacked on a leading layer dimension."""
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
-            def body(carry: Array, layer_state: Any) -> tuple[Array, None]:
-                block = nnx.merge(graphdef, layer_state)
-                return block_fn(block, carry, positions_BxT, segment_ids_BxT), None
+            def body(carry: Array, inputs: Any) -> tuple[Array, Any]:
+                layer_state, mine = inputs
+                return fn(nnx.merge(graphdef, layer_state), carry, mine)
 
-            x, _ = jax.lax.scan(body, x, state)
-        else:
-            for block in self.layers:
-                x = block_fn(block, x, positions_BxT, segment_ids_BxT)
-        return x
+            return jax.lax.scan(body, x, (state, per_layer))
+        outs = []
+        for i, block in enumerate(self.layers):
+            x, out = fn(block, x, jax.tree.map(lambda a, i=i: a[i], per_layer))
+            outs.append(out)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
                  segment_ids_BxT: Array | None = None) -> Array:
@@ -198,24 +201,12 @@ def decode(model: Transformer, tokens_BxT: Array, positions_BxT: Array, cache: K
     """
     x = model.embed_tokens(tokens_BxT, positions_BxT)
 
-    def layer(block: Block, x: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, Array]]:
-        y, c = block.cached(x, positions_BxT, LayerCache(k, v, cache.valid, cache.index))
+    def layer(block: Block, x: Array, kv: tuple[Array, Array]
+              ) -> tuple[Array, tuple[Array, Array]]:
+        y, c = block.cached(x, positions_BxT, LayerCache(*kv, cache.valid, cache.index))
         return y, (c.k, c.v)
 
-    if model.cfg.scan_layers:
-        graphdef, state = nnx.split(model.layers)
-
-        def body(carry: Array, xs: Any) -> tuple[Array, tuple[Array, Array]]:
-            layer_state, k, v = xs
-            return layer(nnx.merge(graphdef, layer_state), carry, k, v)
-
-        x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
-    else:
-        kv = []
-        for i, block in enumerate(model.layers):
-            x, pair = layer(block, x, cache.k[i], cache.v[i])
-            kv.append(pair)
-        ks, vs = jnp.stack([p[0] for p in kv]), jnp.stack([p[1] for p in kv])
+    x, (ks, vs) = model.over_layers(layer, x, (cache.k, cache.v))
     new_cache = KVCache(ks, vs, cache.valid, cache.index + tokens_BxT.shape[1])
     return model.logits(x), new_cache
 

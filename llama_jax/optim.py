@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import optax
+from flax import nnx
 
 from llama_jax.config import OptimizerConfig
-
-NO_DECAY_LEAVES = ("embed", "pos_embed")
 
 
 def lr_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -40,26 +38,22 @@ def lr_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def decay_mask(params: Any) -> Any:
-    """True for matrices that weight decay applies to; norms, biases and embeddings are skipped.
-
-    Parameters are stacked over layers when scanned, so `ndim` cannot tell a norm scale from a
-    matrix; the leaf's name can (`scale`, `bias`, `*_bias`, `embed`, `pos_embed`).
-    """
-
-    def leaf_decays(path: tuple[Any, ...], _: Any) -> bool:
-        name = str(getattr(path[-1], "key", path[-1]))
-        return not (name in NO_DECAY_LEAVES or name == "scale" or name.endswith("bias"))
-
-    return jax.tree_util.tree_map_with_path(leaf_decays, params)
+def decay_mask(state: nnx.State) -> Any:
+    """True where weight decay applies, as each parameter's `decay` metadata says (norms,
+    biases and embedding tables are made with decay=False, layers.py), as a pure-dict tree
+    shaped like the train state's parameters."""
+    return nnx.to_pure_dict(nnx.map_state(
+        lambda _, v: v.replace(value=bool(v.get_metadata().get("decay", True))), state))
 
 
-def make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerConfig, total_steps: int, decay: Any
+                   ) -> optax.GradientTransformation:
+    """`decay`: the `decay_mask` of the model's parameters."""
     chain = []
     if opt.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(opt.clip_norm))
     chain.append(
         optax.adamw(lr_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                    weight_decay=opt.weight_decay, mask=decay_mask)
+                    weight_decay=opt.weight_decay, mask=decay)
     )
     return optax.chain(*chain)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
+import psutil
 from etils import epath
 
 from llama_jax.config import Config, config_from_yaml_text
@@ -110,8 +111,6 @@ def _holder_alive(holder: dict[str, Any]) -> bool:
     """Whether the lock's holder still runs: by process on this host, by heartbeat elsewhere."""
     if holder.get("host") == socket.gethostname():
         try:
-            import psutil
-
             proc = psutil.Process(int(holder["pid"]))
             return abs(proc.create_time() - float(holder.get("process_start", 0))) < 2.0
         except Exception:  # noqa: BLE001 - no such process, or no permission to look
@@ -138,8 +137,6 @@ class RunLock:
         self.record: dict[str, Any] = {}
 
     def _write_new(self) -> bool:
-        import psutil
-
         now = time.time()
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": now,
                        "process_start": psutil.Process().create_time(), "heartbeat": now}

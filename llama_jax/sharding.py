@@ -8,13 +8,14 @@ model code.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+import optax
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import MESH_AXES, Config, MeshConfig
@@ -47,26 +48,40 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, tuple[int, i
     return {a: (ici[a], dcn[a]) for a in MESH_AXES}
 
 
+def _axes_per_dimension(names: Sequence[str], rules: Rules) -> dict[str, list[str]]:
+    """The mesh axes `mesh.rules` gives each dimension of one array, first come first served
+    (as `logical_to_spec` assigns them, before sizes are looked at)."""
+    used: set[str] = set()
+    out = {}
+    for name in names:
+        out[name] = [a for a in rules.get(name, ()) if a not in used]
+        used.update(out[name])
+    return out
+
+
 def check_divisibility(cfg: Config, sizes: Mapping[str, int]) -> None:
-    """Refuse a layout that cannot split the model or the batch, naming axis and numbers."""
-    m, tensor = cfg.model, sizes["tensor"]
-    for name, count in (("num_heads", m.num_heads), ("num_kv_heads", m.kv_heads)):
-        if count % tensor:
-            raise ConfigError(f"mesh.tensor={tensor} does not divide model.{name}={count}")
-    batch_axes = sizes["data"] * sizes["fsdp"]
+    """Refuse a layout that cannot split the attention activations or the batch, naming axis
+    and numbers. Which axes split what comes from `mesh.rules`, as the model will apply them
+    to its [batch, length, heads, head_dim] activations."""
+    m, rules = cfg.model, cfg.mesh.rules
     micro = cfg.train.global_batch_size // cfg.train.microbatches
-    if micro % batch_axes:
-        what = f"train.global_batch_size={cfg.train.global_batch_size}"
-        if cfg.train.microbatches > 1:
-            what = f"the microbatch of {micro} sequences ({what} / train.microbatches)"
-        raise ConfigError(
-            f"mesh data x fsdp = {sizes['data']} x {sizes['fsdp']} = {batch_axes} "
-            f"does not divide {what}"
-        )
-    if cfg.data.seq_len % sizes["sequence"]:
-        raise ConfigError(
-            f"mesh.sequence={sizes['sequence']} does not divide data.seq_len={cfg.data.seq_len}"
-        )
+    batch = f"train.global_batch_size={cfg.train.global_batch_size}"
+    if cfg.train.microbatches > 1:
+        batch = f"the microbatch of {micro} sequences ({batch} / train.microbatches)"
+    q_axes = _axes_per_dimension(("batch", "length", "heads"), rules)
+    kv_axes = _axes_per_dimension(("batch", "length", "kv_heads"), rules)
+    for axes, count, what in ((q_axes["heads"], m.num_heads, f"model.num_heads={m.num_heads}"),
+                              (kv_axes["kv_heads"], m.kv_heads,
+                               f"model.num_kv_heads={m.kv_heads}"),
+                              (q_axes["batch"], micro, batch),
+                              (q_axes["length"], cfg.data.seq_len,
+                               f"data.seq_len={cfg.data.seq_len}")):
+        split = math.prod(sizes[a] for a in axes)
+        if count % split:
+            layout = (f"mesh.{axes[0]}={split}" if len(axes) == 1 else
+                      f"mesh {' x '.join(axes)} = {' x '.join(str(sizes[a]) for a in axes)} "
+                      f"= {split}")
+            raise ConfigError(f"{layout} does not divide {what}")
 
 
 def make_mesh(cfg: Config, devices: Sequence[Any] | None = None) -> Mesh:
@@ -154,10 +169,18 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
 
 
+def train_state_shardings(abstract_vars: Any, tx: optax.GradientTransformation,
+                          abstract_opt: Any, mesh: Mesh, rules: Rules) -> dict[str, Any]:
+    """Shardings of the train state {"step", "params", "opt_state"}: parameters by their
+    logical names, each optimizer moment like its parameter, counters replicated."""
+    params = nnx.to_pure_dict(state_shardings(abstract_vars, mesh, rules))
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+                                transform_non_params=lambda _: replicated(mesh))
+    return {"step": replicated(mesh), "params": params, "opt_state": opt}
+
+
 def replicated_fraction(abstract_state: Any, mesh: Mesh, rules: Rules) -> tuple[float, list[str]]:
     """Share of parameter bytes stored whole on every device, and the names of such leaves."""
-    import flax.nnx as nnx
-
     total, replicated, names = 0, 0, []
     for path, leaf in nnx.to_flat_state(abstract_state):
         value = leaf.get_value()
@@ -213,24 +236,3 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def synchronous_on_cpu(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
-    """On a CPU mesh, wait for each call's results before returning.
-
-    XLA:CPU (jaxlib 0.10) deadlocks in its in-process collectives when a computation with
-    collectives is dispatched while the previous one is still running on simulated devices
-    (reproduced with a tiny jitted matmul-and-sum over 8 devices on 2 cores: it hangs within
-    ~100 calls with async dispatch, and also with `jax_cpu_enable_async_dispatch=False`, but
-    never when each call's result is awaited). On CPU the host is the device, so waiting costs
-    no overlap; accelerators keep asynchronous dispatch.
-    """
-    if mesh.devices.flat[0].platform != "cpu" or mesh.size == 1:
-        return fn
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return jax.block_until_ready(fn(*args, **kwargs))
-
-    wrapped.lower = fn.lower  # type: ignore[attr-defined]  # AOT compile stays available
-    return wrapped

@@ -20,13 +20,13 @@ from typing import Any
 
 from llama_jax.errors import ConfigError
 
-# Per chip: HBM (bytes), dense bf16 peak (FLOP/s), whether a chip is one "megacore" device
+# Per chip: HBM (bytes), whether a chip is one "megacore" device (peak FLOP/s: flops.PEAK_FLOPS)
 # that the slice name counts as two TensorCores (v4, v5p), and its torus rank.
 _GENERATIONS: dict[str, dict[str, Any]] = {
-    "v4": {"hbm": 32 * 2**30, "peak": 275e12, "cores_per_chip": 2, "rank": 3},
-    "v5p": {"hbm": int(95.74 * 2**30), "peak": 459e12, "cores_per_chip": 2, "rank": 3},
-    "v5e": {"hbm": 16 * 2**30, "peak": 197e12, "cores_per_chip": 1, "rank": 2},
-    "v6e": {"hbm": 32 * 2**30, "peak": 918e12, "cores_per_chip": 1, "rank": 2},
+    "v4": {"hbm": 32 * 2**30, "cores_per_chip": 2, "rank": 3},
+    "v5p": {"hbm": int(95.74 * 2**30), "cores_per_chip": 2, "rank": 3},
+    "v5e": {"hbm": 16 * 2**30, "cores_per_chip": 1, "rank": 2},
+    "v6e": {"hbm": 32 * 2**30, "cores_per_chip": 1, "rank": 2},
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e"}
 
@@ -58,10 +58,6 @@ class TpuSlice:
     @property
     def hbm_bytes(self) -> int:
         return _GENERATIONS[self.generation]["hbm"]
-
-    @property
-    def peak_flops(self) -> float:
-        return _GENERATIONS[self.generation]["peak"]
 
     def __str__(self) -> str:
         one = self.topology_name

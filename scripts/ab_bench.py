@@ -35,7 +35,11 @@ def worker(config: str, overrides: list[str]) -> None:
 
     from llama_jax.bench import compiled_random_step
     from llama_jax.config import load_config
-    from llama_jax.train import make_setup
+
+    try:
+        from llama_jax.step import make_setup
+    except ImportError:  # a checkout from before step.py (A/B against an older commit)
+        from llama_jax.train import make_setup
 
     cfg = load_config(config, overrides)
     state, batch, step, _ = compiled_random_step(make_setup(cfg))

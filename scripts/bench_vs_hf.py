@@ -46,7 +46,7 @@ def ours(cfg, steps_per_round):  # noqa: ANN001, ANN201
     import jax
 
     from llama_jax.bench import compiled_random_step
-    from llama_jax.train import make_setup
+    from llama_jax.step import make_setup
 
     state, batch, step, _ = compiled_random_step(make_setup(cfg))
     holder = {"state": state}

@@ -6,7 +6,8 @@
 # table with ratios last.
 #   usage: scripts/gpu_bench.sh [OUT_DIR]
 # Needs jax with CUDA, flax, optax, orbax-checkpoint and omegaconf importable; a folder
-# `.gpu_deps` in the repo root, if present, is put on PYTHONPATH (for omegaconf). The torch
+# `.gpu_deps` in the repo root, if present, is put on PYTHONPATH (for omegaconf>=2.4, made
+# with `pip install --no-deps --target .gpu_deps omegaconf==2.4.0`). The torch
 # peer runs where torch with CUDA and transformers import, and is skipped with a note otherwise.
 # Set GPU_BENCH_QUICK=1 to run it on the tiny preset (how CI checks this script), and
 # GPU_BENCH_LADDER=1 for every rung of the bf16 A/B ladder (about 2 more minutes).

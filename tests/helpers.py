@@ -7,7 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+
+from llama_jax.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
@@ -15,3 +20,26 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "llama_jax.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+# Tiny-run configs and layouts shared by the training, step and sharding tests.
+
+LAYOUTS = [
+    "data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2", "data=2,tensor=2,fsdp=2",
+    "sequence=2,fsdp=4",
+]
+
+
+def layout_overrides(layout: str) -> list[str]:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
+    sizes.update({k: int(v) for k, v in (kv.split("=") for kv in layout.split(","))})
+    return [f"mesh.{k}={v}" for k, v in sizes.items()]
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(CONFIGS / "tiny.yaml", [f"run_dir={tmp_path}", *overrides])
+
+
+def flat_tree(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

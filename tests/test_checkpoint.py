@@ -17,7 +17,8 @@ from helpers import run_cli
 
 from llama_jax.checkpoint import Checkpointer
 from llama_jax.config import load_config
-from llama_jax.train import make_setup, train
+from llama_jax.step import make_setup
+from llama_jax.train import train
 
 
 @pytest.fixture(scope="module")
@@ -164,28 +165,55 @@ def test_eval_and_generate_on_a_text_run(tmp_path, cache_dir):
     result = _eval_json(tmp_path)
     assert set(result) >= {"loss", "perplexity", "bits_per_byte", "tokens"}
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-6)
-    gen = run_cli("generate", str(tmp_path), "--prompt", "The", "--prompt", "def",
-                  "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "20",
-                  "--top-p", "0.9", "--num-samples", "2")
-    assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.count("--- sample") == 4
+    # Bits per byte by its definition: nats per token -> bits, over the split's UTF-8 bytes
+    # per token.
+    from llama_jax.data.pipeline import prepare_data
+
+    data = prepare_data(load_config(tmp_path / "config.yaml", [f"data.cache_dir={cache_dir}"]))
+    bytes_per_token = data.bytes_per_token["validation"]
+    assert 1.0 < bytes_per_token < 8.0
+    assert result["bits_per_byte"] == pytest.approx(
+        result["loss"] / np.log(2) / bytes_per_token, rel=1e-9)
+
+    def sample(seed: int) -> str:
+        gen = run_cli("generate", str(tmp_path), "--prompt", "The", "--prompt", "def",
+                      "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "20",
+                      "--top-p", "0.9", "--num-samples", "2", "--seed", str(seed))
+        assert gen.returncode == 0, gen.stderr
+        return gen.stdout
+
+    out = sample(1)
+    texts = out.split("--- sample ")[1:]
+    assert len(texts) == 4
+    # Each sample is its prompt continued.
+    assert [t.split("\n", 1)[1].startswith(p) for t, p in
+            zip(texts, ["The", "The", "def", "def"], strict=True)] == [True] * 4
+    assert sample(1) == out  # the same seed samples the same tokens
 
 
 @pytest.mark.parametrize("params_only", [True, False])
 def test_restore_from_another_run(tmp_path, params_only):
     source = load_config(CONFIGS / "tiny.yaml", [f"run_dir={tmp_path / 'a'}", "train.steps=4"])
     first = train(source, quiet=True)
+    # The full state, asked to train to step 4: nothing is left to do, so what it holds is
+    # what it restored (on another layout), to be compared with the source leaf by leaf.
     cfg = load_config(CONFIGS / "tiny.yaml", [
-        f"run_dir={tmp_path / 'b'}", "train.steps=6", "mesh.fsdp=4", "mesh.tensor=2",
-        f"checkpoint.restore_from={tmp_path / 'a'}",
+        f"run_dir={tmp_path / 'b'}", f"train.steps={6 if params_only else 4}", "mesh.fsdp=4",
+        "mesh.tensor=2", f"checkpoint.restore_from={tmp_path / 'a'}",
         f"checkpoint.restore_params_only={str(params_only).lower()}"])
     second = train(cfg, quiet=True)
     if params_only:  # fresh optimizer and step counter, the other run's weights
         assert second.evals[0]["step"] == 0
         assert second.evals[0]["loss"] == pytest.approx(first.evals[-1]["loss"], rel=1e-5)
-    else:  # the full state: continues at step 4
-        assert [r["step"] for r in second.history][0] > 4
         assert int(second.state["step"]) == 6
+    else:  # parameters, both AdamW moments and the step counter, bit for bit
+        assert second.history == [] and [e["step"] for e in second.evals] == [4]
+        restored, source_state = jax.device_get(second.state), jax.device_get(first.state)
+        assert jax.tree.structure(restored) == jax.tree.structure(source_state)
+        for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(source_state),
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert int(restored["step"]) == 4
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

@@ -9,11 +9,66 @@ from helpers import run_cli
 from llama_jax.config import config_from_yaml_text, load_config, to_yaml
 from llama_jax.errors import ConfigError
 
+# Each published model's facts, as its reference config.json states them (Meta's and
+# EleutherAI's releases on the Hugging Face hub): shapes, attention heads, position encoding,
+# normalisation and activation.
+LLAMA = {"norm": "rmsnorm", "activation": "swiglu", "position": "rope", "rotary_pct": 1.0,
+         "parallel_residual": False}
+NEOX = {"norm": "layernorm", "activation": "gelu", "position": "rope", "rotary_pct": 0.25,
+        "parallel_residual": True, "tie_embeddings": False}
+L2 = {**LLAMA, "vocab_size": 32000, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+      "tie_embeddings": False, "rope_scaling.type": "none"}
+L3 = {**LLAMA, "vocab_size": 128256, "rope_theta": 500000.0}
+PUBLISHED_FACTS = {
+    "llama2-7b": {**L2, "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "kv_heads": 32,
+                  "intermediate_size": 11008},
+    "llama2-13b": {**L2, "hidden_size": 5120, "num_layers": 40, "num_heads": 40,
+                   "kv_heads": 40, "intermediate_size": 13824},
+    "llama2-70b": {**L2, "hidden_size": 8192, "num_layers": 80, "num_heads": 64, "kv_heads": 8,
+                   "intermediate_size": 28672},
+    "llama3-8b": {**L3, "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "kv_heads": 8,
+                  "intermediate_size": 14336, "max_position_embeddings": 8192,
+                  "rope_scaling.type": "none", "tie_embeddings": False},
+    "llama3-70b": {**L3, "hidden_size": 8192, "num_layers": 80, "num_heads": 64, "kv_heads": 8,
+                   "intermediate_size": 28672, "max_position_embeddings": 8192,
+                   "rope_scaling.type": "none"},
+    "llama3.1-8b": {**L3, "hidden_size": 4096, "num_layers": 32, "num_heads": 32,
+                    "kv_heads": 8, "intermediate_size": 14336,
+                    "max_position_embeddings": 131072, "rope_scaling.type": "llama3",
+                    "rope_scaling.factor": 8.0, "rope_scaling.low_freq_factor": 1.0,
+                    "rope_scaling.high_freq_factor": 4.0,
+                    "rope_scaling.original_max_position_embeddings": 8192},
+    "llama3.2-1b": {**L3, "hidden_size": 2048, "num_layers": 16, "num_heads": 32,
+                    "kv_heads": 8, "intermediate_size": 8192, "tie_embeddings": True,
+                    "max_position_embeddings": 131072, "rope_scaling.type": "llama3",
+                    "rope_scaling.factor": 32.0, "rope_scaling.low_freq_factor": 1.0,
+                    "rope_scaling.high_freq_factor": 4.0,
+                    "rope_scaling.original_max_position_embeddings": 8192},
+    "pythia-1b": {**NEOX, "vocab_size": 50304, "hidden_size": 2048, "num_layers": 16,
+                  "num_heads": 8, "kv_heads": 8, "intermediate_size": 8192,
+                  "max_position_embeddings": 2048, "rope_theta": 10000.0,
+                  "attention_bias": True, "mlp_bias": True},
+    "gpt-neox-20b": {**NEOX, "vocab_size": 50432, "hidden_size": 6144, "num_layers": 44,
+                     "num_heads": 64, "kv_heads": 64, "intermediate_size": 24576,
+                     "max_position_embeddings": 2048, "rope_theta": 10000.0,
+                     "attention_bias": True, "mlp_bias": True},
+}
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_preset_loads(path):
-    cfg = load_config(path)
-    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_loads_and_published_ones_match_their_release(name):
+    m = load_config(CONFIGS / f"{name}.yaml").model
+    assert m.hidden_size % m.num_heads == 0
+    for key, value in PUBLISHED_FACTS.get(name, {}).items():
+        node = m
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, (name, key, node, value)
+
+
+def test_published_facts_cover_every_published_preset():
+    ours = {"tiny", "default", "bench-small"}
+    assert set(PUBLISHED_FACTS) == {p.stem for p in CONFIGS.glob("*.yaml")} - ours
 
 
 def test_base_and_overrides_layer_in_order():
@@ -86,3 +141,12 @@ def test_cli_refuses_missing_file():
     result = run_cli("info", "configs/nope.yaml")
     assert result.returncode != 0
     assert "config file not found: configs/nope.yaml" in result.stderr
+
+
+def test_every_remat_choice_has_a_policy_and_every_policy_is_a_choice():
+    import typing
+
+    from llama_jax.config import Remat
+    from llama_jax.model import REMAT_POLICIES
+
+    assert set(REMAT_POLICIES) == set(typing.get_args(Remat)) - {"none"}

@@ -134,6 +134,14 @@ def test_long_documents_are_split_across_rows(tmp_path):
     batch = next(TextPipeline(cfg, data, "train", 16, seed=0, shuffle=False))
     assert batch["positions"].max() < 32
     assert batch["weights"].mean() > 0.95  # nothing padded: rows are filled with the document
+    # Read row after row, the batch is the encoded document itself from where it starts: each
+    # row continues the previous one (a truncating packer would jump to the next document).
+    rows = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)  # 33 each
+    stream = rows.reshape(-1).tolist()
+    doc = data.tokenizer.encode(long_text)
+    start = next(i for i in range(len(stream)) if stream[i:i + 8] == doc[:8])
+    assert len(stream) - start >= 4 * 33
+    assert stream[start:] == doc[:len(stream) - start]
 
 
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):

@@ -14,10 +14,10 @@ from flax import nnx
 
 from llama_jax.config import load_config
 from llama_jax.fp8 import fp8_matmul
-from llama_jax.layers import dense_to_f32
 from llama_jax.loss import head_loss_sums, loss_sums
 from llama_jax.model import Transformer
-from llama_jax.train import gradients, make_setup
+from llama_jax.ops import dense_to_f32
+from llama_jax.step import gradients, make_setup
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

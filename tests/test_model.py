@@ -11,15 +11,9 @@ import pytest
 from flax import nnx
 
 from llama_jax.config import load_config
-from llama_jax.layers import (
-    Attention,
-    apply_rope,
-    attention_mask,
-    blocked_causal_attention,
-    rope_inv_freq,
-    xla_attention,
-)
+from llama_jax.layers import Attention, apply_rope, rope_inv_freq
 from llama_jax.model import Transformer, stack_layers, unstack_layers
+from llama_jax.ops import attention_mask, blocked_causal_attention, xla_attention
 
 NEOX = ["model.norm=layernorm", "model.activation=gelu", "model.parallel_residual=true",
         "model.rotary_pct=0.5", "model.attention_bias=true", "model.mlp_bias=true"]
@@ -182,7 +176,10 @@ def test_mixed_precision_keeps_fp32_params_and_logits(tiny_overrides):
     logits = model(tokens(cfg))
     assert logits.dtype == jnp.float32
     full = Transformer(dataclasses.replace(cfg, compute_dtype="float32"), nnx.Rngs(0))(tokens(cfg))
-    np.testing.assert_allclose(logits, full, atol=0.05)
+    # bf16 keeps 8 bits of mantissa (0.4%); through two layers the logits differ by about
+    # 0.5% (relative norm). Not zero: the bf16 path really ran.
+    rel = float(jnp.linalg.norm(logits - full) / jnp.linalg.norm(full))
+    assert 1e-4 < rel < 2e-2
 
 
 def test_mixed_precision_lm_head_gradient_stays_in_bf16(tiny_overrides):
@@ -209,8 +206,9 @@ def test_mixed_precision_lm_head_gradient_stays_in_bf16(tiny_overrides):
         assert "f32>" not in operands, line
     bf16_grads = grads_fn(cfg)(params)
     f32_grads = grads_fn(dataclasses.replace(cfg, compute_dtype="float32"))(params)
+    # Every gradient within a few bf16 roundings (about 0.4-1% relative norm measured).
     for a, b in zip(jax.tree.leaves(bf16_grads), jax.tree.leaves(f32_grads), strict=True):
-        np.testing.assert_allclose(a, b, atol=0.05 * float(jnp.max(jnp.abs(b))) + 1e-6)
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 3e-2
 
 
 def test_dot_product_attention_matches_xla(tiny_overrides):

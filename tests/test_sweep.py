@@ -18,7 +18,7 @@ from llama_jax import flops
 from llama_jax.config import load_config
 from llama_jax.errors import ConfigError
 from llama_jax.sweep import enumerate_layouts, factorizations, layout_label, parse_layouts
-from llama_jax.topology import ENV_LIBTPU, libtpu_requirement, parse_topology
+from llama_jax.topology import ENV_LIBTPU, libtpu_folder, libtpu_requirement, parse_topology
 
 # Crashes (SIGSEGV, no Python traceback) any `bench` child whose command line holds the layout
 # data=4 x tensor=2: the worst kind of failure, with nothing printed to explain it.
@@ -130,6 +130,10 @@ def test_bad_tpu_slice_names(name):
 
 @pytest.fixture(scope="module")
 def libtpu_path(tmp_path_factory) -> Path:
+    """The libtpu `make tpu` installed beside the environment, else one downloaded for the
+    test (skipped only when neither is possible)."""
+    if (libtpu_folder() / "libtpu").is_dir():
+        return libtpu_folder()
     requirement = libtpu_requirement()
     target = tmp_path_factory.mktemp("libtpu")
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",

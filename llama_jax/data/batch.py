@@ -19,6 +19,15 @@ from llama_jax.sharding import Rules, batch_sharding
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
 
+def one_document_rows(tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch of rows that each hold one sequence: `tokens` is [rows, seq_len + 1]."""
+    rows, n = tokens.shape[0], tokens.shape[1] - 1
+    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+            "weights": np.ones((rows, n), np.float32),
+            "positions": np.tile(np.arange(n, dtype=np.int32), (rows, 1)),
+            "segment_ids": np.ones((rows, n), np.int32)}
+
+
 def to_global(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules,
               global_rows: int) -> dict[str, jax.Array]:
     """Assemble each process's rows into one global array sharded on the batch axes."""

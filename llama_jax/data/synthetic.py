@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llama_jax.data.batch import one_document_rows
+
 SPLIT_SALT = {"train": 0, "validation": 1}
 
 
@@ -42,11 +44,4 @@ class SyntheticSource:
         t = np.arange(self.seq_len + 1)
         tokens = (starts[:, None] + strides[:, None] * t[None, :]) % self.vocab_size
         self.step += 1
-        rows = len(self.rows)
-        return {
-            "inputs": tokens[:, :-1].astype(np.int32),
-            "targets": tokens[:, 1:].astype(np.int32),
-            "weights": np.ones((rows, self.seq_len), np.float32),
-            "positions": np.tile(np.arange(self.seq_len, dtype=np.int32), (rows, 1)),
-            "segment_ids": np.ones((rows, self.seq_len), np.int32),
-        }
+        return one_document_rows(tokens)

@@ -1,0 +1,78 @@
+"""The batches a run consumes: its data source (synthetic tokens or the Grain text pipeline),
+assembled into global arrays on the mesh. What kind of rows a source yields is said here, once,
+and the rest of the code asks (`source_kind`) rather than compare dataset names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from llama_jax.config import Config
+from llama_jax.data.batch import to_global
+
+if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
+    from llama_jax.data.pipeline import PreparedData
+    from llama_jax.step import Batch, Setup
+
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """What a data source's rows are."""
+
+    packed: bool  # several documents per row: segment ids keep attention inside each
+    text: bool  # real text: a tokenizer, bytes per token, a validation split to evaluate
+
+
+def source_kind(cfg: Config) -> SourceKind:
+    # Synthetic rows hold one sequence each: no document mask, so fused attention kernels
+    # (cuDNN) run their plain causal path; and no text behind them.
+    if cfg.data.dataset == SYNTHETIC:
+        return SourceKind(packed=False, text=False)
+    return SourceKind(packed=True, text=True)
+
+
+def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, seed: int,
+                shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of `rows` rows per step from `split` ('train' or 'validation')."""
+    if data is None:
+        from llama_jax.data.synthetic import SyntheticSource
+
+        return SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len, rows, seed, split,
+                               jax.process_index(), jax.process_count())
+    from llama_jax.data.pipeline import TextPipeline
+
+    return TextPipeline(cfg, data, split, rows // jax.process_count(), seed, shuffle=shuffle)
+
+
+def prepare(cfg: Config) -> PreparedData | None:
+    """The dataset and tokenizer of the config (None for synthetic tokens)."""
+    if not source_kind(cfg).text:
+        return None
+    from llama_jax.data.pipeline import prepare_data
+
+    return prepare_data(cfg)
+
+
+def global_batches(setup: Setup, source: Iterator[dict[str, np.ndarray]], rows: int
+                   ) -> Iterator[Batch]:
+    for local in source:
+        yield to_global(local, setup.mesh, setup.rules, rows)
+
+
+def eval_batches(setup: Setup, data: PreparedData | None, split: str = "validation",
+                 count: int | None = None) -> list[Batch]:
+    """The first `count` batches of a split, unshuffled: the same every time they are made."""
+    cfg = setup.cfg
+    rows = cfg.train.global_batch_size
+    source = make_source(cfg, data, split, rows, cfg.train.seed, shuffle=False)
+    it = global_batches(setup, source, rows)
+    batches = [next(it) for _ in range(count or cfg.train.eval_batches)]
+    getattr(source, "close", lambda: None)()
+    return batches

@@ -1,0 +1,122 @@
+"""What a run reports as it goes: metrics.jsonl and TensorBoard rows (process 0 only), the
+throughput row of a logging step, and a profiler trace of chosen steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from llama_jax import flops
+from llama_jax.config import Config
+from llama_jax.errors import LlamaJaxError
+from llama_jax.step import check_finite
+from llama_jax.storage import Appender, is_remote, replace_text, upload_tree
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard scalars; only process 0 writes.
+
+    On resume from step N, rows after N (written by the run that was interrupted) are dropped
+    so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: epath.Path, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            if self.path.is_file():
+                self._keep_through(resume_step)
+            self.rows = Appender(self.path)
+            self.tb = SummaryWriter(os.fspath(run_dir / "tb"), purge_step=resume_step + 1)
+
+    def _keep_through(self, resume_step: int) -> None:
+        """Drop rows after `resume_step`, and a torn last line (a crash mid-write)."""
+        kept = []
+        lines = self.path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:
+                    print(f"note: dropping a torn last line of {self.path} (a write cut short)",
+                          file=sys.stderr)
+                    continue
+                raise LlamaJaxError(f"{self.path}: line {i + 1} is not JSON; fix or move the "
+                                    f"file to resume") from None
+            if row.get("step", 0) <= resume_step:
+                kept.append(line)
+        new_text = "".join(f"{line}\n" for line in kept)
+        if new_text != self.path.read_text():
+            replace_text(self.path, new_text)
+
+    def write(self, row: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.rows.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float):
+                self.tb.add_scalar(f"{prefix}/{key}", value, row["step"])
+        if not self.rows.remote:  # on GCS each flush uploads the whole event file again
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.rows.flush()
+            self.tb.close()
+
+
+def log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_step: int,
+             fpt: float, peak: float) -> dict[str, Any]:
+    check_finite(step, [m["finite"] for m in host])
+    tps = tokens_per_step * steps / seconds if steps and seconds > 0 else None
+    return {
+        "step": step,
+        "loss": float(np.mean([m["loss"] for m in host])),
+        "grad_norm": float(host[-1]["grad_norm"]),
+        "lr": float(host[-1]["lr"]),
+        "tokens_per_sec": tps,
+        "step_time_s": seconds / steps if steps else None,
+        "mfu": None if tps is None else flops.mfu(tps, fpt, peak),
+    }
+
+
+class Profiler:
+    """A JAX profiler trace of steps [profile_start, profile_start + profile_steps), in
+    RUN_DIR/profile (on an object store: traced into a local folder, then copied up)."""
+
+    def __init__(self, cfg: Config, run_dir: epath.Path):
+        self.start = cfg.train.profile_start
+        self.stop = self.start + cfg.train.profile_steps
+        self.enabled = cfg.train.profile_steps > 0
+        self.path = run_dir / "profile"
+        self.local: str | None = None
+        self.active = False
+
+    def at(self, step: int) -> None:
+        if self.enabled and step == self.start and not self.active:
+            if is_remote(self.path):
+                import tempfile
+
+                self.local = tempfile.mkdtemp(prefix="llama_jax_profile_")
+            jax.profiler.start_trace(self.local or os.fspath(self.path))
+            self.active = True
+        elif self.active and step >= self.stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            if self.local:
+                upload_tree(epath.Path(self.local), self.path)

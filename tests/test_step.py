@@ -1,0 +1,75 @@
+"""The compiled step: gradient accumulation, learning, XLA:CPU compile options."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from helpers import layout_overrides, tiny
+
+from llama_jax.data.batch import to_global
+from llama_jax.data.synthetic import SyntheticSource
+from llama_jax.step import gradients, init_state, make_setup, make_train_step
+
+
+def _grads(cfg, batch_np):
+    setup = make_setup(cfg)
+    state = init_state(setup)
+    batch = to_global(batch_np, setup.mesh, setup.rules, cfg.train.global_batch_size)
+    grads, aux = jax.jit(lambda p, b: gradients(setup, p, b))(state["params"], batch)
+    return jax.device_get(grads), float(aux["loss"])
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path):
+    base = ["train.global_batch_size=8", *layout_overrides("data=2,fsdp=2,tensor=2")]
+    cfg_full = tiny(tmp_path, *base)
+    cfg_accum = tiny(tmp_path, *base, "train.microbatches=2")
+    batch = next(SyntheticSource(cfg_full.model.vocab_size, cfg_full.data.seq_len, 8, 3, "train"))
+    batch["weights"][1, 40:] = 0.0  # uneven token counts across microbatches
+    full_grads, full_loss = _grads(cfg_full, batch)
+    accum_grads, accum_loss = _grads(cfg_accum, batch)
+    assert accum_loss == pytest.approx(full_loss, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(accum_grads), strict=True):
+        scale = np.abs(a).max()
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_overfits_one_batch(tmp_path):
+    cfg = tiny(tmp_path, "optimizer.lr=1e-2", "optimizer.schedule=constant",
+               "optimizer.warmup_steps=0", "optimizer.weight_decay=0",
+               *layout_overrides("fsdp=4,tensor=2"))
+    setup = make_setup(cfg)
+    state = init_state(setup)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, (8, cfg.data.seq_len + 1)).astype(np.int32)
+    local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "weights": np.ones((8, cfg.data.seq_len), np.float32),
+             "positions": np.tile(np.arange(cfg.data.seq_len, dtype=np.int32), (8, 1)),
+             "segment_ids": np.ones((8, cfg.data.seq_len), np.int32)}
+    batch = to_global(local, setup.mesh, setup.rules, 8)
+    step = make_train_step(setup)
+    for _ in range(150):
+        state, metrics = step(state, batch)
+    assert float(metrics["loss"]) < 0.1
+
+
+def test_cpu_compile_options_are_dropped_where_xla_does_not_know_them(tmp_path, monkeypatch):
+    """The CPU options are probed, not assumed: with a name this XLA lacks (a newer or older
+    jaxlib) the step compiles without them, and with them it computes the same step."""
+    from llama_jax import platform
+    from llama_jax.bench import compiled_random_step
+
+    setup = make_setup(tiny(tmp_path))
+    assert platform.compiler_options(setup.mesh) == platform.CPU_COMPILER_OPTIONS
+    state, batch, step, _ = compiled_random_step(setup)
+    _, with_options = step(state, batch)
+
+    monkeypatch.setitem(platform.CPU_COMPILER_OPTIONS, "xla_cpu_no_such_option", True)
+    platform._options_accepted.cache_clear()
+    try:
+        assert platform.compiler_options(setup.mesh) is None
+        state, batch, step, _ = compiled_random_step(setup)
+        _, without = step(state, batch)
+    finally:
+        platform._options_accepted.cache_clear()
+    np.testing.assert_array_equal(with_options["loss"], without["loss"])
