@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
+from tensorboardX import SummaryWriter
 
 from llama_jax import flops
 from llama_jax.config import Config
@@ -31,8 +33,6 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
-
             if self.path.is_file():
                 self._keep_through(resume_step)
             self.rows = Appender(self.path)
@@ -77,7 +77,7 @@ class MetricsWriter:
 
 
 def log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_step: int,
-             fpt: float, peak: float) -> dict[str, Any]:
+            fpt: float, peak: float) -> dict[str, Any]:
     check_finite(step, [m["finite"] for m in host])
     tps = tokens_per_step * steps / seconds if steps and seconds > 0 else None
     return {
@@ -106,8 +106,6 @@ class Profiler:
     def at(self, step: int) -> None:
         if self.enabled and step == self.start and not self.active:
             if is_remote(self.path):
-                import tempfile
-
                 self.local = tempfile.mkdtemp(prefix="llama_jax_profile_")
             jax.profiler.start_trace(self.local or os.fspath(self.path))
             self.active = True
