@@ -26,10 +26,11 @@ from etils import epath
 
 from llama_jax.config import Config, config_from_yaml_text, to_yaml
 from llama_jax.errors import LlamaJaxError
-from llama_jax.storage import PathLike, absolute, as_path
+from llama_jax.storage import PathLike, absolute, as_path, is_remote
 
 PyTree = Any
 ITEMS = ("state", "data", "meta")
+COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a finished step on object stores
 # Orbax logs routine read-only notes as WARNING, and a failed background write as ERROR with
 # its traceback before raising it in the caller, where `Checkpointer` turns it into one line.
 absl_logging.set_verbosity(absl_logging.FATAL)
@@ -143,10 +144,16 @@ class Checkpointer:
                                   f"complete checkpoint: {last})") from None
 
     def incomplete(self) -> list[epath.Path]:
-        """Temporary directories of saves that never finished."""
+        """Saves that never finished: Orbax's temporary folders on a disk; on an object store
+        (where Orbax writes in place and marks a finished step with a commit file) step
+        folders without that file."""
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+        found = [p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+        if is_remote(self.directory):
+            found += [p for p in self.directory.iterdir()
+                      if p.name.isdigit() and not (p / COMMIT_FILE).exists()]
+        return sorted(found)
 
     def save(self, step: int, state: dict[str, PyTree], data_state: dict[str, Any] | None
              ) -> None:

@@ -147,3 +147,12 @@ def test_a_run_on_gcs_trains_resumes_exactly_is_read_back_and_survives_damage(gc
     names = bucket_snapshot("run")
     assert any(n.startswith(f"{BUCKET}/run/checkpoints/damaged-15/") for n in names)
     assert any(n.startswith(f"{BUCKET}/run/checkpoints/20/") for n in names)
+
+    # A save cut short on an object store: Orbax wrote the step in place but never its
+    # commit file. The next train names it, resumes from the one before and saves it again.
+    fs.rm_file(f"{BUCKET}/run/checkpoints/20/commit_success.txt")
+    cut = run_cli(*TRAIN, f"run_dir={run}", "train.steps=20")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert f"ignoring incomplete checkpoint {run}/checkpoints/20" in cut.stderr
+    assert f"resuming from {run}/checkpoints/15" in cut.stderr  # saved again on the way to 20
+    assert fs.exists(f"{BUCKET}/run/checkpoints/20/commit_success.txt")
