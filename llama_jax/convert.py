@@ -28,7 +28,7 @@ from llama_jax.config import (
     validate,
 )
 from llama_jax.errors import LlamaJaxError
-from llama_jax.storage import as_path, is_remote
+from llama_jax.storage import is_remote
 
 
 class ConversionError(LlamaJaxError):
@@ -332,9 +332,8 @@ def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) 
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        tokenizer = as_path(loaded.cfg.data.tokenizer or "")
-        if loaded.cfg.data.tokenizer and tokenizer.is_file():
-            (tmp / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+        if loaded.tokenizer is not None:  # the run's own, local or on an object store
+            (tmp / "tokenizer.model").write_bytes(loaded.tokenizer.path.read_bytes())
     return out_dir
 
 
