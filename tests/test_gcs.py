@@ -126,6 +126,8 @@ def test_a_run_on_gcs_trains_resumes_exactly_is_read_back_and_survives_damage(gc
     converted = run_cli("convert", "orbax-to-hf", run, str(tmp_path / "hf"))
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == epath.Path(
+        f"{run}/tokenizer.model").read_bytes()  # the run's tokenizer, read from the bucket
     remote_out = run_cli("convert", "orbax-to-hf", run, f"gs://{BUCKET}/hf")
     assert remote_out.returncode != 0 and "write to a local folder" in remote_out.stderr
     assert len(remote_out.stderr.strip().splitlines()) == 1
