@@ -8,17 +8,15 @@ from LLAMA_JAX_COORDINATOR / LLAMA_JAX_NUM_PROCESSES / LLAMA_JAX_PROCESS_ID (wha
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
-import sys
-import threading
 import time
 
 import jax
 
 from llama_jax.config import DistributedConfig
 from llama_jax.errors import LlamaJaxError
+from llama_jax.output_filter import FatalReport, LineFilter
 
 ENV_COORDINATOR = "LLAMA_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "LLAMA_JAX_NUM_PROCESSES"
@@ -83,73 +81,5 @@ def initialize(d: DistributedConfig) -> bool:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise LlamaJaxError(f"distributed: could not join {where} within "
                             f"{d.timeout_s}s: {first}") from None
+    FatalReport.install(jax.process_index())
     return True
-
-
-class LineFilter:
-    """Drops the lines of this process's standard output that start with `prefix`.
-
-    gloo reports each rank's connections from C++ straight to file descriptor 1, one line
-    per process (N lines under SLURM), which no Python logging setting reaches. So fd 1 is
-    replaced by a pipe; a thread copies what arrives to the real stdout at once, except the
-    lines that start with the prefix. Only a line's start is held back, and only while it could
-    still be the prefix, so progress bars and prompts pass without waiting for a newline.
-    """
-
-    installed: LineFilter | None = None
-
-    @classmethod
-    def install(cls, prefix: bytes) -> None:
-        if cls.installed is None:
-            cls.installed = cls(prefix)
-
-    def __init__(self, prefix: bytes):
-        self.prefix = prefix
-        sys.stdout.flush()
-        self.real = os.dup(1)
-        read, write = os.pipe()
-        os.dup2(write, 1)
-        os.close(write)
-        self.thread = threading.Thread(target=self._pump, args=(read,), daemon=True,
-                                       name="stdout-filter")
-        self.thread.start()
-        atexit.register(self.close)
-
-    def _pump(self, read: int) -> None:
-        pending, dropping, at_start = b"", False, True
-        while chunk := os.read(read, 65536):
-            pending += chunk
-            out = b""
-            while pending:
-                if dropping or at_start:
-                    if at_start and not dropping:
-                        head = pending[:len(self.prefix)]
-                        if len(head) < len(self.prefix) and self.prefix.startswith(head):
-                            break  # not yet known whether this line is one to drop
-                        dropping = head == self.prefix
-                    if dropping:
-                        end = pending.find(b"\n")
-                        if end < 0:
-                            pending = b""
-                            break
-                        pending, dropping, at_start = pending[end + 1:], False, True
-                        continue
-                end = pending.find(b"\n")
-                line, pending = ((pending, b"") if end < 0 else
-                                 (pending[:end + 1], pending[end + 1:]))
-                out += line
-                at_start = end >= 0
-            if out:
-                os.write(self.real, out)
-        if pending and not dropping:
-            os.write(self.real, pending)
-        os.close(read)
-
-    def close(self) -> None:
-        """Put the real stdout back (closing the pipe's last writer) and let the thread copy
-        what is left."""
-        try:
-            sys.stdout.flush()
-        finally:
-            os.dup2(self.real, 1)
-            self.thread.join(timeout=10)
