@@ -126,6 +126,12 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def due(self, step: int) -> bool:
+        """Whether `checkpoint.every` asks for a save at `step`. The loop also saves at the
+        last step and on a stop signal, and never saves the same step twice."""
+        every = self.cfg.checkpoint.every
+        return bool(every) and step % every == 0
+
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:
         """Storage failures of a save (disk full, read-only, permission, a vanished folder),

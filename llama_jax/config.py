@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from llama_jax.data.sources import SYNTHETIC, TEXT_FILES
 from llama_jax.errors import ConfigError
 from llama_jax.storage import as_path, ensure_dir, replace_text
 
@@ -135,7 +136,7 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # synthetic | python_docs | text_files | any TFDS dataset name
+    dataset: str = SYNTHETIC  # synthetic | python_docs | text_files | any TFDS dataset name
     seq_len: int = 128
     files: str = ""  # text_files: glob(s) of .txt / .jsonl files, comma-separated
     text_field: str = "text"  # the feature (TFDS) or JSON key (jsonl) that holds the text
@@ -451,7 +452,7 @@ def validate(cfg: Config) -> None:
             f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} exceeds "
             f"model.vocab_size={cfg.model.vocab_size}"
         )
-    if cfg.data.dataset == "text_files" and not cfg.data.files:
+    if cfg.data.dataset == TEXT_FILES and not cfg.data.files:
         raise ConfigError("data.dataset=text_files needs data.files (a glob of .txt/.jsonl)")
     if cfg.train.global_batch_size % cfg.train.microbatches:
         raise ConfigError(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from etils import epath
@@ -18,9 +19,13 @@ from llama_jax.config import MESH_AXES, Config, apply_overrides
 from llama_jax.data.feed import eval_batches, prepare, source_kind
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.metrics import MetricsWriter
 from llama_jax.sharding import make_mesh
-from llama_jax.step import evaluate, make_eval_step, make_setup
+from llama_jax.step import PyTree, Setup, evaluate, make_eval_step, make_setup
 from llama_jax.storage import PathLike, as_path
+
+if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
+    from llama_jax.data.pipeline import PreparedData
 
 
 @dataclass
@@ -104,12 +109,40 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
                   imported=meta.get("contents") == ["params"])
 
 
+class Evaluator:
+    """Validation during training: on `train.eval_batches` fixed batches of the validation
+    split, every `train.eval_every` steps (the loop adds the first and last step), written as
+    `eval/` rows."""
+
+    def __init__(self, setup: Setup, data: PreparedData | None, writer: MetricsWriter,
+                 say: Callable[[str], None] | None = None):
+        self.every = setup.cfg.train.eval_every
+        self.eval_step = make_eval_step(setup)
+        self.batches = eval_batches(setup, data)
+        self.bytes_per_token = data.bytes_per_token["validation"] if data else None
+        self.writer, self.say = writer, say
+        self.results: list[dict[str, Any]] = []
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def run(self, step: int, params: PyTree) -> dict[str, Any]:
+        result = {"step": step, **evaluate(self.eval_step, params, iter(self.batches),
+                                           self.bytes_per_token)}
+        self.results.append(result)
+        self.writer.write({k: v for k, v in result.items() if k != "tokens"}, prefix="eval")
+        if self.say:
+            self.say(f"step {step}: validation loss {result['loss']:.4f} "
+                     f"({result['tokens']:,.0f} tokens)")
+        return result
+
+
 def evaluate_checkpoint(path: PathLike, overrides: list[str] | tuple[str, ...] = (),
                         step: int | None = None, split: str = "validation",
                         batches: int = 0) -> dict[str, Any]:
     loaded = load_for_inference(path, overrides, step)
-    asked_synthetic = "data.dataset=synthetic" in overrides
-    if loaded.imported and not source_kind(loaded.cfg).text and not asked_synthetic:
+    named = any(o.partition("=")[0].strip() == "data.dataset" for o in overrides)
+    if loaded.imported and not source_kind(loaded.cfg).text and not named:
         raise LlamaJaxError(f"{path} is an imported model with no dataset, and its loss on "
                             f"random tokens means nothing: name one, e.g. "
                             f"data.dataset=python_docs (or text_files with data.files=...); "

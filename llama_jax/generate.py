@@ -72,7 +72,7 @@ def _generate(graphdef: nnx.GraphDef, params: PyTree, prompt_BxP: jax.Array,
     cfg = model.cfg
     b, p = prompt_BxP.shape
     length = p + s.max_new_tokens
-    with _maybe_rules(mesh, rules_items):
+    with sharding.activation_sharding(mesh, dict(rules_items)):
         cache = KVCache.empty(cfg, b, length, jnp.dtype(cfg.compute_dtype))
         slots = jnp.arange(length)[None, :]
         cache = cache.replace(valid=(slots >= pad_B[:, None]) & (slots < p))
@@ -101,20 +101,6 @@ def _generate(graphdef: nnx.GraphDef, params: PyTree, prompt_BxP: jax.Array,
 
         _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, done, rng))
     return out
-
-
-class _maybe_rules:
-    def __init__(self, mesh: Mesh | None, rules_items: tuple):
-        self.ctx = (sharding.activation_sharding(mesh, dict(rules_items)) if mesh is not None
-                    else None)
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def check_token_ids(ids: np.ndarray | list[list[int]], vocab_size: int) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
+import time
 from typing import Any
 
 import jax
@@ -76,6 +78,46 @@ class MetricsWriter:
             self.tb.close()
 
 
+class StepLog:
+    """The train metrics of each step: kept on the device and fetched together every
+    `train.log_every` steps (fetching every step would stall dispatch), timed from the end of
+    the first (compiling) step, and written as one row per logging step."""
+
+    def __init__(self, cfg: Config, writer: MetricsWriter, first_step: int, peak_flops: float):
+        self.writer = writer
+        self.every, self.last = cfg.train.log_every, cfg.train.steps
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        self.fpt = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = peak_flops
+        self.pending: list[dict[str, jax.Array]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.t_last: float | None = None
+        self.step_last = first_step
+
+    def add(self, step: int, state: dict[str, Any], metrics: dict[str, jax.Array]
+            ) -> dict[str, Any] | None:
+        """Record a step's metrics; the row written when this step is a logging step."""
+        self.pending.append(metrics)
+        if self.t_last is None:
+            jax.block_until_ready(state["step"])
+            self.t_last, self.step_last = time.perf_counter(), step
+        if step % self.every and step != self.last:
+            return None
+        host = jax.device_get(self.pending)
+        now = time.perf_counter()
+        row = log_row(step, host, now - self.t_last, step - self.step_last,
+                      self.tokens_per_step, self.fpt, self.peak)
+        self.t_last, self.step_last = now, step
+        self.pending.clear()
+        self.rows.append(row)
+        self.writer.write(row)
+        return row
+
+    def check_finite(self, step: int) -> None:
+        """Raise if a step not yet logged had a non-finite loss (before saving `step`)."""
+        check_finite(step, jax.device_get([m["finite"] for m in self.pending]))
+
+
 def log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_step: int,
             fpt: float, peak: float) -> dict[str, Any]:
     check_finite(step, [m["finite"] for m in host])
@@ -118,3 +160,5 @@ class Profiler:
             self.active = False
             if self.local:
                 upload_tree(epath.Path(self.local), self.path)
+                shutil.rmtree(self.local, ignore_errors=True)
+                self.local = None

@@ -82,17 +82,21 @@ def pump(read_fd: int, write_fd: int, decide: Decide) -> bytes:
     return bytes(held)
 
 
-class LineFilter:
+class OncePerProcess:
+    """A filter replaces a file descriptor of the whole process: `install` it once."""
+
+    installed: OncePerProcess | None = None
+
+    @classmethod
+    def install(cls, *args: object) -> None:
+        if cls.installed is None:
+            cls.installed = cls(*args)
+
+
+class LineFilter(OncePerProcess):
     """Drops the lines of this process's stdout that start with `prefix` (gloo's per-rank
     connection lines: one per process, N lines under SLURM). fd 1 is replaced by a pipe that
     a thread copies to the real stdout."""
-
-    installed: LineFilter | None = None
-
-    @classmethod
-    def install(cls, prefix: bytes) -> None:
-        if cls.installed is None:
-            cls.installed = cls(prefix)
 
     def __init__(self, prefix: bytes):
         self.prefix = prefix
@@ -162,7 +166,7 @@ def summarize(report: str) -> str:
     return re.sub(r"^F\d{4} [\d:.]+\s+\d+ \S+\] ", "", first)[:300]
 
 
-class FatalReport:
+class FatalReport(OncePerProcess):
     """Turns a C++ abort's report on this process's stderr into one line.
 
     fd 2 becomes a pipe to a helper process that copies it to the real stderr. From the line
@@ -171,13 +175,6 @@ class FatalReport:
     report: <file>)". The helper ignores SIGINT and SIGTERM, which a terminal or a scheduler
     sends to the whole process group, so it sees this process's last words during a
     preemption save."""
-
-    installed: FatalReport | None = None
-
-    @classmethod
-    def install(cls, process_id: int) -> None:
-        if cls.installed is None:
-            cls.installed = cls(process_id)
 
     def __init__(self, process_id: int):
         sys.stderr.flush()

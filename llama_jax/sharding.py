@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import MESH_AXES, Config, MeshConfig
-from llama_jax.errors import ConfigError
+from llama_jax.errors import ConfigError, LlamaJaxError
 
 Rules = Mapping[str, Sequence[str]]
 
@@ -197,33 +197,55 @@ def replicated_fraction(abstract_state: Any, mesh: Mesh, rules: Rules) -> tuple[
 # Activation constraints
 
 
-_ACTIVE: list[tuple[Mesh, Rules]] = []
+_ACTIVE: list[tuple[Mesh, Rules] | None] = []
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    """While tracing inside this context, `constrain` pins activations to the mesh."""
-    _ACTIVE.append((mesh, rules))
+def activation_sharding(mesh: Mesh | None, rules: Rules | None = None) -> Iterator[None]:
+    """Every model call runs inside this (train, eval, generate, api): with a mesh, `constrain`
+    pins activations to it by `rules`; with None, the caller declares the call unsharded."""
+    _ACTIVE.append(None if mesh is None else (mesh, rules or {}))
     try:
         yield
     finally:
         _ACTIVE.pop()
 
 
+def unsharded() -> contextlib.AbstractContextManager[None]:
+    """A model call that shards nothing: activations go where XLA puts them."""
+    return activation_sharding(None)
+
+
+def _active() -> tuple[Mesh, Rules] | None:
+    """The mesh and rules activations follow now. Outside `activation_sharding` on more than
+    one device a constraint would do nothing without a word, so that is refused."""
+    if _ACTIVE:
+        return _ACTIVE[-1]
+    if jax.device_count() > 1:
+        raise LlamaJaxError(
+            f"the model was called outside sharding.activation_sharding on "
+            f"{jax.device_count()} devices, where its activation constraints would do "
+            f"nothing: enter activation_sharding(mesh, rules), or sharding.unsharded() to "
+            f"shard nothing")
+    return None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Constrain an activation by logical names; a no-op outside `activation_sharding`."""
-    if not _ACTIVE:
+    """Constrain an activation by logical names (nothing to do in an unsharded call)."""
+    active = _active()
+    if active is None:
         return x
-    mesh, rules = _ACTIVE[-1]
+    mesh, rules = active
     spec = logical_to_spec(names, rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def is_sharded(name: str) -> bool:
     """Whether activations' logical dimension `name` is split over devices right now."""
-    if not _ACTIVE:
+    active = _active()
+    if active is None:
         return False
-    mesh, rules = _ACTIVE[-1]
+    mesh, rules = active
     sizes = mesh_sizes(mesh)
     return any(sizes.get(axis, 1) > 1 for axis in rules.get(name, ()))
 

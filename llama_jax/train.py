@@ -9,7 +9,6 @@ import contextlib
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,17 +19,15 @@ from jax.sharding import Mesh
 from llama_jax import flops
 from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore_latest_good
 from llama_jax.config import Config, save_config
-from llama_jax.data.feed import eval_batches, global_batches, make_source, prepare
+from llama_jax.data.feed import global_batches, make_source, prepare
 from llama_jax.errors import LlamaJaxError
-from llama_jax.metrics import MetricsWriter, Profiler, log_row
+from llama_jax.evaluate import Evaluator
+from llama_jax.metrics import MetricsWriter, Profiler, StepLog
 from llama_jax.run_dir import check_resume, locked
 from llama_jax.step import (
     PyTree,
     Setup,
-    check_finite,
-    evaluate,
     init_state,
-    make_eval_step,
     make_setup,
     make_train_step,
 )
@@ -136,6 +133,9 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainRe
 
 
 def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bool) -> TrainResult:
+    """The loop only sequences; each collaborator decides for itself when it acts: the step
+    log when to fetch and write a row, the evaluator when to run, the checkpointer when a save
+    is due (the last step and a stop signal always save)."""
     is_main = jax.process_index() == 0
     applied = check_resume(run_dir, cfg)
     data = prepare(cfg)
@@ -152,34 +152,21 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         from llama_jax.data.pipeline import copy_tokenizer
 
         copy_tokenizer(data, run_dir)
-    train_step, eval_step = make_train_step(setup), make_eval_step(setup)
+    train_step = make_train_step(setup)
     batches = global_batches(setup, source, rows)
-    val = eval_batches(setup, data)
-    bytes_per_token = data.bytes_per_token["validation"] if data else None
-    fpt = flops.flops_per_token(cfg.model, cfg.data.seq_len)
-    peak, _ = flops.platform_peak_flops(list(setup.mesh.devices.flat))
-    writer = MetricsWriter(run_dir, resume_step=first_step)
-    history: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    pending: list[dict[str, jax.Array]] = []
     total = cfg.train.steps
     progress = _progress(quiet or not is_main)
     task = progress.add_task("train", total=total, completed=first_step, stats="compiling")
-    t_last, step_last = None, first_step
+    writer = MetricsWriter(run_dir, resume_step=first_step)
+    log = StepLog(cfg, writer, first_step, flops.platform_peak_flops(
+        list(setup.mesh.devices.flat))[0])
+    evaluator = Evaluator(setup, data, writer, None if quiet or not is_main
+                          else progress.console.print)
     saved_step = first_step if first_step in ckpt.steps() else -1
-
-    def run_eval(step: int) -> None:
-        result = {"step": step, **evaluate(eval_step, state["params"], iter(val),
-                                           bytes_per_token)}
-        evals.append(result)
-        writer.write({k: v for k, v in result.items() if k != "tokens"}, prefix="eval")
-        if is_main and not quiet:
-            progress.console.print(f"step {step}: validation loss {result['loss']:.4f} "
-                                   f"({result['tokens']:,.0f} tokens)")
 
     def save(step: int) -> None:
         nonlocal saved_step
-        check_finite(step, jax.device_get([m["finite"] for m in pending]))
+        log.check_finite(step)
         ckpt.save(step, state, source.get_state() if hasattr(source, "get_state") else None)
         saved_step = step
 
@@ -187,38 +174,26 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     try:
         with progress, _StopSignals() as stop:
             if first_step == 0:
-                run_eval(0)
+                evaluator.run(0, state["params"])
             for step in range(first_step + 1, total + 1):
                 profiler.at(step)
                 state, metrics = train_step(state, next(batches))
-                pending.append(metrics)
-                if t_last is None:  # throughput is timed from the end of the compiled step
-                    jax.block_until_ready(state["step"])
-                    t_last, step_last = time.perf_counter(), step
-                if step % cfg.train.log_every == 0 or step == total:
-                    host = jax.device_get(pending)
-                    now = time.perf_counter()
-                    row = log_row(step, host, now - t_last, step - step_last,
-                                   rows * cfg.data.seq_len, fpt, peak)
-                    t_last, step_last = now, step
-                    pending.clear()
-                    history.append(row)
-                    writer.write(row)
+                row = log.add(step, state, metrics)
+                if row is not None:
                     speed = "" if row["tokens_per_sec"] is None else (
                         f"  {row['tokens_per_sec']:,.0f} tok/s  MFU {row['mfu']:.1%}")
                     progress.update(task, completed=step, stats=f"loss {row['loss']:.4f}{speed}")
-                every = cfg.checkpoint.every
-                if (every and step % every == 0) or step == total or stop.raised:
+                if ckpt.due(step) or step == total or stop.raised:
                     save(step)
                 if stop.raised:
                     ckpt.wait()
                     raise stop.stopped(step, ckpt.directory / str(step))
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-                    run_eval(step)
+                if evaluator.due(step) and step != total:
+                    evaluator.run(step, state["params"])
             profiler.close()
-            if saved_step != total:
+            if saved_step != total:  # a run resumed at its last step, saved before it ended
                 save(total)
-            run_eval(total)
+            evaluator.run(total, state["params"])
     except BaseException:
         # The error already on its way out is the one to report; a save that also fails
         # while closing adds nothing.
@@ -231,7 +206,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         with contextlib.suppress(Exception):
             writer.close()
         getattr(source, "close", lambda: None)()
-    return TrainResult(state, history, evals)
+    return TrainResult(state, log.rows, evaluator.results)
 
 
 def _progress(disabled: bool):  # noqa: ANN202 - rich Progress

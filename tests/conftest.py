@@ -34,3 +34,13 @@ def tiny_overrides() -> list[str]:
     """The tiny preset made smaller still, for model-level tests that compile many variants."""
     return ["model.vocab_size=97", "model.hidden_size=32", "model.intermediate_size=64",
             "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "data.seq_len=16"]
+
+
+@pytest.fixture
+def unsharded():
+    """For tests that call the model directly on one device's arrays: outside
+    `activation_sharding` a call on this 8-device process is refused."""
+    from llama_jax import sharding
+
+    with sharding.unsharded():
+        yield

@@ -99,6 +99,7 @@ def test_rows_mask_document_boundaries():
     np.testing.assert_array_equal(row["weights"], [1, 1, 0, 1, 1, 1, 0, 1, 0])
 
 
+@pytest.mark.usefixtures("unsharded")
 def test_packed_rows_from_the_pipeline_keep_documents_apart(corpus, tmp_path):
     cfg = data_cfg(corpus, tmp_path, "data.seq_len=128")
     data = prepare_data(cfg)

@@ -19,6 +19,8 @@ from llama_jax.model import Transformer
 from llama_jax.ops import dense_to_f32
 from llama_jax.step import gradients, make_setup
 
+pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
+
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])

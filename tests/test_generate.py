@@ -14,6 +14,8 @@ from llama_jax.config import load_config
 from llama_jax.generate import SamplingConfig, generate_ids, sample_token
 from llama_jax.model import Transformer
 
+pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
+
 NEOX = ["model.norm=layernorm", "model.activation=gelu", "model.parallel_residual=true",
         "model.rotary_pct=0.5", "model.attention_bias=true"]
 

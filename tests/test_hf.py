@@ -9,6 +9,8 @@ import pytest
 from conftest import ROOT
 from helpers import run_cli
 
+pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
+
 torch = pytest.importorskip("torch", reason="CPU torch (dev extra) is needed for HF checks")
 transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is needed")
 

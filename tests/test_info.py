@@ -64,6 +64,7 @@ def test_flops_per_token_gqa_and_gelu_by_hand():
     assert flops.flops_per_token(pythia, s) == 3 * (L * per_layer + 2 * d * v)
 
 
+@pytest.mark.usefixtures("unsharded")
 @pytest.mark.parametrize("arch", [[], ["model.norm=layernorm", "model.activation=gelu",
                                        "model.parallel_residual=true", "model.rotary_pct=0.25"]],
                          ids=["llama", "neox"])

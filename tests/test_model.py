@@ -15,6 +15,8 @@ from llama_jax.layers import Attention, apply_rope, rope_inv_freq
 from llama_jax.model import Transformer, stack_layers, unstack_layers
 from llama_jax.ops import attention_mask, blocked_causal_attention, xla_attention
 
+pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
+
 NEOX = ["model.norm=layernorm", "model.activation=gelu", "model.parallel_residual=true",
         "model.rotary_pct=0.5", "model.attention_bias=true", "model.mlp_bias=true"]
 

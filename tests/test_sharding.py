@@ -127,3 +127,26 @@ def test_sharding_rules_dedupe_mesh_axes():
     assert spec == P(("data", "fsdp"))
     # A dimension the axis does not divide is replicated rather than padded.
     assert sharding.logical_to_spec(("vocab", "embed"), rules, mesh, (10, 6)) == P()
+
+
+def test_a_model_call_outside_activation_sharding_is_refused_not_silently_unsharded(tmp_path):
+    """On 8 devices a constraint outside the context would do nothing: refused by name."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llama_jax.errors import LlamaJaxError
+    from llama_jax.model import Transformer
+
+    cfg = tiny(tmp_path)
+    model = Transformer(cfg.model, nnx.Rngs(0))
+    tokens = jnp.arange(64, dtype=jnp.int32).reshape(8, 8) % cfg.model.vocab_size
+    with pytest.raises(LlamaJaxError, match="outside sharding.activation_sharding on 8 devices"):
+        model(tokens)
+    with sharding.unsharded():
+        unsharded = model(tokens)
+    setup = make_setup(cfg)
+    with sharding.activation_sharding(setup.mesh, setup.rules):
+        placed = jax.jit(lambda t: model(t))(tokens)
+    # the batch over (data, fsdp) = 1 x 8, as the rules place it: one row per device
+    assert {shard.data.shape[0] for shard in placed.addressable_shards} == {1}
+    assert jnp.allclose(unsharded, placed, atol=1e-5)

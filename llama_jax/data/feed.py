@@ -5,7 +5,6 @@ and the rest of the code asks (`source_kind`) rather than compare dataset names.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import jax
@@ -13,29 +12,15 @@ import numpy as np
 
 from llama_jax.config import Config
 from llama_jax.data.batch import to_global
+from llama_jax.data.sources import SourceKind, kind_of
 
 if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
     from llama_jax.data.pipeline import PreparedData
     from llama_jax.step import Batch, Setup
 
 
-SYNTHETIC = "synthetic"
-
-
-@dataclass(frozen=True)
-class SourceKind:
-    """What a data source's rows are."""
-
-    packed: bool  # several documents per row: segment ids keep attention inside each
-    text: bool  # real text: a tokenizer, bytes per token, a validation split to evaluate
-
-
 def source_kind(cfg: Config) -> SourceKind:
-    # Synthetic rows hold one sequence each: no document mask, so fused attention kernels
-    # (cuDNN) run their plain causal path; and no text behind them.
-    if cfg.data.dataset == SYNTHETIC:
-        return SourceKind(packed=False, text=False)
-    return SourceKind(packed=True, text=True)
+    return kind_of(cfg.data.dataset)
 
 
 def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, seed: int,

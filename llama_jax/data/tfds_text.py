@@ -20,6 +20,7 @@ from absl import logging as absl_logging
 
 from llama_jax.config import DataConfig
 from llama_jax.data.corpus import DecodeReport, expand_files, read_documents, write_python_docs
+from llama_jax.data.sources import PYTHON_DOCS, TEXT_FILES
 from llama_jax.errors import LlamaJaxError
 
 SPLITS = ("train", "validation")
@@ -144,9 +145,9 @@ def registered_dataset(data: DataConfig) -> Dataset:
 
 
 def load_dataset(data: DataConfig) -> Dataset:
-    if data.dataset == "python_docs":
+    if data.dataset == PYTHON_DOCS:
         corpus = write_python_docs(Path(data.cache_dir) / "corpus")
-        return local_text_dataset("python_docs", [corpus], data)
-    if data.dataset == "text_files":
-        return local_text_dataset("text_files", expand_files(data.files), data)
+        return local_text_dataset(PYTHON_DOCS, [corpus], data)
+    if data.dataset == TEXT_FILES:
+        return local_text_dataset(TEXT_FILES, expand_files(data.files), data)
     return registered_dataset(data)
