@@ -318,16 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "the latest)")
         else:
             _config_args(p)
-        if name == "bench":
-            p.add_argument("--steps", type=_bounded(int, 1), default=10,
-                           help="timed steps after warm-up")
-            p.add_argument("--pipeline", action="store_true",
-                           help="also measure the input pipeline's tokens/s")
+        if name in ("bench", "sweep"):
+            per = " per layout" if name == "sweep" else " after warm-up"
+            p.add_argument("--steps", type=_bounded(int, 1), default=5 if name == "sweep" else 10,
+                           help="timed steps" + per)
             p.add_argument("--compile-only", action="store_true",
-                           help="only compile the step ahead of time from abstract inputs")
+                           help="compile the step ahead of time from abstract inputs, run "
+                                "nothing")
             p.add_argument("--topology", default="",
                            help="compile only, for a TPU slice (v5p:2x2x2, v5p-16, 2xv5p-128); "
                                 "needs the tpu extra")
+        if name == "bench":
+            p.add_argument("--pipeline", action="store_true",
+                           help="also measure the input pipeline's tokens/s")
         if name == "sweep":
             p.add_argument("--devices", type=int, default=None,
                            help="device count (default: all; on CPU, simulated devices)")
@@ -335,12 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
                            help="mesh axes to factor the devices over")
             p.add_argument("--layouts", default="",
                            help='explicit layouts instead, e.g. "data=2,fsdp=4;fsdp=8"')
-            p.add_argument("--steps", type=_bounded(int, 1), default=5,
-                           help="timed steps per layout")
-            p.add_argument("--compile-only", action="store_true",
-                           help="compile each layout ahead of time, run nothing")
-            p.add_argument("--topology", default="",
-                           help="compile for a TPU slice (implies --compile-only)")
             p.add_argument("--out", default="", help="folder for sweep.csv/json/png "
                            "(default: sweeps/<config>-<time>)")
             p.add_argument("--timeout", type=float, default=900.0,
