@@ -103,6 +103,9 @@ class ModelConfig:
     scan_layers: bool = True
     attention: AttentionImpl = "xla"
     attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
+    # the LM head and loss over this many slices of the positions (loss.chunked_head_loss_sums);
+    # 0: as few as keep one slice's float32 logits under 1 GiB per device; 1: one pass
+    loss_chunks: int = 0
     quantization: Quantization = "none"  # fp8: the block's projections (fp8.py)
     fp8_gradients: Fp8Gradients = "e4m3"  # the output gradients' format
     fp8_weight_gradient: Fp8WeightGradient = "fp8"  # the weight gradient's product
@@ -421,6 +424,12 @@ def validate(cfg: Config) -> None:
         )
     if m.head_dim is not None and m.head_dim <= 0:
         raise ConfigError(f"model.head_dim={m.head_dim} must be positive")
+    if m.loss_chunks < 0 or (m.loss_chunks and cfg.data.seq_len % m.loss_chunks):
+        raise ConfigError(f"model.loss_chunks={m.loss_chunks} must divide data.seq_len="
+                          f"{cfg.data.seq_len} (0: chosen from the logits' size)")
+    if m.loss_chunks > 1 and not cfg.train.fused_loss:
+        raise ConfigError(f"model.loss_chunks={m.loss_chunks} needs train.fused_loss=true (the "
+                          f"chunked loss is the fused LM head's)")
     if m.attention_block < 0:
         raise ConfigError(f"model.attention_block={m.attention_block} must be >= 0 (0: off)")
     if not 0.0 < m.rotary_pct <= 1.0:

@@ -86,3 +86,117 @@ def _head_loss_bwd(z_loss: float, residuals: tuple[Array, ...], cotangents: tupl
 
 
 _head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
+
+
+def chunked_head_loss_sums(x_BxTxD: Array, w_DxV: Array, targets_BxT: Array,
+                           weights_BxT: Array, z_loss: float, chunks: int
+                           ) -> tuple[Array, dict[str, Array]]:
+    """`head_loss_sums` over `chunks` slices of the positions, so at most one slice's float32
+    logits [B, T/chunks, V] exist at a time, in the forward and in the backward.
+
+    Why: the fused head keeps the whole [B, T, V] float32 logits for its backward, the largest
+    buffer of a long-context or 128k-vocabulary step. Here each slice's logits gradient is
+    formed and used during the forward (the loss is the graph's last node, so its gradient
+    needs nothing that comes later): the head's input and weight gradients are kept instead
+    (the size of x and of w), and the backward only scales them. No logits are recomputed,
+    so the FLOPs equal the fused path's. Slice c holds positions c, c + chunks, ...: strided
+    rather than contiguous, so a sequence split over devices stays split in every slice.
+    """
+    total, ce = _chunked_head_loss(x_BxTxD, w_DxV, targets_BxT, weights_BxT, z_loss, chunks)
+    return total, {"ce_sum": ce, "tokens": weights_BxT.sum()}
+
+
+CHUNK_LOGITS_BYTES = 1 << 30  # model.loss_chunks=0: one slice's float32 logits per device
+
+
+def auto_chunks(seq_len: int, tokens_per_device: float, vocab_per_device: float,
+                sequence_shards: int = 1) -> int:
+    """The fewest slices (dividing `seq_len`, each still split over the sequence shards) that
+    keep one slice's float32 logits per device under CHUNK_LOGITS_BYTES; the most there can
+    be when none does."""
+    admissible = [n for n in range(1, seq_len + 1)
+                  if seq_len % n == 0 and (n == 1 or (seq_len // n) % sequence_shards == 0)]
+    for n in admissible:
+        if tokens_per_device * vocab_per_device * 4 / n <= CHUNK_LOGITS_BYTES:
+            return n
+    return admissible[-1]
+
+
+def _strided(a: Array, chunks: int) -> Array:
+    """[B, T, ...] -> [chunks, B, T/chunks, ...]: slice c holds positions c::chunks."""
+    b, t = a.shape[:2]
+    return jnp.moveaxis(a.reshape(b, t // chunks, chunks, *a.shape[2:]), 2, 0)
+
+
+def _unstrided(a: Array) -> Array:
+    chunks, b, tc = a.shape[:3]
+    return jnp.moveaxis(a, 0, 2).reshape(b, tc * chunks, *a.shape[3:])
+
+
+def _chunk_grads(x: Array, w: Array, targets: Array, weights: Array, z_loss: float,
+                 chunks: int, with_grads: bool) -> tuple[Array, ...]:
+    """Sums over the slices; with `with_grads` also d total and d ce with respect to x and w
+    (one pair when z_loss is 0, where the two are equal)."""
+    pairs = 2 if z_loss else 1
+
+    def one(carry: tuple[Array, ...], xs: tuple[Array, Array, Array]
+            ) -> tuple[tuple[Array, ...], Array | None]:
+        x_c, t_c, wt_c = xs
+        logits = _logits(x_c, w)
+        total, ce, log_z = _sums(logits, t_c, wt_c, z_loss)
+        sums = (carry[0] + total, carry[1] + ce)
+        if not with_grads:
+            return (*sums, *carry[2:]), None
+        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        probs = jnp.exp(logits - log_z[..., None])
+        onehot = vocab == t_c[..., None]
+        dws, dxs = [], []
+        for kind in range(pairs):  # 0: d total (with z-loss), 1: d ce
+            p_scale = wt_c * (1.0 + 2.0 * z_loss * log_z) if kind == 0 else wt_c
+            d_logits = p_scale[..., None] * probs - jnp.where(onehot, wt_c[..., None], 0.0)
+            d_logits = constrain(d_logits.astype(x.dtype), ("batch", "length", "vocab"))
+            dx_c, dw_c = dense_bwd((x_c, w), d_logits)
+            dxs.append(dx_c)
+            dws.append(carry[2 + kind] + dw_c.astype(F32))
+        return (*sums, *dws), jnp.stack(dxs)
+
+    zero = jnp.zeros((), F32)
+    dw0 = (jnp.zeros(w.shape, F32),) * pairs if with_grads else ()
+    carry, dx = jax.lax.scan(one, (zero, zero, *dw0),
+                             (_strided(x, chunks), _strided(targets, chunks),
+                              _strided(weights, chunks)))
+    if not with_grads:
+        return carry[0], carry[1]
+    dxs = tuple(_unstrided(dx[:, kind]) for kind in range(pairs))
+    dws = tuple(dw.astype(w.dtype) for dw in carry[2:])
+    return carry[0], carry[1], *dxs, *dws
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_head_loss(x: Array, w: Array, targets: Array, weights: Array, z_loss: float,
+                       chunks: int) -> tuple[Array, Array]:
+    return _chunk_grads(x, w, targets, weights, z_loss, chunks, with_grads=False)
+
+
+def _chunked_head_loss_fwd(x: Array, w: Array, targets: Array, weights: Array, z_loss: float,
+                           chunks: int) -> tuple[tuple[Array, Array], tuple[Array, ...]]:
+    total, ce, *grads = _chunk_grads(x, w, targets, weights, z_loss, chunks, with_grads=True)
+    return (total, ce), tuple(grads)
+
+
+def _chunked_head_loss_bwd(z_loss: float, chunks: int, grads: tuple[Array, ...],
+                           cotangents: tuple[Array, Array]) -> tuple[Array, Array, None, None]:
+    """The gradients were formed in the forward for cotangent 1; scale and add them."""
+    d_total, d_ce = cotangents
+    if z_loss:
+        dx_total, dx_ce, dw_total, dw_ce = grads
+        parts = ((d_total, dx_total, dw_total), (d_ce, dx_ce, dw_ce))
+    else:
+        dx_both, dw_both = grads
+        parts = ((d_total + d_ce, dx_both, dw_both),)
+    dx = sum(scale * g_x.astype(F32) for scale, g_x, _ in parts)
+    dw = sum(scale * g_w.astype(F32) for scale, _, g_w in parts)
+    return dx.astype(grads[0].dtype), dw.astype(grads[-1].dtype), None, None
+
+
+_chunked_head_loss.defvjp(_chunked_head_loss_fwd, _chunked_head_loss_bwd)

@@ -25,7 +25,7 @@ from llama_jax.config import Config
 from llama_jax.data.batch import BATCH_KEYS
 from llama_jax.data.feed import source_kind
 from llama_jax.errors import LlamaJaxError
-from llama_jax.loss import head_loss_sums, loss_sums
+from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
 from llama_jax.model import Transformer
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 
@@ -117,8 +117,28 @@ def _forward_sums(setup: Setup, params: PyTree, batch: Batch) -> tuple[jax.Array
     if not cfg.train.fused_loss:
         return loss_sums(model(*args), batch["targets"], batch["weights"], cfg.train.z_loss)
     x = model.final_norm(model.hidden_states(*args))
-    return head_loss_sums(x, model.head_weight(x.dtype), batch["targets"], batch["weights"],
-                          cfg.train.z_loss)
+    w = model.head_weight(x.dtype)
+    chunks = loss_chunks(setup, x.shape[0])
+    if chunks == 1:
+        return head_loss_sums(x, w, batch["targets"], batch["weights"], cfg.train.z_loss)
+    return chunked_head_loss_sums(x, w, batch["targets"], batch["weights"], cfg.train.z_loss,
+                                  chunks)
+
+
+def loss_chunks(setup: Setup, rows: int) -> int:
+    """`model.loss_chunks`, or when 0 the slices that keep one slice's float32 logits per
+    device under `loss.CHUNK_LOGITS_BYTES`, from how the mesh splits batch, length and vocab."""
+    cfg = setup.cfg
+    if cfg.model.loss_chunks:
+        return cfg.model.loss_chunks
+    sizes = sharding.mesh_sizes(setup.mesh)
+
+    def shards(name: str) -> int:
+        return math.prod(sizes.get(axis, 1) for axis in setup.rules.get(name, ()))
+
+    t = cfg.data.seq_len
+    return auto_chunks(t, rows * t / (shards("batch") * shards("length")),
+                       cfg.model.vocab_size / shards("vocab"), shards("length"))
 
 
 def _split_microbatches(batch: Batch, k: int) -> Batch:

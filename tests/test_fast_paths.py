@@ -11,10 +11,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny
 
+from llama_jax.bench import compile_only
 from llama_jax.config import load_config
+from llama_jax.errors import ConfigError
 from llama_jax.fp8 import fp8_matmul
-from llama_jax.loss import head_loss_sums, loss_sums
+from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
 from llama_jax.model import Transformer
 from llama_jax.ops import dense_to_f32
 from llama_jax.step import gradients, make_setup
@@ -22,29 +25,38 @@ from llama_jax.step import gradients, make_setup
 pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
 
 
+@pytest.mark.parametrize("chunks", [0, 3, 4], ids=["fused", "3-slices", "4-slices"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_fused_head_loss_matches_autodiff(dtype, z_loss):
+def test_fused_head_loss_matches_autodiff(dtype, z_loss, chunks):
     """Loss and both gradients equal autodiff of logits -> cross-entropy, with padding
-    weights and z-loss; a wrong sign or scale of any term fails it."""
+    weights and z-loss, for the fused head and its chunked form (model.loss_chunks); a wrong
+    sign or scale of any term fails it. Both outputs carry a cotangent (the total and the
+    cross-entropy enter the differentiated value with other weights)."""
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k[0], (2, 12, 32)).astype(dtype)
     w = jax.random.normal(k[1], (32, 70)).astype(dtype)
     targets = jax.random.randint(k[2], (2, 12), 0, 70)
     weights = (jax.random.uniform(k[3], (2, 12)) > 0.3).astype(jnp.float32)
 
+    def value(sums):
+        total, aux = sums
+        return total + 0.5 * aux["ce_sum"], aux
+
     def reference(x, w):
-        return loss_sums(dense_to_f32(x, w), targets, weights, z_loss)
+        return value(loss_sums(dense_to_f32(x, w), targets, weights, z_loss))
 
     def fused(x, w):
-        return head_loss_sums(x, w, targets, weights, z_loss)
+        if chunks:
+            return value(chunked_head_loss_sums(x, w, targets, weights, z_loss, chunks))
+        return value(head_loss_sums(x, w, targets, weights, z_loss))
 
     (ref_total, ref_aux), ref_grads = jax.value_and_grad(reference, (0, 1), has_aux=True)(x, w)
     (total, aux), grads = jax.value_and_grad(fused, (0, 1), has_aux=True)(x, w)
     np.testing.assert_allclose(total, ref_total, rtol=1e-6)
     np.testing.assert_allclose(aux["ce_sum"], ref_aux["ce_sum"], rtol=1e-6)
     assert aux["tokens"] == weights.sum()
-    tol = 1e-5 if dtype == "float32" else 1e-2
+    tol = 1e-6 if dtype == "float32" else 1e-2
     for a, b in zip(grads, ref_grads, strict=True):
         assert a.dtype == b.dtype == jnp.dtype(dtype)
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
@@ -195,3 +207,32 @@ def test_gpu_bench_script_runs(tmp_path):
     assert "skipped" in done.stdout
     table = done.stdout[done.stdout.index("variant "):]
     assert all(name in table for name in rows) and "1.000x" in table
+
+
+def test_loss_chunks_cut_the_compiled_steps_temporaries(tmp_path):
+    """With 8 slices the float32 [B, T, V] logits (128 MiB per device here) never exist:
+    XLA's own memory plan for the whole train step drops by more than their size."""
+    shape = ["model.vocab_size=32768", "data.seq_len=1024", "model.max_position_embeddings=1024"]
+    temp = {n: compile_only(tiny(tmp_path, *shape, f"model.loss_chunks={n}"))["temp_gib"] * 2**30
+            for n in (1, 8)}
+    logits_per_device = 8 * 1024 * 32768 * 4 / 8  # batch 8 over fsdp=8
+    assert temp[8] < temp[1] - logits_per_device, temp
+
+
+def test_loss_chunks_by_default_keep_a_slice_under_a_gib():
+    # Llama 3.2 1B on one H200: batch 16 x 2048, 128k vocabulary = 16.8 GB of float32 logits
+    assert auto_chunks(2048, 16 * 2048, 128256) == 16
+    assert auto_chunks(256, 8 * 256, 32000) == 1  # small: one pass
+    # a sequence split 4 ways stays split in every slice: T/n divisible by 4
+    n = auto_chunks(32768, 8 * 32768 / 8, 128256, sequence_shards=4)
+    assert (32768 // n) % 4 == 0 and 32768 * 128256 * 4 / n <= 2**30
+    assert auto_chunks(96, 2**40, 1, sequence_shards=16) == 6  # 96 / 6 = 16: the most it can
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.loss_chunks=5"], "model.loss_chunks=5 must divide data.seq_len=64"),
+    (["model.loss_chunks=4", "train.fused_loss=false"], "needs train.fused_loss=true"),
+])
+def test_bad_loss_chunks_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(tmp_path, *overrides)

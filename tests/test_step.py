@@ -1,4 +1,5 @@
-"""The compiled step: gradient accumulation, learning, XLA:CPU compile options."""
+"""The compiled step: gradient accumulation, the chunked loss, learning, XLA:CPU compile
+options."""
 
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
     for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(accum_grads), strict=True):
         scale = np.abs(a).max()
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("layout", ["fsdp=2,sequence=4", "data=2,fsdp=2,tensor=2"])
+def test_chunked_loss_equals_one_pass_in_the_step(tmp_path, layout):
+    """model.loss_chunks inside the sharded step (z-loss on, padding): loss and every
+    parameter's gradient equal the one-pass fused head, whatever the layout splits."""
+    base = ["train.z_loss=1e-3", *layout_overrides(layout)]
+    cfg_one = tiny(tmp_path, *base, "model.loss_chunks=1")
+    batch = next(SyntheticSource(cfg_one.model.vocab_size, cfg_one.data.seq_len, 8, 3, "train"))
+    batch["weights"][1, 40:] = 0.0
+    one_grads, one_loss = _grads(cfg_one, batch)
+    chunk_grads, chunk_loss = _grads(tiny(tmp_path, *base, "model.loss_chunks=4"), batch)
+    assert chunk_loss == pytest.approx(one_loss, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(one_grads), jax.tree.leaves(chunk_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
 
 
 def test_overfits_one_batch(tmp_path):
