@@ -37,6 +37,7 @@ RopeScaling = Literal["none", "linear", "llama3"]
 Remat = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                 "projections_and_attention"]
 AttentionImpl = Literal["xla", "dot_product_attention", "cudnn"]
+ContextParallel = Literal["all_gather", "ring"]
 Quantization = Literal["none", "fp8"]
 Fp8Gradients = Literal["e4m3", "e5m2"]
 Fp8WeightGradient = Literal["fp8", "bf16"]
@@ -103,6 +104,8 @@ class ModelConfig:
     scan_layers: bool = True
     attention: AttentionImpl = "xla"
     attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
+    # how attention reaches the keys of other devices when mesh.sequence splits the sequence
+    context_parallel: ContextParallel = "all_gather"
     # the LM head and loss over this many slices of the positions (loss.chunked_head_loss_sums);
     # 0: as few as keep one slice's float32 logits under 1 GiB per device; 1: one pass
     loss_chunks: int = 0

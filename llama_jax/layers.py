@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax import context_parallel
 from llama_jax.config import ModelConfig
 from llama_jax.ops import (
     activation_down,
@@ -24,7 +25,7 @@ from llama_jax.ops import (
     projection_matmul,
     xla_attention,
 )
-from llama_jax.sharding import constrain
+from llama_jax.sharding import constrain, is_sharded
 
 Array = jax.Array
 F32 = jnp.float32
@@ -166,10 +167,16 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         return q, k, v
 
-    def attend(self, q: Array, k: Array, v: Array, mask_BxTxS: Array | None,
+    def attend(self, q: Array, k: Array, v: Array, positions_BxT: Array,
                segment_ids_BxT: Array | None) -> Array:
-        return attention(q, k, v, segment_ids_BxT, impl=self.cfg.attention,
-                         scale=1.0 / math.sqrt(self.cfg.head_size), mask_BxTxS=mask_BxTxS,
+        """Causal attention within documents; over the devices that split the sequence
+        (context parallelism) when `length` is sharded."""
+        scale = 1.0 / math.sqrt(self.cfg.head_size)
+        if is_sharded("length"):
+            return context_parallel.attention(q, k, v, positions_BxT, segment_ids_BxT,
+                                              kind=self.cfg.context_parallel, scale=scale,
+                                              block=self.cfg.attention_block)
+        return attention(q, k, v, segment_ids_BxT, impl=self.cfg.attention, scale=scale,
                          block=self.cfg.attention_block)
 
     def project_out(self, out_BxTxNxH: Array) -> Array:
@@ -184,7 +191,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BxTxD: Array, positions_BxT: Array,
                  segment_ids_BxT: Array | None) -> Array:
         q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
-        return self.project_out(self.attend(q, k, v, None, segment_ids_BxT))
+        return self.project_out(self.attend(q, k, v, positions_BxT, segment_ids_BxT))
 
     def cached(self, x_BxTxD: Array, positions_BxT: Array, cache: LayerCache
                ) -> tuple[Array, LayerCache]:

@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import ModelConfig
 from llama_jax.fp8 import fp8_matmul
-from llama_jax.sharding import constrain, is_sharded
+from llama_jax.sharding import constrain
 
 Array = jax.Array
 F32 = jnp.float32
@@ -112,23 +112,24 @@ def _masked_scores(q_BxKxGxTxH: Array, k_BxKxSxH: Array, mask_BxTxS: Array) -> A
     return jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
 
 
-def _block_forward(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array
-                   ) -> tuple[Array, Array]:
+def block_forward(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array,
+                  out_dtype: jnp.dtype | None = None) -> tuple[Array, Array]:
     """Softmax attention on head-major operands (Q already scaled): the output [B, K, G, T, H]
-    and the log-sum-exp of each query's scores [B, K, G, T, 1] (float32)."""
+    (in V's dtype unless `out_dtype`) and the log-sum-exp of each query's scores
+    [B, K, G, T, 1] (float32)."""
     scores = _masked_scores(q_BxKxGxTxH, k_BxKxSxH, mask_BxTxS)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     unnormalised = jnp.exp(scores - peak)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
     out = jnp.einsum("bkgts,bksh->bkgth", unnormalised.astype(v_BxKxSxH.dtype), v_BxKxSxH,
                      preferred_element_type=F32) / total
-    return out.astype(v_BxKxSxH.dtype), peak + jnp.log(total)
+    return out.astype(out_dtype or v_BxKxSxH.dtype), peak + jnp.log(total)
 
 
-def _block_backward(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array,
+def block_backward(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array,
                     out_BxKxGxTxH: Array, lse_BxKxGxTx1: Array, d_out_BxKxGxTxH: Array
                     ) -> tuple[Array, Array, Array]:
-    """Gradients of `_block_forward` for Q, K and V (the last two in float32), recomputing the
+    """Gradients of `block_forward` for Q, K and V (the last two in float32), recomputing the
     probabilities from the log-sum-exp instead of reading stored ones (FlashAttention's
     backward): `d_scores = P * (dP - rowsum(dO * O))`."""
     cd = q_BxKxGxTxH.dtype
@@ -157,20 +158,20 @@ def _named_for_remat(out: Array, lse: Array) -> tuple[Array, Array]:
 @jax.custom_vjp
 def _masked_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
                       mask_BxTxS: Array) -> Array:
-    """`_block_forward` under any mask, with the recomputing backward."""
-    return _block_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS)[0]
+    """`block_forward` under any mask, with the recomputing backward."""
+    return block_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS)[0]
 
 
 def _masked_attention_fwd(q: Array, k: Array, v: Array, mask: Array
                           ) -> tuple[Array, tuple[Array, ...]]:
-    out, lse = _named_for_remat(*_block_forward(q, k, v, mask))
+    out, lse = _named_for_remat(*block_forward(q, k, v, mask))
     return out, (q, k, v, mask, out, lse)
 
 
 def _masked_attention_bwd(residuals: tuple[Array, ...], d_out: Array
                           ) -> tuple[Array, Array, Array, None]:
     _, k, v = residuals[:3]
-    dq, dk, dv = _block_backward(*residuals, d_out)
+    dq, dk, dv = block_backward(*residuals, d_out)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -200,7 +201,7 @@ def _causal_blocks_fwd(q: Array, k: Array, v: Array, segment_ids: Array | None, 
                        ) -> tuple[Array, tuple[Array | None, ...]]:
     outs, lses = [], []
     for start, end in _query_blocks(q.shape[3], block):
-        out, lse = _block_forward(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end],
+        out, lse = block_forward(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end],
                                   _causal_block_mask(segment_ids, start, end))
         outs.append(out)
         lses.append(lse)
@@ -215,7 +216,7 @@ def _causal_blocks_bwd(block: int, residuals: tuple[Array | None, ...], d_out: A
     # Last block first: it reads every key, so its K/V gradients start the sums.
     for start, end in reversed(_query_blocks(q.shape[3], block)):
         rows = slice(start, end)
-        dq_i, dk_i, dv_i = _block_backward(
+        dq_i, dk_i, dv_i = block_backward(
             q[:, :, :, rows], k[:, :, :end], v[:, :, :end],
             _causal_block_mask(segment_ids, start, end), out[:, :, :, rows], lse[:, :, :, rows],
             d_out[:, :, :, rows])
@@ -229,7 +230,7 @@ def _causal_blocks_bwd(block: int, residuals: tuple[Array | None, ...], d_out: A
 _causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
-def _to_head_major(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, scale: float
+def to_head_major(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, scale: float
                    ) -> tuple[Array, Array, Array]:
     b, t, n, h = q_BxTxNxH.shape
     k = k_BxSxKxH.shape[2]
@@ -237,7 +238,7 @@ def _to_head_major(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, scale: 
     return q_BxKxGxTxH, k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
 
 
-def _from_head_major(out_BxKxGxTxH: Array) -> Array:
+def from_head_major(out_BxKxGxTxH: Array) -> Array:
     b, k, g, t, h = out_BxKxGxTxH.shape
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
 
@@ -251,8 +252,8 @@ def xla_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxT
     otherwise XLA:CPU transposes the scores (and their gradient), the largest tensors of the
     layer. The scale is applied to Q, the smaller operand.
     """
-    q, k, v = _to_head_major(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, scale)
-    return _from_head_major(_masked_attention(q, k, v, mask_BxTxS))
+    q, k, v = to_head_major(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, scale)
+    return from_head_major(_masked_attention(q, k, v, mask_BxTxS))
 
 
 def blocked_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
@@ -266,32 +267,31 @@ def blocked_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Arra
     shorter. Plain XLA ops, so it runs, shards and differentiates wherever the one-einsum form
     does (docs/performance.md).
     """
-    q, k, v = _to_head_major(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale)
-    return _from_head_major(_causal_blocks(q, k, v, segment_ids_BxT, block))
+    q, k, v = to_head_major(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale)
+    return from_head_major(_causal_blocks(q, k, v, segment_ids_BxT, block))
 
 
 def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
               segment_ids_BxT: Array | None, *, impl: str, scale: float,
               mask_BxTxS: Array | None = None, block: int = 0) -> Array:
     """Causal attention within documents (`segment_ids`; None: one document per row), or under
-    an explicit `mask` (decoding over a cache). `impl`: "xla" (our kernels: query blocks of
-    `block` rows when that splits the sequence, else one masked einsum), or a fused kernel
-    through `jax.nn.dot_product_attention` ("cudnn", or "auto" for JAX's choice)."""
+    an explicit `mask` (decoding over a cache), on a sequence held whole by each device.
+    `impl`: "xla" (our kernels: query blocks of `block` rows when that splits the sequence,
+    else one masked einsum), or a fused kernel through `jax.nn.dot_product_attention`
+    ("cudnn", or "dot_product_attention" for JAX's choice) for rows of one document. Packed
+    rows never reach the fused kernel: JAX's public API takes document boundaries only as a
+    dense [B, 1, T, T] mask, so they take the query blocks instead."""
     t = q_BxTxNxH.shape[1]
-    # Not when the sequence is split over devices: each query block would sit on one.
-    if impl == "xla" and mask_BxTxS is None and t == k_BxSxKxH.shape[1] and 0 < block < t and (
-            not is_sharded("length")):
-        return blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale,
-                                        block)
-    if impl == "xla" or mask_BxTxS is not None:
-        if mask_BxTxS is None:
-            mask_BxTxS = attention_mask(segment_ids_BxT, t, k_BxSxKxH.shape[1])
+    if mask_BxTxS is not None:
         return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale)
-    mask = None
-    if segment_ids_BxT is not None:
-        mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+    if impl == "xla" or segment_ids_BxT is not None:
+        if 0 < block < t and t == k_BxSxKxH.shape[1]:
+            return blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT,
+                                            scale, block)
+        mask = attention_mask(segment_ids_BxT, t, k_BxSxKxH.shape[1])
+        return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale)
     return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, scale=scale, is_causal=True,
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, scale=scale, is_causal=True,
         implementation="cudnn" if impl == "cudnn" else None,
     )
 

@@ -38,7 +38,7 @@ RESUMABLE = (
     "train.profile_start", "train.profile_steps", "train.microbatches", "train.fused_loss",
     "train.z_loss", "checkpoint.", "mesh.", "distributed.", "data.prefetch", "data.cache_dir",
     "data.tfds_data_dir", "model.remat", "model.attention", "model.attention_block",
-    "model.loss_chunks",
+    "model.loss_chunks", "model.context_parallel",
     "model.compute_dtype", "model.quantization", "model.fp8_gradients",
     "model.fp8_weight_gradient", "optimizer.lr", "optimizer.schedule",
     "optimizer.warmup_steps", "optimizer.min_lr_ratio", "optimizer.decay_fraction",

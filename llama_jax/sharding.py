@@ -82,6 +82,17 @@ def check_divisibility(cfg: Config, sizes: Mapping[str, int]) -> None:
                       f"mesh {' x '.join(axes)} = {' x '.join(str(sizes[a]) for a in axes)} "
                       f"= {split}")
             raise ConfigError(f"{layout} does not divide {what}")
+    split = math.prod(sizes[a] for a in q_axes["length"])
+    if split > 1:  # context parallelism (context_parallel.py)
+        where = f"the sequence split {split} ways (mesh {' x '.join(q_axes['length'])})"
+        if cfg.data.seq_len % (2 * split):
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not divide into 2 x {split} "
+                              f"equal chunks for {where}: each device holds a front and a back "
+                              f"chunk, to balance causal attention")
+        if m.attention == "cudnn":
+            raise ConfigError(f"model.attention=cudnn cannot attend across {where}: JAX's cuDNN "
+                              f"attention takes no key positions; use model.attention=xla "
+                              f"(context parallelism runs the blocked kernels either way)")
 
 
 def make_mesh(cfg: Config, devices: Sequence[Any] | None = None) -> Mesh:
@@ -228,6 +239,14 @@ def _active() -> tuple[Mesh, Rules] | None:
             f"nothing: enter activation_sharding(mesh, rules), or sharding.unsharded() to "
             f"shard nothing")
     return None
+
+
+def active_mesh() -> tuple[Mesh, Rules]:
+    """The mesh and rules of the enclosing `activation_sharding` (one with a mesh)."""
+    active = _active()
+    if active is None:
+        raise LlamaJaxError("no mesh is active: the caller shards nothing")
+    return active
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax import platform, sharding
+from llama_jax import context_parallel, platform, sharding
 from llama_jax.config import Config
 from llama_jax.data.batch import BATCH_KEYS
 from llama_jax.data.feed import source_kind
@@ -112,6 +112,11 @@ def init_state(setup: Setup) -> PyTree:
 def _forward_sums(setup: Setup, params: PyTree, batch: Batch) -> tuple[jax.Array, dict]:
     model = nnx.merge(setup.graphdef, params)
     cfg = setup.cfg
+    shards = context_parallel.sequence_shards(setup.mesh, setup.rules)
+    if shards > 1:  # every device a front and a back chunk: causal work balanced
+        order = jnp.asarray(context_parallel.balanced_order(batch["inputs"].shape[1], shards))
+        batch = {key: sharding.constrain(x[:, order], ("batch", "length"))
+                 for key, x in batch.items()}
     packed = source_kind(cfg).packed
     args = (batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None)
     if not cfg.train.fused_loss:

@@ -1,0 +1,98 @@
+"""Context parallelism (`mesh.sequence`): equal to the sequence held whole, balanced, and
+refused in one line where it cannot run."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from helpers import layout_overrides, tiny
+
+from llama_jax import context_parallel
+from llama_jax.data.batch import to_global
+from llama_jax.errors import ConfigError
+from llama_jax.step import gradients, init_state, make_setup
+from llama_jax.train import train
+
+KINDS = ["all_gather", "ring"]
+WHOLE = layout_overrides("fsdp=8")
+SPLIT = layout_overrides("fsdp=2,sequence=4")
+
+
+def packed_batch(cfg, seed=0):
+    """Rows of several documents: positions restart and segment ids change at each start."""
+    rng = np.random.default_rng(seed)
+    b, t = cfg.train.global_batch_size, cfg.data.seq_len
+    starts = rng.random((b, t)) < 0.08
+    starts[:, 0] = True
+    segment_ids = np.cumsum(starts, axis=1).astype(np.int32)
+    last_start = np.maximum.accumulate(np.where(starts, np.arange(t), 0), axis=1)
+    tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "weights": (rng.random((b, t)) > 0.1).astype(np.float32),
+            "positions": (np.arange(t) - last_start).astype(np.int32),
+            "segment_ids": segment_ids}
+
+
+def _grads(cfg, batch_np):
+    setup = make_setup(cfg)
+    state = init_state(setup)
+    batch = to_global(batch_np, setup.mesh, setup.rules, cfg.train.global_batch_size)
+    grads, aux = jax.jit(lambda p, b: gradients(setup, p, b))(state["params"], batch)
+    return jax.device_get(grads), float(aux["loss"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_split_sequence_gradients_equal_the_whole_sequence(tmp_path, kind):
+    """Packed documents, GQA (4 query / 2 kv heads), padding weights: loss and every gradient
+    equal the sequence held whole on each device."""
+    data = ["data.dataset=python_docs"]  # packed rows: segment ids reach attention
+    whole = tiny(tmp_path, *data, *WHOLE)
+    batch = packed_batch(whole)
+    ref_grads, ref_loss = _grads(whole, batch)
+    grads, loss = _grads(tiny(tmp_path, *data, *SPLIT, f"model.context_parallel={kind}"), batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cp")
+    return root, _losses(root, "whole", WHOLE)
+
+
+def _losses(root, name, layout):
+    cfg = tiny(root / name, "data.dataset=python_docs", f"data.cache_dir={root / 'cache'}",
+               "train.steps=10", "train.log_every=1", "checkpoint.every=0", *layout)
+    return [row["loss"] for row in train(cfg, quiet=True).history]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ten_steps_on_python_docs_equal_the_whole_sequence(whole_run, kind):
+    root, reference = whole_run
+    losses = _losses(root, kind, [*SPLIT, f"model.context_parallel={kind}"])
+    assert len(losses) == 10
+    assert losses == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("shards, t", [(2, 64), (4, 64), (4, 256), (8, 128)])
+def test_every_device_has_the_same_causal_work(shards, t):
+    order = context_parallel.balanced_order(t, shards)
+    assert sorted(order) == list(range(t))
+    for block in (t // (2 * shards), t // (4 * shards), 1):
+        counts = context_parallel.unmasked_blocks(order, shards, block)
+        assert max(counts) - min(counts) <= 1, (block, counts)
+    plain = context_parallel.unmasked_blocks(np.arange(t), shards, t // (2 * shards))
+    assert max(plain) > 2 * min(plain)  # what the balanced order fixes
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.seq_len=36", *SPLIT], "data.seq_len=36 does not divide into 2 x 4 equal chunks"),
+    (["model.attention=cudnn", *SPLIT], "model.attention=cudnn cannot attend across the "
+                                        "sequence split 4 ways"),
+    (["model.context_parallel=ulysses"], "model.context_parallel"),
+])
+def test_bad_context_parallel_settings_are_one_line(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_setup(tiny(tmp_path, *overrides))
