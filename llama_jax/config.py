@@ -35,7 +35,7 @@ Activation = Literal["swiglu", "gelu"]
 PositionKind = Literal["rope", "learned"]
 RopeScaling = Literal["none", "linear", "llama3"]
 Remat = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                "projections_and_attention"]
+                "projections_and_attention", "offload_dots_with_no_batch_dims"]
 AttentionImpl = Literal["xla", "dot_product_attention", "cudnn"]
 ContextParallel = Literal["all_gather", "ring"]
 Quantization = Literal["none", "fp8"]

@@ -52,7 +52,13 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
             jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
             jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE)),
         _fused_attention_outputs),
+    # What dots_with_no_batch_dims_saveable saves, kept in pinned host memory instead of on
+    # the device, copied back for the backward: device memory of `full`, recompute of dots.
+    "offload_dots_with_no_batch_dims": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
 }
+# Policies that move saved activations to host memory: GPU and TPU only.
+OFFLOAD_POLICIES = frozenset({"offload_dots_with_no_batch_dims"})
 
 
 class Block(nnx.Module):

@@ -24,9 +24,9 @@ from llama_jax import context_parallel, platform, sharding
 from llama_jax.config import Config
 from llama_jax.data.batch import BATCH_KEYS
 from llama_jax.data.feed import source_kind
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
-from llama_jax.model import Transformer
+from llama_jax.model import OFFLOAD_POLICIES, Transformer
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 
 PyTree = Any
@@ -63,6 +63,11 @@ class Setup:
 
 def make_setup(cfg: Config, mesh: Mesh | None = None) -> Setup:
     mesh = mesh or sharding.make_mesh(cfg)
+    platform_name = mesh.devices.flat[0].platform
+    if cfg.model.remat in OFFLOAD_POLICIES and platform_name == "cpu":
+        raise ConfigError(f"model.remat={cfg.model.remat} offloads activations to pinned host "
+                          f"memory, which only GPU and TPU have (this mesh is on CPU; "
+                          f"bench --topology compiles for a TPU slice)")
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_vars = nnx.split(abstract)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract_vars))

@@ -96,3 +96,10 @@ def test_every_device_has_the_same_causal_work(shards, t):
 def test_bad_context_parallel_settings_are_one_line(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         make_setup(tiny(tmp_path, *overrides))
+
+
+def test_offload_is_refused_on_cpu_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="model.remat=offload_dots_with_no_batch_dims "
+                                          "offloads activations to pinned host memory, which "
+                                          "only GPU and TPU have"):
+        make_setup(tiny(tmp_path, "model.remat=offload_dots_with_no_batch_dims"))
