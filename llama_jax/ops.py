@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import ModelConfig
 from llama_jax.fp8 import fp8_matmul
-from llama_jax.sharding import constrain
+from llama_jax.sharding import constrain, is_sharded
 
 Array = jax.Array
 F32 = jnp.float32
@@ -49,6 +49,12 @@ def _dense_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
 def dense_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
     x, w = residuals
     dy = dy.astype(x.dtype)  # `dense_to_f32`'s float32 output gradient, to the compute dtype
+    if is_sharded("length"):
+        # Merging a batch split over one mesh axis and a length split over another into one
+        # token axis makes XLA's partitioner gather the whole output gradient (for the LM
+        # head: the [B, T, V] logits' gradient); contracting both axes in place does not.
+        lead = tuple(range(x.ndim - 1))
+        return dy @ jnp.transpose(w), jnp.tensordot(x, dy, axes=(lead, lead))
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     return dy @ jnp.transpose(w), jnp.transpose(x2) @ dy2
 
