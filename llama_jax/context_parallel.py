@@ -4,8 +4,9 @@ Each device holds a slice of every row's positions. Attention needs every earlie
 keys and values travel, in one of two ways (`model.context_parallel`):
 
 - `all_gather`: each layer gathers K and V over the sequence axis, then attends the local
-  queries to all of them, query block by query block. Simple, one collective per layer
-  (whose gradient is a reduce-scatter); holds the full K and V of a layer.
+  queries to all of them (`ops.flash_attention`, skipping block pairs with nothing visible).
+  Simple, one collective per layer (whose gradient is a reduce-scatter); holds the full K and
+  V of a layer.
 - `ring`: K and V blocks pass around the sequence axis with `ppermute`; each step attends
   the local queries to the block at hand and merges the result by log-sum-exp (online
   softmax). The next block's transfer does not depend on the current step's compute, so XLA
@@ -21,7 +22,8 @@ The step applies that order to the whole batch before the model; every other lay
 per-token and the loss is a sum, so nothing else notices.
 
 Both kinds run inside `jax.shard_map` over the mesh (manual on every axis), the attention
-kernels are the blocked ones of `ops.py`, and grouped-query heads are never repeated.
+kernels are `ops.flash_forward` / `flash_backward` (block pairs, online softmax, loops whose
+size does not grow with T), and grouped-query heads are never repeated.
 """
 
 from __future__ import annotations
@@ -79,83 +81,7 @@ def sequence_shards(mesh: Mesh, rules: sharding.Rules) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Masks from positions and document ids
-
-
-def _mask(q_pos_BxQ: Array, k_pos_BxS: Array, q_seg_BxQ: Array | None,
-          k_seg_BxS: Array | None) -> Array:
-    """Key visible to query: not later, and (packed rows) of the same document."""
-    mask = k_pos_BxS[:, None, :] <= q_pos_BxQ[:, :, None]
-    if q_seg_BxQ is not None:
-        mask = mask & (k_seg_BxS[:, None, :] == q_seg_BxQ[:, :, None])
-    return mask
-
-
-def _blocks(t: int, block: int) -> list[tuple[int, int]]:
-    block = block if 0 < block < t else t
-    return [(s, min(s + block, t)) for s in range(0, t, block)]
-
-
-def _rows(a: Array | None, start: int, end: int) -> Array | None:
-    return None if a is None else a[:, start:end]
-
-
-def _partial(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, q_seg: Array | None,
-             k_seg: Array | None, block: int) -> tuple[Array, Array]:
-    """Head-major attention of the queries to these keys only, query block by query block:
-    the float32 output normalised over these keys and its log-sum-exp."""
-    outs, lses = [], []
-    for s, e in _blocks(q.shape[3], block):
-        mask = _mask(q_pos[:, s:e], k_pos, _rows(q_seg, s, e), k_seg)
-        out, lse = ops.block_forward(q[:, :, :, s:e], k, v, mask, out_dtype=F32)
-        outs.append(out)
-        lses.append(lse)
-    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
-
-
-def _partial_grads(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
-                   q_seg: Array | None, k_seg: Array | None, out: Array, lse: Array,
-                   d_out: Array, block: int) -> tuple[Array, Array, Array]:
-    """Gradients of the queries' attention restricted to these keys, given the final output
-    and log-sum-exp over all keys (so partial results over key blocks simply add)."""
-    dqs, dk, dv = [], None, None
-    for s, e in _blocks(q.shape[3], block):
-        mask = _mask(q_pos[:, s:e], k_pos, _rows(q_seg, s, e), k_seg)
-        dq_i, dk_i, dv_i = ops.block_backward(q[:, :, :, s:e], k, v, mask, out[:, :, :, s:e],
-                                              lse[:, :, :, s:e], d_out[:, :, :, s:e])
-        dqs.append(dq_i)
-        dk = dk_i if dk is None else dk + dk_i
-        dv = dv_i if dv is None else dv + dv_i
-    return jnp.concatenate(dqs, axis=3), dk, dv
-
-
-# ---------------------------------------------------------------------------------------------
 # all_gather: the local queries against the gathered keys
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _gathered(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, q_seg: Array | None,
-              k_seg: Array | None, block: int) -> Array:
-    out, _ = _partial(q, k, v, q_pos, k_pos, q_seg, k_seg, block)
-    return out.astype(q.dtype)
-
-
-def _gathered_fwd(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
-                  q_seg: Array | None, k_seg: Array | None, block: int
-                  ) -> tuple[Array, tuple[Array | None, ...]]:
-    out, lse = _partial(q, k, v, q_pos, k_pos, q_seg, k_seg, block)
-    out = out.astype(q.dtype)
-    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
-
-
-def _gathered_bwd(block: int, res: tuple[Array | None, ...], d_out: Array
-                  ) -> tuple[Array | None, ...]:
-    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = res
-    dq, dk, dv = _partial_grads(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, block)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
-
-
-_gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def _all_gather_local(axes: tuple[str, ...], block: int, q: Array, k: Array, v: Array,
@@ -163,9 +89,9 @@ def _all_gather_local(axes: tuple[str, ...], block: int, q: Array, k: Array, v: 
     def gather(a: Array, axis: int) -> Array:
         return jax.lax.all_gather(a, axes, axis=axis, tiled=True)
 
-    k_all, v_all, pos_all = gather(k, 2), gather(v, 2), gather(pos, 1)
     seg_all = None if seg is None else gather(seg, 1)
-    return _gathered(q, k_all, v_all, pos, pos_all, seg, seg_all, block)
+    return ops.flash_attention(q, gather(k, 2), gather(v, 2), pos, gather(pos, 1), seg, seg_all,
+                               block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +110,7 @@ def _ring_forward(axes: tuple[str, ...], perm: list[tuple[int, int]], block: int
     for step in range(len(perm)):
         if step + 1 < len(perm):  # the next block's transfer, independent of this compute
             nxt = jax.tree.map(lambda a: jax.lax.ppermute(a, axes, perm), kv)
-        o, l_ = _partial(q, kv[0], kv[1], pos, kv[2], seg, kv[3], block)
+        o, l_ = ops.flash_forward(q, kv[0], kv[1], pos, kv[2], seg, kv[3], block)
         if out is None:
             out, lse = o, l_
         else:
@@ -223,8 +149,8 @@ def _ring_bwd(axes: tuple[str, ...], perm: tuple[tuple[int, int], ...], block: i
     for step in range(len(perm)):
         if step + 1 < len(perm):
             nxt = jax.tree.map(lambda a: jax.lax.ppermute(a, axes, perm), kv)
-        dq_i, dk_i, dv_i = _partial_grads(q, kv[0], kv[1], pos, kv[2], seg, kv[3], out, lse,
-                                          d_out, block)
+        dq_i, dk_i, dv_i = ops.flash_backward(q, kv[0], kv[1], pos, kv[2], seg, kv[3], out,
+                                              lse, d_out, block)
         dq = dq + dq_i
         # the gradient travels with its block: after n hops both are home again
         dk, dv = jax.tree.map(lambda a: jax.lax.ppermute(a, axes, perm), (dk + dk_i, dv + dv_i))

@@ -22,6 +22,7 @@ from llama_jax.sharding import constrain, is_sharded
 
 Array = jax.Array
 F32 = jnp.float32
+NEG = float(jnp.finfo(jnp.float32).min)  # a masked score: exp() of it minus any real one is 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,56 +185,143 @@ def _masked_attention_bwd(residuals: tuple[Array, ...], d_out: Array
 _masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
-def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
-    return [(start, min(start + block, t)) for start in range(0, t, block)]
+def visible(q_pos_BxQ: Array, k_pos_BxS: Array, q_seg_BxQ: Array | None,
+            k_seg_BxS: Array | None) -> Array:
+    """[B, Q, S]: key not after the query (by position in its document) and, in packed rows,
+    of the same document. From positions rather than indices, so it holds whatever order the
+    tokens are laid out in (context parallelism reorders them)."""
+    mask = k_pos_BxS[:, None, :] <= q_pos_BxQ[:, :, None]
+    if q_seg_BxQ is not None:
+        mask = mask & (k_seg_BxS[:, None, :] == q_seg_BxQ[:, :, None])
+    return mask
 
 
-def _causal_block_mask(segment_ids_BxT: Array | None, start: int, end: int) -> Array:
-    """Mask of queries `start:end` over keys `:end`: causal, within one document if packed."""
-    mask_BxQxS = attention_mask(None, end - start, end, start)
-    if segment_ids_BxT is not None:
-        same_doc = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end]
-        mask_BxQxS = mask_BxQxS & same_doc
-    return mask_BxQxS
+def _divisor_at_most(n: int, block: int) -> int:
+    block = min(block, n) if block > 0 else n
+    return max(d for d in range(1, block + 1) if n % d == 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_blocks(q_BxKxGxTxH: Array, k_BxKxTxH: Array, v_BxKxTxH: Array,
-                   segment_ids_BxT: Array | None, block: int) -> Array:
-    return _causal_blocks_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT, block)[0]
+def _slice(a: Array | None, start: Array, size: int, axis: int) -> Array | None:
+    return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)
 
 
-def _causal_blocks_fwd(q: Array, k: Array, v: Array, segment_ids: Array | None, block: int
-                       ) -> tuple[Array, tuple[Array | None, ...]]:
-    outs, lses = [], []
-    for start, end in _query_blocks(q.shape[3], block):
-        out, lse = block_forward(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end],
-                                  _causal_block_mask(segment_ids, start, end))
-        outs.append(out)
-        lses.append(lse)
-    out, lse = _named_for_remat(jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3))
-    return out, (q, k, v, segment_ids, out, lse)
+def flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
+                  q_seg: Array | None, k_seg: Array | None, block: int
+                  ) -> tuple[Array, Array]:
+    """Head-major attention (Q [B, K, G, T, H] already scaled, K/V [B, K, S, H]) of each
+    query block over the key blocks, with an online softmax: the float32 output and the
+    log-sum-exp [B, K, G, T, 1]. A (query, key) block pair with no visible pair is skipped
+    (`lax.cond`), which is where causality halves the work. Loops, not unrolled blocks: the
+    program's size does not grow with T. A query that sees no key gets output 0 and a very
+    negative log-sum-exp (so partial results over key subsets merge)."""
+    b, kh, g, t, h = q.shape
+    s_len = k.shape[2]
+    bq, bk = _divisor_at_most(t, block), _divisor_at_most(s_len, block)
+
+    def query_block(i: Array) -> tuple[Array, Array]:
+        qb, qp, qs = (_slice(q, i * bq, bq, 3), _slice(q_pos, i * bq, bq, 1),
+                      _slice(q_seg, i * bq, bq, 1))
+
+        def key_block(j: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+            kb, vb = _slice(k, j * bk, bk, 2), _slice(v, j * bk, bk, 2)
+            mask = visible(qp, _slice(k_pos, j * bk, bk, 1), qs, _slice(k_seg, j * bk, bk, 1))
+
+            def attend(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+                m, l_, acc = c
+                shown = mask[:, None, None]
+                scores = jnp.where(shown, jnp.einsum("bkgth,bksh->bkgts", qb, kb,
+                                                     preferred_element_type=F32), NEG)
+                m_new = jnp.maximum(m, jnp.max(scores, axis=-1, keepdims=True))
+                p = jnp.where(shown, jnp.exp(scores - m_new), 0.0)
+                corr = jnp.exp(m - m_new)
+                acc = acc * corr + jnp.einsum("bkgts,bksh->bkgth", p.astype(vb.dtype), vb,
+                                              preferred_element_type=F32)
+                return m_new, l_ * corr + jnp.sum(p, axis=-1, keepdims=True), acc
+
+            return jax.lax.cond(jnp.any(mask), attend, lambda c: c, carry)
+
+        init = (jnp.full((b, kh, g, bq, 1), NEG, F32), jnp.zeros((b, kh, g, bq, 1), F32),
+                jnp.zeros((b, kh, g, bq, h), F32))
+        m, l_, acc = jax.lax.fori_loop(0, s_len // bk, key_block, init)
+        safe = jnp.maximum(l_, jnp.finfo(F32).tiny)
+        return acc / safe, m + jnp.log(safe)
+
+    outs, lses = jax.lax.map(query_block, jnp.arange(t // bq))
+    return (jnp.moveaxis(outs, 0, 3).reshape(b, kh, g, t, h),
+            jnp.moveaxis(lses, 0, 3).reshape(b, kh, g, t, 1))
 
 
-def _causal_blocks_bwd(block: int, residuals: tuple[Array | None, ...], d_out: Array
-                       ) -> tuple[Array, Array, Array, None]:
-    q, k, v, segment_ids, out, lse = residuals
-    dqs, dk, dv = [], None, None
-    # Last block first: it reads every key, so its K/V gradients start the sums.
-    for start, end in reversed(_query_blocks(q.shape[3], block)):
-        rows = slice(start, end)
-        dq_i, dk_i, dv_i = block_backward(
-            q[:, :, :, rows], k[:, :, :end], v[:, :, :end],
-            _causal_block_mask(segment_ids, start, end), out[:, :, :, rows], lse[:, :, :, rows],
-            d_out[:, :, :, rows])
-        dqs.append(dq_i)
-        dk = dk_i if dk is None else dk.at[:, :, :end].add(dk_i)
-        dv = dv_i if dv is None else dv.at[:, :, :end].add(dv_i)
-    dq = jnp.concatenate(dqs[::-1], axis=3)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+def flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
+                   q_seg: Array | None, k_seg: Array | None, out: Array, lse: Array,
+                   d_out: Array, block: int) -> tuple[Array, Array, Array]:
+    """Gradients of `flash_forward` for Q, K, V (float32), recomputing each block pair's
+    probabilities from the log-sum-exp (FlashAttention-2's backward: key blocks outside,
+    query blocks inside, dQ accumulated in place). `out` and `lse` may be the final ones over
+    more keys than these (a ring step): the partial gradients then simply add."""
+    b, kh, g, t, h = q.shape
+    s_len = k.shape[2]
+    bq, bk = _divisor_at_most(t, block), _divisor_at_most(s_len, block)
+    cd = q.dtype
+    row = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1, keepdims=True)
+
+    def key_block(j: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        kb, vb = _slice(k, j * bk, bk, 2), _slice(v, j * bk, bk, 2)
+        kp, ks = _slice(k_pos, j * bk, bk, 1), _slice(k_seg, j * bk, bk, 1)
+
+        def query_block(i: Array, c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+            mask = visible(_slice(q_pos, i * bq, bq, 1), kp, _slice(q_seg, i * bq, bq, 1), ks)
+
+            def grads(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+                dq, dk_j, dv_j = c
+                qb, dob = _slice(q, i * bq, bq, 3), _slice(d_out, i * bq, bq, 3)
+                shown = mask[:, None, None]
+                scores = jnp.einsum("bkgth,bksh->bkgts", qb, kb, preferred_element_type=F32)
+                p = jnp.where(shown, jnp.exp(scores - _slice(lse, i * bq, bq, 3)), 0.0)
+                dp = jnp.einsum("bkgth,bksh->bkgts", dob, vb, preferred_element_type=F32)
+                ds = (p * (dp - _slice(row, i * bq, bq, 3))).astype(cd)
+                dq_i = jnp.einsum("bkgts,bksh->bkgth", ds, kb, preferred_element_type=F32)
+                dq = jax.lax.dynamic_update_slice_in_dim(
+                    dq, _slice(dq, i * bq, bq, 3) + dq_i, i * bq, axis=3)
+                dk_j = dk_j + jnp.einsum("bkgts,bkgth->bksh", ds, qb, preferred_element_type=F32)
+                dv_j = dv_j + jnp.einsum("bkgts,bkgth->bksh", p.astype(cd), dob,
+                                         preferred_element_type=F32)
+                return dq, dk_j, dv_j
+
+            return jax.lax.cond(jnp.any(mask), grads, lambda c: c, c)
+
+        dq, dk, dv = carry
+        zeros = jnp.zeros((b, kh, bk, h), F32)
+        dq, dk_j, dv_j = jax.lax.fori_loop(0, t // bq, query_block, (dq, zeros, zeros))
+        return (dq, jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * bk, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * bk, axis=2))
+
+    init = (jnp.zeros(q.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
+    return jax.lax.fori_loop(0, s_len // bk, key_block, init)
 
 
-_causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def flash_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
+                    q_seg: Array | None, k_seg: Array | None, block: int) -> Array:
+    """`flash_forward`'s output in Q's dtype, with `flash_backward` as its gradient: memory
+    O(T x block) in both passes, never T x T."""
+    return flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, block)[0].astype(q.dtype)
+
+
+def _flash_fwd(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, q_seg: Array | None,
+               k_seg: Array | None, block: int) -> tuple[Array, tuple[Array | None, ...]]:
+    out, lse = flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, block)
+    out, lse = _named_for_remat(out.astype(q.dtype), lse)
+    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
+
+
+def _flash_bwd(block: int, res: tuple[Array | None, ...], d_out: Array
+               ) -> tuple[Array | None, ...]:
+    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = res
+    dq, dk, dv = flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, block)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+flash_attention.defvjp(_flash_fwd, _flash_bwd)
 
 
 def to_head_major(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, scale: float
@@ -263,18 +351,23 @@ def xla_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxT
 
 
 def blocked_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
-                             segment_ids_BxT: Array | None, scale: float, block: int) -> Array:
-    """Causal self-attention by query blocks: block i attends only to keys before its end.
+                             segment_ids_BxT: Array | None, scale: float, block: int,
+                             positions_BxT: Array | None = None) -> Array:
+    """Causal self-attention in blocks of `block` queries and keys (`flash_attention`).
 
     Why: the one-einsum form computes, masks, normalises and stores all T x T scores although
     causality throws half of them away; the scores and their gradient are the layer's
-    largest tensors. With blocks of `block` queries the work is (n + 1) / 2n of it for n
-    blocks (62% at n = 4), the same numbers up to float rounding; the last block may be
-    shorter. Plain XLA ops, so it runs, shards and differentiates wherever the one-einsum form
-    does (docs/performance.md).
+    largest tensors, and at long context they do not fit. Block pairs above the diagonal
+    (or across documents) are skipped; memory is O(T x block). Plain XLA ops, so it runs,
+    shards and differentiates wherever the one-einsum form does. `positions` (within each
+    document) default to 0..T-1.
     """
     q, k, v = to_head_major(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale)
-    return from_head_major(_causal_blocks(q, k, v, segment_ids_BxT, block))
+    if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(jnp.arange(q_BxTxNxH.shape[1]),
+                                         q_BxTxNxH.shape[:2])
+    return from_head_major(flash_attention(q, k, v, positions_BxT, positions_BxT,
+                                           segment_ids_BxT, segment_ids_BxT, block))
 
 
 def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
