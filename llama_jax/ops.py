@@ -196,6 +196,20 @@ def visible(q_pos_BxQ: Array, k_pos_BxS: Array, q_seg_BxQ: Array | None,
     return mask
 
 
+def _may_see(q_pos_BxQ: Array, k_pos_BxS: Array, q_seg_BxQ: Array | None,
+             k_seg_BxS: Array | None) -> Array:
+    """Whether a block pair can hold a visible pair, from each row's extremes only: a key
+    block wholly after the query block in position, or (packed rows, whose documents are
+    contiguous and numbered in order) wholly in later or earlier documents, is skipped.
+    Never builds the [B, Q, S] mask, which as a `lax.cond` operand JAX would hoist out of the
+    layer loop for every block pair at once."""
+    if q_seg_BxQ is None:
+        return jnp.any(jnp.min(k_pos_BxS, axis=1) <= jnp.max(q_pos_BxQ, axis=1))
+    overlap = ((jnp.min(k_seg_BxS, axis=1) <= jnp.max(q_seg_BxQ, axis=1))
+               & (jnp.min(q_seg_BxQ, axis=1) <= jnp.max(k_seg_BxS, axis=1)))
+    return jnp.any(overlap)
+
+
 def _divisor_at_most(n: int, block: int) -> int:
     block = min(block, n) if block > 0 else n
     return max(d for d in range(1, block + 1) if n % d == 0)
@@ -205,7 +219,7 @@ def _slice(a: Array | None, start: Array, size: int, axis: int) -> Array | None:
     return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)
 
 
-def flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
+def _flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
                   q_seg: Array | None, k_seg: Array | None, block: int
                   ) -> tuple[Array, Array]:
     """Head-major attention (Q [B, K, G, T, H] already scaled, K/V [B, K, S, H]) of each
@@ -223,12 +237,12 @@ def flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
                       _slice(q_seg, i * bq, bq, 1))
 
         def key_block(j: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-            kb, vb = _slice(k, j * bk, bk, 2), _slice(v, j * bk, bk, 2)
-            mask = visible(qp, _slice(k_pos, j * bk, bk, 1), qs, _slice(k_seg, j * bk, bk, 1))
+            kp, ks = _slice(k_pos, j * bk, bk, 1), _slice(k_seg, j * bk, bk, 1)
 
             def attend(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 m, l_, acc = c
-                shown = mask[:, None, None]
+                kb, vb = _slice(k, j * bk, bk, 2), _slice(v, j * bk, bk, 2)
+                shown = visible(qp, kp, qs, ks)[:, None, None]
                 scores = jnp.where(shown, jnp.einsum("bkgth,bksh->bkgts", qb, kb,
                                                      preferred_element_type=F32), NEG)
                 m_new = jnp.maximum(m, jnp.max(scores, axis=-1, keepdims=True))
@@ -238,7 +252,7 @@ def flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
                                               preferred_element_type=F32)
                 return m_new, l_ * corr + jnp.sum(p, axis=-1, keepdims=True), acc
 
-            return jax.lax.cond(jnp.any(mask), attend, lambda c: c, carry)
+            return jax.lax.cond(_may_see(qp, kp, qs, ks), attend, lambda c: c, carry)
 
         init = (jnp.full((b, kh, g, bq, 1), NEG, F32), jnp.zeros((b, kh, g, bq, 1), F32),
                 jnp.zeros((b, kh, g, bq, h), F32))
@@ -251,7 +265,7 @@ def flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
             jnp.moveaxis(lses, 0, 3).reshape(b, kh, g, t, 1))
 
 
-def flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
+def _flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
                    q_seg: Array | None, k_seg: Array | None, out: Array, lse: Array,
                    d_out: Array, block: int) -> tuple[Array, Array, Array]:
     """Gradients of `flash_forward` for Q, K, V (float32), recomputing each block pair's
@@ -269,12 +283,12 @@ def flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
         kp, ks = _slice(k_pos, j * bk, bk, 1), _slice(k_seg, j * bk, bk, 1)
 
         def query_block(i: Array, c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-            mask = visible(_slice(q_pos, i * bq, bq, 1), kp, _slice(q_seg, i * bq, bq, 1), ks)
+            qp, qs = _slice(q_pos, i * bq, bq, 1), _slice(q_seg, i * bq, bq, 1)
 
             def grads(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 dq, dk_j, dv_j = c
                 qb, dob = _slice(q, i * bq, bq, 3), _slice(d_out, i * bq, bq, 3)
-                shown = mask[:, None, None]
+                shown = visible(qp, kp, qs, ks)[:, None, None]
                 scores = jnp.einsum("bkgth,bksh->bkgts", qb, kb, preferred_element_type=F32)
                 p = jnp.where(shown, jnp.exp(scores - _slice(lse, i * bq, bq, 3)), 0.0)
                 dp = jnp.einsum("bkgth,bksh->bkgts", dob, vb, preferred_element_type=F32)
@@ -287,7 +301,7 @@ def flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
                                          preferred_element_type=F32)
                 return dq, dk_j, dv_j
 
-            return jax.lax.cond(jnp.any(mask), grads, lambda c: c, c)
+            return jax.lax.cond(_may_see(qp, kp, qs, ks), grads, lambda c: c, c)
 
         dq, dk, dv = carry
         zeros = jnp.zeros((b, kh, bk, h), F32)
@@ -297,6 +311,16 @@ def flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
 
     init = (jnp.zeros(q.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
     return jax.lax.fori_loop(0, s_len // bk, key_block, init)
+
+
+# Both passes run as opaque units (`jax.checkpoint` saving nothing): inside a scanned layer
+# loop, JAX's partial evaluation would otherwise split their loops and hoist every
+# loop-invariant intermediate (block masks, scores) out of the layer loop for all block pairs
+# at once: [T/block, S/block, B, heads, block, block] buffers, hundreds of GiB at 32k tokens.
+flash_forward = jax.checkpoint(_flash_forward, static_argnums=(7,),
+                               policy=jax.checkpoint_policies.nothing_saveable)
+flash_backward = jax.checkpoint(_flash_backward, static_argnums=(10,),
+                                policy=jax.checkpoint_policies.nothing_saveable)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
