@@ -55,7 +55,7 @@ def _default_rules() -> dict[str, list[str]]:
     return {
         "batch": ["data", "fsdp"],
         "length": ["sequence"],
-        "embed": ["fsdp"],
+        "embed": ["fsdp", "sequence"],  # parameters: FSDP over the sequence axis too
         "heads": ["tensor"],
         "kv_heads": ["tensor"],
         "mlp": ["tensor"],
