@@ -22,6 +22,7 @@ from llama_jax import flops
 from llama_jax.config import Config
 from llama_jax.data.batch import one_document_rows, to_global
 from llama_jax.data.feed import make_source, prepare
+from llama_jax.errors import LlamaJaxError
 from llama_jax.sharding import make_mesh
 from llama_jax.step import Setup, init_state, make_setup, make_train_step
 from llama_jax.topology import TpuSlice, parse_topology, topology_devices
@@ -146,7 +147,14 @@ def compile_only(cfg: Config, topology: str | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     lowered = step.lower(setup.abstract_state, batch)
     lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - jaxlib's runtime error type moved between versions
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "RESOURCE_EXHAUSTED" not in first:
+            raise
+        where = f"{tpu}" if tpu else f"{len(setup.mesh.devices.flat)} devices"
+        raise LlamaJaxError(f"does not fit on {where}: {first}") from None
     compile_s = time.perf_counter() - start
     devices = list(setup.mesh.devices.flat)
     out = {"device": f"{len(devices)} x {devices[0].device_kind}"

@@ -198,16 +198,23 @@ def visible(q_pos_BxQ: Array, k_pos_BxS: Array, q_seg_BxQ: Array | None,
 
 def _may_see(q_pos_BxQ: Array, k_pos_BxS: Array, q_seg_BxQ: Array | None,
              k_seg_BxS: Array | None) -> Array:
-    """Whether a block pair can hold a visible pair, from each row's extremes only: a key
-    block wholly after the query block in position, or (packed rows, whose documents are
-    contiguous and numbered in order) wholly in later or earlier documents, is skipped.
-    Never builds the [B, Q, S] mask, which as a `lax.cond` operand JAX would hoist out of the
-    layer loop for every block pair at once."""
+    """Whether a block pair can hold a visible pair, from per-row extremes: skipped are key
+    blocks wholly after the queries in position (one document per row), and in packed rows key
+    blocks whose documents all differ from the queries', or share only document s (the last
+    of the queries', the first of the keys') with its keys all after its queries. Exact for
+    those cases, conservative otherwise, whatever the tokens' order. Never builds the
+    [B, Q, S] mask, which as a `lax.cond` operand JAX would hoist out of the layer loop."""
     if q_seg_BxQ is None:
         return jnp.any(jnp.min(k_pos_BxS, axis=1) <= jnp.max(q_pos_BxQ, axis=1))
-    overlap = ((jnp.min(k_seg_BxS, axis=1) <= jnp.max(q_seg_BxQ, axis=1))
-               & (jnp.min(q_seg_BxQ, axis=1) <= jnp.max(k_seg_BxS, axis=1)))
-    return jnp.any(overlap)
+    lo_q, hi_q = jnp.min(q_seg_BxQ, axis=1), jnp.max(q_seg_BxQ, axis=1)
+    lo_k, hi_k = jnp.min(k_seg_BxS, axis=1), jnp.max(k_seg_BxS, axis=1)
+    overlap = (lo_k <= hi_q) & (lo_q <= hi_k)
+    in_s_k = k_seg_BxS == hi_q[:, None]
+    in_s_q = q_seg_BxQ == hi_q[:, None]
+    first_key = jnp.min(jnp.where(in_s_k, k_pos_BxS, jnp.iinfo(jnp.int32).max), axis=1)
+    last_query = jnp.max(jnp.where(in_s_q, q_pos_BxQ, -1), axis=1)
+    only_s_and_later = (hi_q == lo_k) & (first_key > last_query)
+    return jnp.any(overlap & ~only_s_and_later)
 
 
 def _divisor_at_most(n: int, block: int) -> int:

@@ -4,11 +4,12 @@ refused in one line where it cannot run."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import layout_overrides, tiny
 
-from llama_jax import context_parallel
+from llama_jax import context_parallel, ops
 from llama_jax.data.batch import to_global
 from llama_jax.errors import ConfigError
 from llama_jax.step import gradients, init_state, make_setup
@@ -103,3 +104,30 @@ def test_offload_is_refused_on_cpu_in_one_line(tmp_path):
                                           "offloads activations to pinned host memory, which "
                                           "only GPU and TPU have"):
         make_setup(tiny(tmp_path, "model.remat=offload_dots_with_no_batch_dims"))
+
+
+def test_block_skipping_never_skips_a_visible_pair():
+    """`ops._may_see` decides from per-row extremes which block pairs the flash loops skip:
+    on random packed and unpacked rows, in natural and shuffled order, it never skips a pair
+    that holds a visible (same document, key not later) query-key pair, and it does skip."""
+    rng = np.random.default_rng(0)
+    skipped = 0
+    for trial in range(400):
+        t = 32
+        starts = rng.random((2, t)) < 0.15
+        starts[:, 0] = True
+        seg = np.cumsum(starts, 1)
+        pos = np.arange(t) - np.maximum.accumulate(np.where(starts, np.arange(t), 0), 1)
+        order = rng.permutation(t) if trial % 3 == 0 else np.arange(t)
+        qi = order[np.arange(8) + rng.integers(0, 25)]
+        ki = order[np.sort(rng.choice(t, 8, replace=False)) if trial % 2 else
+                   np.arange(8) + rng.integers(0, 25)]
+        for packed in (True, False):
+            q_seg, k_seg = (jnp.asarray(seg[:, qi]), jnp.asarray(seg[:, ki])) if packed else (
+                None, None)
+            q_pos = jnp.asarray(pos[:, qi] if packed else np.broadcast_to(qi, (2, 8)))
+            k_pos = jnp.asarray(pos[:, ki] if packed else np.broadcast_to(ki, (2, 8)))
+            may = bool(ops._may_see(q_pos, k_pos, q_seg, k_seg))
+            assert may or not bool(jnp.any(ops.visible(q_pos, k_pos, q_seg, k_seg)))
+            skipped += not may
+    assert skipped > 20
