@@ -102,13 +102,17 @@ def make_mesh(cfg: Config, devices: Sequence[Any] | None = None) -> Mesh:
     sizes = {a: ici * dcn for a, (ici, dcn) in shape.items()}
     check_divisibility(cfg, sizes)
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
-    if any(dcn > 1 for _, dcn in shape.values()):
+    on_tpu = devices[0].platform == "tpu"
+    dcn_total = math.prod(dcn for _, dcn in shape.values())
+    slices = len({getattr(d, "slice_index", 0) for d in devices}) if on_tpu else 1
+    if slices > 1 and dcn_total == 1:
+        raise ConfigError(f"the devices come from {slices} TPU slices joined by the data-center "
+                          f"network: say which mesh axis spans them, e.g. mesh.dcn_data={slices}")
+    if dcn_total > 1:
         from jax.experimental import mesh_utils
 
-        on_tpu = devices[0].platform == "tpu"
         granules = len({getattr(d, "slice_index", 0) if on_tpu else d.process_index
                         for d in devices})
-        dcn_total = math.prod(dcn for _, dcn in shape.values())
         if granules != dcn_total:
             kind = "slices" if on_tpu else "processes"
             raise ConfigError(
@@ -117,7 +121,7 @@ def make_mesh(cfg: Config, devices: Sequence[Any] | None = None) -> Mesh:
             )
         grid = mesh_utils.create_hybrid_device_mesh(
             [shape[a][0] for a in MESH_AXES], [shape[a][1] for a in MESH_AXES], devices,
-            process_is_granule=devices[0].platform != "tpu",
+            process_is_granule=not on_tpu,
         )
         return Mesh(grid, MESH_AXES, axis_types=axis_types)
     return jax.make_mesh([sizes[a] for a in MESH_AXES], MESH_AXES, axis_types=axis_types,

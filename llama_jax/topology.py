@@ -148,8 +148,12 @@ def libtpu_requirement() -> str:
 def compile_only_environment() -> dict[str, str]:
     """Set before JAX starts: the CPU is the runtime backend, libtpu must not look for a TPU or
     its metadata server on this machine, and several compiles may load libtpu at once (it
-    otherwise takes a lock file meant for processes sharing one TPU host)."""
-    return {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    otherwise takes a lock file meant for processes sharing one TPU host). The host's own
+    accelerator type and worker names are given (one v5p host, this machine) only so that
+    libtpu's start-up does not print five lines of warnings about them: the slice compiled
+    for is described explicitly (`topology_devices`)."""
+    return {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+            "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost"}
 
 
 def topology_devices(tpu: TpuSlice) -> list[Any]:

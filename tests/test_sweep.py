@@ -168,3 +168,38 @@ def test_topology_without_libtpu_is_one_line(tmp_path):
     assert result.stderr.strip() == (
         "llama-jax bench: error: --topology needs libtpu, which the default install leaves "
         "out: run `make tpu` (or pip install -e '.[tpu]')")
+
+
+def test_long_context_layouts_compile_for_a_tpu_slice(tmp_path, libtpu_path):
+    """Context parallelism (both kinds) and the chunked loss compile for a TPU slice from
+    this CPU machine; a layout that does not fit is reported by libtpu's own figures, and
+    `bench --topology` says so in one line."""
+    out = tmp_path / "sweep"
+    long = ["data.seq_len=16384", "model.max_position_embeddings=16384", "model.loss_chunks=4"]
+    result = run_cli("sweep", "configs/tiny.yaml", "--topology", "v5p:2x2x2", "--out", str(out),
+                     "--layouts", "fsdp=8;fsdp=2,sequence=4", *long,
+                     env={ENV_LIBTPU: str(libtpu_path)}, timeout=900)
+    assert result.returncode == 0, result.stderr
+    rows = {r["layout"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert all(r["status"] == "ok" and r["fits"] for r in rows.values()), rows
+    ring = run_cli("bench", "configs/tiny.yaml", "--topology", "v5p:2x2x2", *long,
+                   "mesh.fsdp=2", "mesh.sequence=4", "model.context_parallel=ring",
+                   env={ENV_LIBTPU: str(libtpu_path)}, timeout=900)
+    assert ring.returncode == 0, ring.stderr
+    assert json.loads(ring.stdout.strip().splitlines()[-1])["fits"] is True
+    offload = run_cli("bench", "configs/tiny.yaml", "--topology", "v5p:2x2x2",
+                      "model.remat=offload_dots_with_no_batch_dims",
+                      env={ENV_LIBTPU: str(libtpu_path)}, timeout=900)
+    assert offload.returncode == 0, offload.stderr
+    huge = run_cli("bench", "configs/tiny.yaml", "--topology", "v5p:2x2x2",
+                   "train.global_batch_size=1048576",
+                   env={ENV_LIBTPU: str(libtpu_path)}, timeout=900)
+    assert huge.returncode != 0
+    [line] = huge.stderr.strip().splitlines()  # libtpu's start-up warnings are quiet too
+    assert line.startswith("llama-jax bench: error: does not fit on v5p:2x2x2: "
+                           "RESOURCE_EXHAUSTED"), line
+    slices = run_cli("bench", "configs/tiny.yaml", "--topology", "2xv5p-16",
+                     "train.global_batch_size=16", env={ENV_LIBTPU: str(libtpu_path)})
+    assert slices.stderr.strip() == (
+        "llama-jax bench: error: the devices come from 2 TPU slices joined by the data-center "
+        "network: say which mesh axis spans them, e.g. mesh.dcn_data=2")
