@@ -217,6 +217,13 @@ def _may_see(q_pos_BxQ: Array, k_pos_BxS: Array, q_seg_BxQ: Array | None,
     return jnp.any(overlap & ~only_s_and_later)
 
 
+def _pair_scores(qb: Array, kb: Array, q_pos: Array, k_pos: Array, q_seg: Array | None,
+                 k_seg: Array | None) -> tuple[Array, Array]:
+    """A block pair's visibility [B, 1, 1, Q, S] and float32 scores [B, K, G, Q, S]."""
+    scores = jnp.einsum("bkgth,bksh->bkgts", qb, kb, preferred_element_type=F32)
+    return visible(q_pos, k_pos, q_seg, k_seg)[:, None, None], scores
+
+
 def _divisor_at_most(n: int, block: int) -> int:
     block = min(block, n) if block > 0 else n
     return max(d for d in range(1, block + 1) if n % d == 0)
@@ -249,9 +256,8 @@ def _flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
             def attend(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 m, l_, acc = c
                 kb, vb = _slice(k, j * bk, bk, 2), _slice(v, j * bk, bk, 2)
-                shown = visible(qp, kp, qs, ks)[:, None, None]
-                scores = jnp.where(shown, jnp.einsum("bkgth,bksh->bkgts", qb, kb,
-                                                     preferred_element_type=F32), NEG)
+                shown, scores = _pair_scores(qb, kb, qp, kp, qs, ks)
+                scores = jnp.where(shown, scores, NEG)
                 m_new = jnp.maximum(m, jnp.max(scores, axis=-1, keepdims=True))
                 p = jnp.where(shown, jnp.exp(scores - m_new), 0.0)
                 corr = jnp.exp(m - m_new)
@@ -295,8 +301,7 @@ def _flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
             def grads(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 dq, dk_j, dv_j = c
                 qb, dob = _slice(q, i * bq, bq, 3), _slice(d_out, i * bq, bq, 3)
-                shown = visible(qp, kp, qs, ks)[:, None, None]
-                scores = jnp.einsum("bkgth,bksh->bkgts", qb, kb, preferred_element_type=F32)
+                shown, scores = _pair_scores(qb, kb, qp, kp, qs, ks)
                 p = jnp.where(shown, jnp.exp(scores - _slice(lse, i * bq, bq, 3)), 0.0)
                 dp = jnp.einsum("bkgth,bksh->bkgts", dob, vb, preferred_element_type=F32)
                 ds = (p * (dp - _slice(row, i * bq, bq, 3))).astype(cd)

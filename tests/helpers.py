@@ -10,6 +10,8 @@ from pathlib import Path
 import jax
 
 from llama_jax.config import load_config
+from llama_jax.data.batch import to_global
+from llama_jax.step import gradients, init_state, make_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -43,3 +45,12 @@ def tiny(tmp_path, *overrides):
 def flat_tree(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def grads_and_loss(cfg, batch_np):
+    """Gradients and mean loss of a fresh state on one host batch, through the sharded step."""
+    setup = make_setup(cfg)
+    state = init_state(setup)
+    batch = to_global(batch_np, setup.mesh, setup.rules, cfg.train.global_batch_size)
+    grads, aux = jax.jit(lambda p, b: gradients(setup, p, b))(state["params"], batch)
+    return jax.device_get(grads), float(aux["loss"])

@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import layout_overrides, tiny
+from helpers import grads_and_loss, layout_overrides, tiny
 
 from llama_jax import context_parallel, ops
-from llama_jax.data.batch import to_global
 from llama_jax.errors import ConfigError
-from llama_jax.step import gradients, init_state, make_setup
+from llama_jax.step import make_setup
 from llama_jax.train import train
 
 KINDS = ["all_gather", "ring"]
@@ -35,14 +34,6 @@ def packed_batch(cfg, seed=0):
             "segment_ids": segment_ids}
 
 
-def _grads(cfg, batch_np):
-    setup = make_setup(cfg)
-    state = init_state(setup)
-    batch = to_global(batch_np, setup.mesh, setup.rules, cfg.train.global_batch_size)
-    grads, aux = jax.jit(lambda p, b: gradients(setup, p, b))(state["params"], batch)
-    return jax.device_get(grads), float(aux["loss"])
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_split_sequence_gradients_equal_the_whole_sequence(tmp_path, kind):
     """Packed documents, GQA (4 query / 2 kv heads), padding weights: loss and every gradient
@@ -50,8 +41,9 @@ def test_split_sequence_gradients_equal_the_whole_sequence(tmp_path, kind):
     data = ["data.dataset=python_docs"]  # packed rows: segment ids reach attention
     whole = tiny(tmp_path, *data, *WHOLE)
     batch = packed_batch(whole)
-    ref_grads, ref_loss = _grads(whole, batch)
-    grads, loss = _grads(tiny(tmp_path, *data, *SPLIT, f"model.context_parallel={kind}"), batch)
+    ref_grads, ref_loss = grads_and_loss(whole, batch)
+    split = tiny(tmp_path, *data, *SPLIT, f"model.context_parallel={kind}")
+    grads, loss = grads_and_loss(split, batch)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())

@@ -6,19 +6,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from helpers import layout_overrides, tiny
+from helpers import grads_and_loss, layout_overrides, tiny
 
 from llama_jax.data.batch import to_global
 from llama_jax.data.synthetic import SyntheticSource
-from llama_jax.step import gradients, init_state, make_setup, make_train_step
-
-
-def _grads(cfg, batch_np):
-    setup = make_setup(cfg)
-    state = init_state(setup)
-    batch = to_global(batch_np, setup.mesh, setup.rules, cfg.train.global_batch_size)
-    grads, aux = jax.jit(lambda p, b: gradients(setup, p, b))(state["params"], batch)
-    return jax.device_get(grads), float(aux["loss"])
+from llama_jax.step import init_state, make_setup, make_train_step
 
 
 def test_gradient_accumulation_equals_full_batch(tmp_path):
@@ -27,8 +19,8 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
     cfg_accum = tiny(tmp_path, *base, "train.microbatches=2")
     batch = next(SyntheticSource(cfg_full.model.vocab_size, cfg_full.data.seq_len, 8, 3, "train"))
     batch["weights"][1, 40:] = 0.0  # uneven token counts across microbatches
-    full_grads, full_loss = _grads(cfg_full, batch)
-    accum_grads, accum_loss = _grads(cfg_accum, batch)
+    full_grads, full_loss = grads_and_loss(cfg_full, batch)
+    accum_grads, accum_loss = grads_and_loss(cfg_accum, batch)
     assert accum_loss == pytest.approx(full_loss, rel=1e-5)
     for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(accum_grads), strict=True):
         scale = np.abs(a).max()
@@ -43,8 +35,9 @@ def test_chunked_loss_equals_one_pass_in_the_step(tmp_path, layout):
     cfg_one = tiny(tmp_path, *base, "model.loss_chunks=1")
     batch = next(SyntheticSource(cfg_one.model.vocab_size, cfg_one.data.seq_len, 8, 3, "train"))
     batch["weights"][1, 40:] = 0.0
-    one_grads, one_loss = _grads(cfg_one, batch)
-    chunk_grads, chunk_loss = _grads(tiny(tmp_path, *base, "model.loss_chunks=4"), batch)
+    one_grads, one_loss = grads_and_loss(cfg_one, batch)
+    chunked = tiny(tmp_path, *base, "model.loss_chunks=4")
+    chunk_grads, chunk_loss = grads_and_loss(chunked, batch)
     assert chunk_loss == pytest.approx(one_loss, rel=1e-6)
     for a, b in zip(jax.tree.leaves(one_grads), jax.tree.leaves(chunk_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
