@@ -73,7 +73,9 @@ def _check_fits(where: epath.Path, target: PyTree) -> None:
     wanted = {_path_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
               for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
     # Only arrays recorded with another shape or dtype: an array missing from the record may
-    # be damage (truncated metadata), which the restore itself then reports as such.
+    # be damage (the record is read from the array store), which the restore then reports.
+    # A structure that changed is refused before this (run_dir.check_resume), and entries
+    # newer than the checkpoint are not asked for (`restore`).
     differ = [f"{key} saved {saved[key]} but wanted {value}"
               for key, value in wanted.items() if key in saved and saved[key] != value]
     if differ:
@@ -85,6 +87,8 @@ def _check_fits(where: epath.Path, target: PyTree) -> None:
 @jax.jit
 def fingerprint(tree: PyTree) -> list[jax.Array]:
     def one(x: jax.Array) -> jax.Array:
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
         bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
         return jnp.sum(jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32), dtype=jnp.uint32)
 
@@ -234,7 +238,10 @@ class Checkpointer:
         if not params_only and "opt_state" not in contents:
             raise CheckpointError(f"checkpoint {where} holds parameters only (an imported "
                                   f"model); restore it with checkpoint.restore_params_only=true")
-        target = {"params": abstract_state["params"]} if params_only else abstract_state
+        # Entries newer than the checkpoint (the loss scale, the skip counters) are left out;
+        # the caller starts them fresh (step.completed).
+        target = {"params": abstract_state["params"]} if params_only else {
+            key: value for key, value in abstract_state.items() if key in contents}
         _check_fits(where, target)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:

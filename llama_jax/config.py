@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ Fp8Gradients = Literal["e4m3", "e5m2"]
 Fp8WeightGradient = Literal["fp8", "bf16"]
 Schedule = Literal["constant", "cosine", "linear", "wsd"]
 Enabled = Literal["auto", "true", "false"]
+NonFinitePolicy = Literal["auto", "skip", "stop", "rollback"]
+LOSS_SCALE_WORDS = ("auto", "dynamic", "none")
 DTYPES = typing.get_args(Dtype)
 LOGICAL_AXES = (
     "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
@@ -183,6 +186,17 @@ class TrainConfig:
     eval_batches: int = 4
     z_loss: float = 0.0
     fused_loss: bool = True  # the LM head and the loss as one custom VJP (loss.py)
+    # Loss scaling (precision.py): auto is dynamic under float16 compute, none otherwise; a
+    # number is a fixed scale. The settings below are DeepSpeed's (GPT-NeoX's fp16 configs).
+    loss_scale: str = "auto"
+    loss_scale_init: float = 4096.0  # 2^12, GPT-NeoX's initial_scale_power: 12
+    loss_scale_window: int = 1000  # good steps before the scale doubles
+    loss_scale_hysteresis: int = 2  # overflows tolerated before the scale starts halving
+    loss_scale_min: float = 1.0
+    # A step whose loss or gradients are not finite (and that the loss scale does not absorb):
+    # auto is skip under float16, stop otherwise.
+    on_nonfinite: NonFinitePolicy = "auto"
+    max_rollbacks: int = 3
     profile_start: int = 3
     profile_steps: int = 0  # 0: no profiler trace
 
@@ -374,13 +388,14 @@ _POSITIVE = (
     "model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
     "model.num_heads", "model.max_position_embeddings", "model.rope_theta", "model.norm_eps",
     "data.seq_len", "train.steps", "train.global_batch_size", "train.microbatches",
-    "train.log_every", "train.eval_batches",
+    "train.log_every", "train.eval_batches", "train.loss_scale_init", "train.loss_scale_window",
+    "train.loss_scale_hysteresis", "train.loss_scale_min",
 )
 _NON_NEGATIVE = (
     "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
     "train.eval_every", "train.z_loss", "train.profile_steps", "checkpoint.every",
     "data.tokenizer_vocab_size", "data.prefetch",
-    "checkpoint.keep_every", "model.init_std",
+    "checkpoint.keep_every", "model.init_std", "train.max_rollbacks",
 )
 
 
@@ -466,12 +481,30 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.dataset == TEXT_FILES and not cfg.data.files:
         raise ConfigError("data.dataset=text_files needs data.files (a glob of .txt/.jsonl)")
+    _validate_loss_scale(cfg.train)
     if cfg.train.global_batch_size % cfg.train.microbatches:
         raise ConfigError(
             f"train.microbatches={cfg.train.microbatches} does not divide "
             f"train.global_batch_size={cfg.train.global_batch_size}"
         )
     _validate_mesh_section(cfg.mesh)
+
+
+def _validate_loss_scale(t: TrainConfig) -> None:
+    value = str(t.loss_scale)
+    if value not in LOSS_SCALE_WORDS:
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not (math.isfinite(number) and number > 0):
+            raise ConfigError(f"train.loss_scale={value} must be one of "
+                              f"{', '.join(LOSS_SCALE_WORDS)} or a positive number")
+    if not math.isfinite(t.loss_scale_init):
+        raise ConfigError(f"train.loss_scale_init={t.loss_scale_init} must be finite")
+    if t.loss_scale_min > t.loss_scale_init:
+        raise ConfigError(f"train.loss_scale_min={t.loss_scale_min} exceeds "
+                          f"train.loss_scale_init={t.loss_scale_init}")
 
 
 def _validate_mesh_section(mesh: MeshConfig) -> None:

@@ -19,7 +19,7 @@ from tensorboardX import SummaryWriter
 from llama_jax import flops
 from llama_jax.config import Config
 from llama_jax.errors import LlamaJaxError
-from llama_jax.step import check_finite
+from llama_jax.precision import NonFiniteStep, first_unabsorbed, on_nonfinite
 from llama_jax.storage import Appender, is_remote, replace_text, upload_tree
 
 
@@ -33,12 +33,21 @@ class MetricsWriter:
     def __init__(self, run_dir: epath.Path, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.path = run_dir / "metrics.jsonl"
+        self.tb_dir = os.fspath(run_dir / "tb")
         self.tb = None
+        self._open(resume_step)
+
+    def _open(self, resume_step: int) -> None:
         if self.enabled:
             if self.path.is_file():
                 self._keep_through(resume_step)
             self.rows = Appender(self.path)
-            self.tb = SummaryWriter(os.fspath(run_dir / "tb"), purge_step=resume_step + 1)
+            self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
+
+    def rewind(self, step: int) -> None:
+        """Go back to `step` (a rollback): rows after it are dropped, as on resume."""
+        self.close()
+        self._open(step)
 
     def _keep_through(self, resume_step: int) -> None:
         """Drop rows after `resume_step`, and a torn last line (a crash mid-write)."""
@@ -81,18 +90,29 @@ class MetricsWriter:
 class StepLog:
     """The train metrics of each step: kept on the device and fetched together every
     `train.log_every` steps (fetching every step would stall dispatch), timed from the end of
-    the first (compiling) step, and written as one row per logging step."""
+    the first (compiling) step, and written as one row per logging step.
+
+    Fetching is also when a step the loss scale did not absorb comes to light: unless
+    `train.on_nonfinite` is skip, `NonFiniteStep` names the first such step, and the loop
+    decides between stopping and rolling back.
+    """
 
     def __init__(self, cfg: Config, writer: MetricsWriter, first_step: int, peak_flops: float):
         self.writer = writer
         self.every, self.last = cfg.train.log_every, cfg.train.steps
+        self.tolerate = on_nonfinite(cfg) == "skip"
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.fpt = flops.flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops
-        self.pending: list[dict[str, jax.Array]] = []
         self.rows: list[dict[str, Any]] = []
+        self.restart(first_step)
+
+    def restart(self, step: int) -> None:
+        """Go on from `step` (the start, or a rollback to it): later rows are forgotten."""
+        self.pending: list[dict[str, jax.Array]] = []
+        self.rows = [row for row in self.rows if row["step"] <= step]
         self.t_last: float | None = None
-        self.step_last = first_step
+        self.step_last = step
 
     def add(self, step: int, state: dict[str, Any], metrics: dict[str, jax.Array]
             ) -> dict[str, Any] | None:
@@ -103,30 +123,50 @@ class StepLog:
             self.t_last, self.step_last = time.perf_counter(), step
         if step % self.every and step != self.last:
             return None
-        host = jax.device_get(self.pending)
+        host = self._fetch(step)
         now = time.perf_counter()
         row = log_row(step, host, now - self.t_last, step - self.step_last,
                       self.tokens_per_step, self.fpt, self.peak)
         self.t_last, self.step_last = now, step
-        self.pending.clear()
         self.rows.append(row)
         self.writer.write(row)
         return row
 
     def check_finite(self, step: int) -> None:
-        """Raise if a step not yet logged had a non-finite loss (before saving `step`)."""
-        check_finite(step, jax.device_get([m["finite"] for m in self.pending]))
+        """Before saving `step`: raise for a step not yet logged that the run may not keep."""
+        self.pending = [jax.device_get(m) for m in self.pending]
+        self._police(step, self.pending)
+
+    def _fetch(self, step: int) -> list[dict[str, Any]]:
+        host = jax.device_get(self.pending)
+        self.pending.clear()
+        self._police(step, host)
+        return host
+
+    def _police(self, step: int, host: list[dict[str, Any]]) -> None:
+        bad = first_unabsorbed(step - len(host) + 1, host)
+        if bad is not None and not self.tolerate:
+            raise NonFiniteStep(*bad)
 
 
 def log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_step: int,
             fpt: float, peak: float) -> dict[str, Any]:
-    check_finite(step, [m["finite"] for m in host])
+    """Loss, z-loss and grad norm over the steps whose update was applied (None when every
+    step of the window was skipped); speed over all of them."""
+    applied = [m for m in host if bool(m["finite"])]
     tps = tokens_per_step * steps / seconds if steps and seconds > 0 else None
+
+    def mean(key: str) -> float | None:
+        return float(np.mean([m[key] for m in applied])) if applied else None
+
     return {
         "step": step,
-        "loss": float(np.mean([m["loss"] for m in host])),
-        "grad_norm": float(host[-1]["grad_norm"]),
+        "loss": mean("loss"),
+        "grad_norm": float(applied[-1]["grad_norm"]) if applied else None,
         "lr": float(host[-1]["lr"]),
+        "z_loss": mean("z_loss"),
+        "loss_scale": float(host[-1]["loss_scale"]),
+        "skipped_steps": int(host[-1]["skipped_steps"]),
         "tokens_per_sec": tps,
         "step_time_s": seconds / steps if steps else None,
         "mfu": None if tps is None else flops.mfu(tps, fpt, peak),

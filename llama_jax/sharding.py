@@ -186,7 +186,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
 
 def train_state_shardings(abstract_vars: Any, tx: optax.GradientTransformation,
                           abstract_opt: Any, mesh: Mesh, rules: Rules) -> dict[str, Any]:
-    """Shardings of the train state {"step", "params", "opt_state"}: parameters by their
+    """Shardings of the train state's {"step", "params", "opt_state"}: parameters by their
     logical names, each optimizer moment like its parameter, counters replicated."""
     params = nnx.to_pure_dict(state_shardings(abstract_vars, mesh, rules))
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,

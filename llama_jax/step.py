@@ -1,9 +1,9 @@
 """The train state and its shardings, the loss and its gradients, the compiled train and eval
 steps.
 
-The state is a plain pytree {"step", "params", "opt_state"} of pure dicts (no NNX objects), so
-jit, Orbax and HF conversion all see ordinary arrays. The NNX graph is split once; each traced
-step merges it with the params, which costs nothing at run time.
+The state is a plain pytree {"step", "params", "opt_state", "loss_scale", "nonfinite"} of pure
+dicts (no NNX objects), so jit, Orbax and HF conversion all see ordinary arrays. The NNX graph
+is split once; each traced step merges it with the params, which costs nothing at run time.
 """
 
 from __future__ import annotations
@@ -24,17 +24,14 @@ from llama_jax import context_parallel, platform, sharding
 from llama_jax.config import Config
 from llama_jax.data.batch import BATCH_KEYS
 from llama_jax.data.feed import source_kind
-from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.errors import ConfigError
 from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
 from llama_jax.model import OFFLOAD_POLICIES, Transformer
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
+from llama_jax.precision import NEVER, LossScale
 
 PyTree = Any
 Batch = dict[str, jax.Array]
-
-
-class NonFiniteLoss(LlamaJaxError):
-    """The loss or gradient became NaN/Inf."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,16 +67,18 @@ def make_setup(cfg: Config, mesh: Mesh | None = None) -> Setup:
                           f"bench --topology compiles for a TPU slice)")
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_vars = nnx.split(abstract)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract_vars))
+    # A non-finite gradient is dropped whole: parameters and moments stay as they were.
+    tx = optax.apply_if_finite(
+        make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract_vars)), NEVER)
     abstract_params = nnx.to_pure_dict(abstract_vars)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    shardings = sharding.train_state_shardings(abstract_vars, tx, abstract_opt, mesh,
-                                               cfg.mesh.rules)
-    abstract_state = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "params": abstract_params,
-        "opt_state": abstract_opt,
-    }
+    placed = sharding.train_state_shardings(abstract_vars, tx, abstract_opt, mesh, cfg.mesh.rules)
+    opt_shardings = _split(placed["opt_state"])[0]
+    extras = jax.eval_shape(lambda: fresh_entries(cfg))
+    shardings = {**placed, "opt_state": opt_shardings,
+                 **jax.tree.map(lambda _: sharding.replicated(mesh), extras)}
+    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                      "opt_state": _split(abstract_opt)[0], **extras}
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
@@ -105,9 +104,46 @@ def init_state(setup: Setup) -> PyTree:
         model = Transformer(cfg.model, nnx.Rngs(cfg.train.seed))
         params = nnx.to_pure_dict(nnx.state(model))
         return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": setup.tx.init(params)}
+                "opt_state": _split(setup.tx.init(params))[0], **fresh_entries(cfg)}
 
     return jax.block_until_ready(jax.jit(init, out_shardings=setup.state_shardings)())
+
+
+def fresh_entries(cfg: Config) -> dict[str, PyTree]:
+    """The state's entries beside step, params and opt_state: the loss scale and the counters
+    of skipped steps (optax.apply_if_finite's), as a run starts them."""
+    return {"loss_scale": LossScale.from_config(cfg).initial(),
+            "nonfinite": {"notfinite_count": jnp.zeros((), jnp.int32),
+                          "last_finite": jnp.ones((), jnp.bool_),
+                          "total_notfinite": jnp.zeros((), jnp.int32)}}
+
+
+def completed(setup: Setup, restored: PyTree) -> PyTree:
+    """A restored state made whole for this run: entries its checkpoint predates (written
+    before loss scaling) start fresh, and a loss scale the config no longer asks for is reset
+    (precision.LossScale.reconcile)."""
+    missing = [key for key in setup.abstract_state if key not in restored]
+    if missing:
+        fresh = jax.jit(lambda: fresh_entries(setup.cfg),
+                        out_shardings={k: setup.state_shardings[k] for k in FRESH_KEYS})()
+        restored = {**restored, **{key: fresh[key] for key in missing}}
+    restored["loss_scale"] = LossScale.from_config(setup.cfg).reconcile(restored["loss_scale"])
+    return restored
+
+
+FRESH_KEYS = ("loss_scale", "nonfinite")
+_COUNTERS = ("notfinite_count", "last_finite", "total_notfinite")
+
+
+def _split(opt: optax.ApplyIfFiniteState) -> tuple[PyTree, dict[str, Any]]:
+    """apply_if_finite's state as two entries of the train state: the optimizer's own state
+    ("opt_state", laid out as in checkpoints from before non-finite steps were skipped) and
+    the skip counters ("nonfinite")."""
+    return opt.inner_state, {name: getattr(opt, name) for name in _COUNTERS}
+
+
+def _joined(inner: PyTree, counters: dict[str, Any]) -> optax.ApplyIfFiniteState:
+    return optax.ApplyIfFiniteState(inner_state=inner, **counters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,14 +194,26 @@ def _split_microbatches(batch: Batch, k: int) -> Batch:
             for key, x in batch.items()}
 
 
-def gradients(setup: Setup, params: PyTree, batch: Batch) -> tuple[PyTree, dict]:
+def gradients(setup: Setup, params: PyTree, batch: Batch, loss_scale: jax.Array | float = 1.0
+              ) -> tuple[PyTree, dict]:
     """Gradients of the token-mean loss, accumulated over `train.microbatches` in a scan.
 
-    Summed losses and token counts make k microbatches of b rows give exactly the gradient of
-    one batch of k*b rows, however the padding falls.
+    The backward starts from `loss_scale / tokens` (tokens counted over the whole batch before
+    the forward), so the gradients flowing through float16 activations are those of the mean
+    loss times the scale (precision.py); they are divided by the scale again in float32.
+    Summed losses make k microbatches of b rows give exactly the gradient of one batch of k*b
+    rows, however the padding falls. When the loss is not finite the gradients are NaN too, so
+    one finiteness check of the gradients covers both.
     """
     k = setup.cfg.train.microbatches
-    grad_fn = jax.value_and_grad(lambda p, b: _forward_sums(setup, p, b), has_aux=True)
+    tokens = jnp.maximum(batch["weights"].sum(), 1.0)
+    seed = (loss_scale / tokens).astype(jnp.float32)
+
+    def scaled(p: PyTree, b: Batch) -> tuple[jax.Array, dict]:
+        total, aux = _forward_sums(setup, p, b)
+        return total * seed, {**aux, "total": total}
+
+    grad_fn = jax.value_and_grad(scaled, has_aux=True)
     with sharding.activation_sharding(setup.mesh, setup.rules):
         if k == 1:
             (_, aux), grads = grad_fn(params, batch)
@@ -178,31 +226,44 @@ def gradients(setup: Setup, params: PyTree, batch: Batch) -> tuple[PyTree, dict]
                         jax.tree.map(jnp.add, aux_acc, aux)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            aux0 = {"ce_sum": jnp.zeros((), jnp.float32), "tokens": jnp.zeros((), jnp.float32)}
+            aux0 = {key: jnp.zeros((), jnp.float32) for key in ("ce_sum", "tokens", "total")}
             (grads, aux), _ = jax.lax.scan(micro, (zeros, aux0), _split_microbatches(batch, k))
-    tokens = jnp.maximum(aux["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens.astype(g.dtype), grads)
-    return grads, {**aux, "loss": aux["ce_sum"] / tokens}
+    loss = aux["ce_sum"] / tokens
+    unscale = jnp.where(jnp.isfinite(loss), 1.0 / loss_scale, jnp.nan).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g * unscale.astype(g.dtype), grads)
+    return grads, {"ce_sum": aux["ce_sum"], "tokens": aux["tokens"], "loss": loss,
+                   "z_loss": (aux["total"] - aux["ce_sum"]) / tokens}
 
 
 def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dict]]:
+    """One optimizer step. A step whose loss or gradients are not finite changes neither the
+    parameters nor the optimizer state (optax.apply_if_finite), only the step count, the
+    skipped-step count and the loss scale; what the run then does is `train.on_nonfinite`'s
+    decision, taken on the host (train.py)."""
     cfg = setup.cfg
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
+    scaler = LossScale.from_config(cfg)
 
     def step(state: PyTree, batch: Batch) -> tuple[PyTree, dict]:
-        params = state["params"]
-        grads, aux = gradients(setup, params, batch)
+        params, scale_state = state["params"], state["loss_scale"]
+        grads, aux = gradients(setup, params, batch, scale_state["scale"])
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        loss = aux["loss"]
-        updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
+        updates, new_opt = setup.tx.update(
+            grads, _joined(state["opt_state"], state["nonfinite"]), params)
+        inner, counters = _split(new_opt)
+        finite = new_opt.last_finite
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step leaves the state as it was; the loop stops at the next log step.
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                                 {**state, "step": new_state["step"]})
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "tokens": aux["tokens"], "finite": finite}
+                     "opt_state": inner, "nonfinite": counters,
+                     "loss_scale": scaler.update(scale_state, finite)}
+        metrics = {
+            "loss": aux["loss"], "grad_norm": grad_norm, "tokens": aux["tokens"],
+            "z_loss": aux["z_loss"],
+            # The schedule advances with applied updates only, as optax's own count does.
+            "lr": schedule(state["step"] - state["nonfinite"]["total_notfinite"]),
+            "finite": finite, "loss_finite": jnp.isfinite(aux["loss"]),
+            "absorbed": scaler.absorbs(scale_state), "loss_scale": scale_state["scale"],
+            "skipped_steps": new_opt.total_notfinite,
+        }
         return new_state, metrics
 
     compiled = jax.jit(
@@ -239,12 +300,3 @@ def evaluate(eval_step: Callable, params: PyTree, batches: Iterator[Batch],
     if bytes_per_token:
         result["bits_per_byte"] = loss / math.log(2) / bytes_per_token
     return result
-
-
-def check_finite(step: int, finite_flags: list[Any]) -> None:
-    bad = [step - len(finite_flags) + 1 + i for i, ok in enumerate(finite_flags) if not ok]
-    if bad:
-        raise NonFiniteLoss(
-            f"loss became NaN/Inf at step {bad[0]}; stopping (the state keeps the last finite "
-            f"step and no checkpoint is written after it)"
-        )

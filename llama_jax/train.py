@@ -23,10 +23,12 @@ from llama_jax.data.feed import global_batches, make_source, prepare
 from llama_jax.errors import LlamaJaxError
 from llama_jax.evaluate import Evaluator
 from llama_jax.metrics import MetricsWriter, Profiler, StepLog
+from llama_jax.precision import NonFiniteStep, on_nonfinite
 from llama_jax.run_dir import check_resume, locked
 from llama_jax.step import (
     PyTree,
     Setup,
+    completed,
     init_state,
     make_setup,
     make_train_step,
@@ -84,8 +86,8 @@ class _StopSignals:
             signal.signal(s, handler)
 
 
-def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any
-                   ) -> tuple[PyTree, int]:
+def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any,
+                   announce: bool = True) -> tuple[PyTree, int]:
     """Resume from this run's newest good checkpoint, else start from `restore_from`, else
     initialise. Returns the state and the step it is at."""
     restored = restore_latest_good(ckpt, setup.abstract_state)
@@ -93,9 +95,9 @@ def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any
         state, data_state, meta = restored
         if data_state and hasattr(source, "set_state"):
             source.set_state(data_state)
-        if jax.process_index() == 0:
+        if announce and jax.process_index() == 0:
             print(f"resuming from {ckpt.directory / str(meta['step'])}", file=sys.stderr)
-        return state, int(meta["step"])
+        return completed(setup, state), int(meta["step"])
     if ckpt.steps() or ckpt.incomplete():
         print(f"warning: no usable checkpoint in {ckpt.directory}; starting afresh",
               file=sys.stderr)
@@ -110,7 +112,7 @@ def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any
     params_only = cfg.checkpoint.restore_params_only
     loaded, _, _ = other.restore(step, setup.abstract_state, params_only=params_only)
     if not params_only:
-        return loaded, int(loaded["step"])
+        return completed(setup, loaded), int(loaded["step"])
     fresh = init_state(setup)
     fresh["params"] = loaded["params"]
     return fresh, 0
@@ -163,6 +165,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     evaluator = Evaluator(setup, data, writer, None if quiet or not is_main
                           else progress.console.print)
     saved_step = first_step if first_step in ckpt.steps() else -1
+    policy, rollbacks = on_nonfinite(cfg), 0
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -170,21 +173,56 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         ckpt.save(step, state, source.get_state() if hasattr(source, "get_state") else None)
         saved_step = step
 
+    def recover(bad: NonFiniteStep) -> tuple[PyTree, int]:
+        """Stop in one line, or under `train.on_nonfinite=rollback` (at most
+        `train.max_rollbacks` times) PaLM's recipe: back to the newest checkpoint (or the
+        start), with the data going on past the batches that led to `bad`."""
+        nonlocal rollbacks, saved_step
+        ckpt.wait()
+        newest = ckpt.steps()
+        before = f"the newest checkpoint is step {newest[-1]}" if newest else \
+            "no checkpoint was written"
+        if policy != "rollback":
+            raise NonFiniteStep(bad.step, f"{bad.what} (train.on_nonfinite={policy}); "
+                                          f"stopped, {before}") from None
+        if rollbacks >= cfg.train.max_rollbacks:
+            raise NonFiniteStep(bad.step, f"{bad.what} again after {rollbacks} rollbacks "
+                                          f"(train.max_rollbacks={cfg.train.max_rollbacks}); "
+                                          f"stopped, {before}") from None
+        rollbacks += 1
+        position = source.get_state() if hasattr(source, "get_state") else None
+        restored, back_to = _initial_state(cfg, setup, ckpt, source, announce=False)
+        if position is not None:
+            source.set_state(position)
+        log.restart(back_to)
+        writer.rewind(back_to)
+        saved_step = back_to if back_to in ckpt.steps() else -1
+        if is_main:
+            print(f"rollback {rollbacks} of {cfg.train.max_rollbacks}: {bad}; back to step "
+                  f"{back_to}, the data goes on after the batches that led there",
+                  file=sys.stderr)
+        return restored, back_to
+
     profiler = Profiler(cfg, run_dir)
     try:
         with progress, _StopSignals() as stop:
             if first_step == 0:
                 evaluator.run(0, state["params"])
-            for step in range(first_step + 1, total + 1):
+            step = first_step
+            while step < total:
+                step += 1
                 profiler.at(step)
                 state, metrics = train_step(state, next(batches))
-                row = log.add(step, state, metrics)
+                try:
+                    row = log.add(step, state, metrics)
+                    if ckpt.due(step) or step == total or stop.raised:
+                        save(step)
+                except NonFiniteStep as bad:
+                    state, step = recover(bad)
+                    progress.update(task, completed=step)
+                    continue
                 if row is not None:
-                    speed = "" if row["tokens_per_sec"] is None else (
-                        f"  {row['tokens_per_sec']:,.0f} tok/s  MFU {row['mfu']:.1%}")
-                    progress.update(task, completed=step, stats=f"loss {row['loss']:.4f}{speed}")
-                if ckpt.due(step) or step == total or stop.raised:
-                    save(step)
+                    progress.update(task, completed=step, stats=_stats(row))
                 if stop.raised:
                     ckpt.wait()
                     raise stop.stopped(step, ckpt.directory / str(step))
@@ -207,6 +245,15 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
             writer.close()
         getattr(source, "close", lambda: None)()
     return TrainResult(state, log.rows, evaluator.results)
+
+
+def _stats(row: dict[str, Any]) -> str:
+    """The progress bar's figures: the window's loss, speed, and skipped steps if any."""
+    loss = "skipped" if row["loss"] is None else f"{row['loss']:.4f}"
+    speed = "" if row["tokens_per_sec"] is None else (
+        f"  {row['tokens_per_sec']:,.0f} tok/s  MFU {row['mfu']:.1%}")
+    skipped = f"  skipped {row['skipped_steps']}" if row["skipped_steps"] else ""
+    return f"loss {loss}{speed}{skipped}"
 
 
 def _progress(disabled: bool):  # noqa: ANN202 - rich Progress

@@ -44,8 +44,20 @@ def final_params(run_dir, step):
     return jax.device_get(state["params"])
 
 
-def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, cache_dir):
-    steps = ["train.steps=16", "checkpoint.every=4"]
+def scales(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss_scale"], r["skipped_steps"]) for r in rows if "grad_norm" in r}
+
+
+# float16 with a scale that overflows and grows within the run: the loss scale, its counters
+# and the skipped steps are part of what must resume exactly.
+FLOAT16_DYNAMIC = ["model.compute_dtype=float16", "train.loss_scale_init=1e6",
+                   "train.loss_scale_window=2"]
+
+
+@pytest.mark.parametrize("precision", [[], FLOAT16_DYNAMIC], ids=["float32", "float16"])
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, cache_dir, precision):
+    steps = ["train.steps=16", "checkpoint.every=4", *precision]
     full = run_cli(*text_run(tmp_path / "full", cache_dir, *steps))
     assert full.returncode == 0, full.stderr
     # The same run, killed with SIGKILL once step 10 is logged (checkpoint 8 is complete).
@@ -65,6 +77,9 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, cache_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
     assert losses(killed_dir) == losses(tmp_path / "full")  # bitwise, every step
+    assert scales(killed_dir) == scales(tmp_path / "full")
+    if precision:
+        assert len(set(scales(killed_dir).values())) > 3  # the scale moved both ways
     a, b = final_params(tmp_path / "full", 16), final_params(killed_dir, 16)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
