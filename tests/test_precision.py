@@ -30,6 +30,24 @@ def final_eval(run_dir: Path) -> float:
     return [json.loads(line) for line in lines if "perplexity" in line][-1]["loss"]
 
 
+def tensorboard_tags(run_dir: Path) -> set[str]:
+    """The scalar tags in a run's TensorBoard event files (TFRecord framing: length, its CRC,
+    the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags: set[str] = set()
+    for path in (run_dir / "tb").glob("events.out.tfevents*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            tags |= {value.tag for value in event.summary.value}
+            i += 12 + n + 4
+    return tags
+
+
 class DeepSpeedScaler:
     """DeepSpeed's DynamicLossScaler.update_scale as its source reads (iteration numbers and
     a modulo, not the counters precision.py keeps), with consecutive_hysteresis=False."""
@@ -122,6 +140,22 @@ def test_float16_with_dynamic_scaling_trains_like_float32(tmp_path):
     last = rows(tmp_path / "fp16")[-1]
     assert last["loss_scale"] == 4096.0 and last["skipped_steps"] == 0
     assert rows(tmp_path / "fp32")[-1]["loss_scale"] == 1.0
+    assert {"train/loss_scale", "train/skipped_steps", "train/z_loss"} <= \
+        tensorboard_tags(tmp_path / "fp16")
+
+
+@pytest.mark.slow
+def test_the_default_model_in_float16_ends_within_3_percent_of_float32(tmp_path):
+    """The figure docs/precision.md reports: `default`, 200 steps on python_docs."""
+    common = ["train", "configs/default.yaml", "train.steps=200",
+              f"data.cache_dir={tmp_path / 'cache'}"]
+    for name, dtype in (("fp32", "float32"), ("fp16", "float16")):
+        result = run_cli(*common, f"run_dir={tmp_path / name}", f"model.compute_dtype={dtype}",
+                         timeout=1800)
+        assert result.returncode == 0, result.stderr
+    assert final_eval(tmp_path / "fp16") == pytest.approx(final_eval(tmp_path / "fp32"),
+                                                          rel=0.03)
+    assert rows(tmp_path / "fp16")[-1]["skipped_steps"] == 0
 
 
 def test_an_absurd_initial_scale_backs_off_then_trains(tmp_path):
@@ -277,3 +311,12 @@ def test_z_loss_is_reported_as_its_term(tmp_path, tiny_overrides):
         got, expected = _z_loss_and_reference(cfg)
         assert got == pytest.approx(expected, rel=1e-4)
         assert expected > 1e-2  # log(97)^2 ~ 21: the term is not negligible here
+
+
+def test_the_progress_line_shows_skipped_steps():
+    from llama_jax.train import _stats
+
+    row = {"loss": 2.5, "tokens_per_sec": 1000.0, "mfu": 0.5, "skipped_steps": 0}
+    assert "skipped" not in _stats(row)
+    assert _stats({**row, "skipped_steps": 3}).endswith("  skipped 3")
+    assert _stats({**row, "loss": None, "skipped_steps": 3}).startswith("loss skipped")
