@@ -270,7 +270,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "eval": (cmd_eval, "loss, perplexity and bits per byte of a checkpoint on a split"),
     "generate": (cmd_generate, "sample from a checkpoint with a KV cache"),
     "bench": (cmd_bench, "compile time, step time, tokens/s, MFU and memory of the train step"),
-    "convert": (cmd_convert, "HuggingFace LLaMA <-> llama_jax checkpoints"),
+    "convert": (cmd_convert, "HuggingFace LLaMA / GPT-NeoX <-> llama_jax checkpoints"),
     "sweep": (cmd_sweep, "compile and measure every mesh layout of the devices (or a TPU slice)"),
 }
 

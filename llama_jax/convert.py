@@ -1,4 +1,4 @@
-"""HuggingFace LLaMA <-> llama_jax: configs and weights.
+"""HuggingFace LLaMA and GPT-NeoX <-> llama_jax: configs and weights.
 
 Our layouts were chosen so that conversion is a transpose and a reshape per tensor (HF
 rotate-half RoPE, HF meaning of `intermediate_size`): q/k/v `[N*H, D]` -> `[D, N, H]`,
@@ -40,10 +40,16 @@ class ConversionError(LlamaJaxError):
 
 
 def model_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    """Our model settings from an HF config.json: LLaMA (`LlamaForCausalLM`) or GPT-NeoX
+    (`GPTNeoXForCausalLM`: Pythia, GPT-NeoX-20B)."""
     archs = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
-        raise ConversionError(f"{where}: model_type={hf.get('model_type')!r} "
-                              f"architectures={archs}: only LLaMA (LlamaForCausalLM) converts")
+    kind = hf.get("model_type")
+    known = {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+    if kind not in known or (archs and known[kind] not in archs):
+        raise ConversionError(f"{where}: model_type={kind!r} architectures={archs}: only LLaMA "
+                              f"(LlamaForCausalLM) and GPT-NeoX (GPTNeoXForCausalLM) convert")
+    if kind == "gpt_neox":
+        return _neox_config_from_hf(hf, where)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act={hf['hidden_act']!r}; LLaMA uses silu")
     # RoPE settings: top-level rope_theta + rope_scaling (published checkpoints), or the
@@ -65,10 +71,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     else:
         raise ConversionError(f"{where}: rope scaling type {kind!r} is not supported "
                               f"(none, linear, llama3)")
-    dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
-    if dtype not in DTYPES:
-        raise ConversionError(f"{where}: dtype {dtype!r} cannot be represented "
-                              f"(float32, bfloat16, float16)")
+    _check_dtype(hf, where)
     heads = hf["num_attention_heads"]
     return ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -82,11 +85,55 @@ def model_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     )
 
 
+def _check_dtype(hf: dict[str, Any], where: str) -> None:
+    dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
+    if dtype not in DTYPES:
+        raise ConversionError(f"{where}: dtype {dtype!r} cannot be represented "
+                              f"(float32, bfloat16, float16)")
+
+
+def _neox_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    """GPT-NeoX: LayerNorm, exact GELU, partial rotary (rotate-half on the first
+    `rotary_pct` of each head), biases everywhere in the MLP, optional parallel residual.
+    Rotary settings come from transformers 5's `rope_parameters` or the published configs'
+    `rotary_pct` / `rotary_emb_base`."""
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ConversionError(f"{where}: hidden_act={hf['hidden_act']!r}; only the exact "
+                              f"GELU (gelu) of Pythia and GPT-NeoX-20B converts")
+    rope = dict(hf.get("rope_parameters") or {})
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise ConversionError(f"{where}: rope scaling is not supported for GPT-NeoX models")
+    _check_dtype(hf, where)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_attention_heads"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        norm="layernorm", norm_eps=float(hf.get("layer_norm_eps", 1e-5)), activation="gelu",
+        rope_theta=float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
+        rotary_pct=float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))),
+        parallel_residual=bool(hf.get("use_parallel_residual", True)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", True)), mlp_bias=True,
+    )
+
+
+def is_neox(m: ModelConfig) -> bool:
+    """Whether `m` is GPT-NeoX's architecture in the form GPTNeoXForCausalLM can hold."""
+    return (m.norm, m.activation, m.position, m.kv_heads, m.mlp_bias, m.rope_scaling.type,
+            m.head_size * m.num_heads) == ("layernorm", "gelu", "rope", m.num_heads, True,
+                                           "none", m.hidden_size)
+
+
 def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
+    if is_neox(m):
+        return _neox_hf_config(m)
     if (m.norm, m.activation, m.position, m.parallel_residual, m.rotary_pct) != (
             "rmsnorm", "swiglu", "rope", False, 1.0):
         raise ConversionError("only LLaMA-architecture models (rmsnorm, swiglu, rope, "
-                              "sequential residual, full rotary) export to LlamaForCausalLM")
+                              "sequential residual, full rotary) export to LlamaForCausalLM, "
+                              "and GPT-NeoX ones (layernorm, gelu, rope, MLP biases, no KV "
+                              "grouping) to GPTNeoXForCausalLM")
     cfg: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
@@ -105,6 +152,24 @@ def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
                 low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                 original_max_position_embeddings=s.original_max_position_embeddings)
     return cfg
+
+
+def _neox_hf_config(m: ModelConfig) -> dict[str, Any]:
+    """Both rotary spellings: `rope_parameters` for transformers 5, `rotary_pct` and
+    `rotary_emb_base` for the releases before it."""
+    return {
+        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
+        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads, "max_position_embeddings": m.max_position_embeddings,
+        "layer_norm_eps": m.norm_eps, "hidden_act": "gelu",
+        "use_parallel_residual": m.parallel_residual, "tie_word_embeddings": m.tie_embeddings,
+        "attention_bias": m.attention_bias, "rotary_pct": m.rotary_pct,
+        "rotary_emb_base": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta,
+                            "partial_rotary_factor": m.rotary_pct},
+        "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +218,8 @@ Sources = dict[tuple[str, ...], tuple[list[str], Any]]
 def _sources(m: ModelConfig) -> Sources:
     """Our parameter path -> (the HF tensors it is made of, one per layer for stacked ones;
     the HF -> ours transform of each)."""
+    if is_neox(m):
+        return _neox_sources(m)
     keep, transpose = (lambda w: w), (lambda w: w.T)
     out: Sources = {("embed",): (["model.embed_tokens.weight"], keep),
                     ("final_norm", "scale"): (["model.norm.weight"], keep)}
@@ -164,7 +231,57 @@ def _sources(m: ModelConfig) -> Sources:
     return out
 
 
-def _tensor_index(hf_dir: Path, m: ModelConfig, sources: Sources) -> dict[str, Path]:
+def _neox_sources(m: ModelConfig) -> Sources:
+    """GPT-NeoX's names. Its fused `query_key_value` is laid out per head: rows
+    [head, (q, k, v), head_dim], so q, k and v are each one slice of it."""
+    d, n, h = m.hidden_size, m.num_heads, m.head_size
+    keep, transpose = (lambda w: w), (lambda w: w.T)
+
+    def qkv_weight(j: int) -> Any:
+        return lambda w: w.reshape(n, 3, h, d)[:, j].transpose(2, 0, 1)
+
+    def qkv_bias(j: int) -> Any:
+        return lambda b: b.reshape(n, 3, h)[:, j]
+
+    layer = {
+        ("attn", "q_proj"): ("attention.query_key_value.weight", qkv_weight(0)),
+        ("attn", "k_proj"): ("attention.query_key_value.weight", qkv_weight(1)),
+        ("attn", "v_proj"): ("attention.query_key_value.weight", qkv_weight(2)),
+        ("attn", "o_proj"): ("attention.dense.weight", lambda w: w.T.reshape(n, h, d)),
+        ("mlp", "up_proj"): ("mlp.dense_h_to_4h.weight", transpose),
+        ("mlp", "up_bias"): ("mlp.dense_h_to_4h.bias", keep),
+        ("mlp", "down_proj"): ("mlp.dense_4h_to_h.weight", transpose),
+        ("mlp", "down_bias"): ("mlp.dense_4h_to_h.bias", keep),
+        ("attn_norm", "scale"): ("input_layernorm.weight", keep),
+        ("attn_norm", "bias"): ("input_layernorm.bias", keep),
+        ("mlp_norm", "scale"): ("post_attention_layernorm.weight", keep),
+        ("mlp_norm", "bias"): ("post_attention_layernorm.bias", keep),
+    }
+    if m.attention_bias:
+        layer.update({
+            ("attn", "q_bias"): ("attention.query_key_value.bias", qkv_bias(0)),
+            ("attn", "k_bias"): ("attention.query_key_value.bias", qkv_bias(1)),
+            ("attn", "v_bias"): ("attention.query_key_value.bias", qkv_bias(2)),
+            ("attn", "o_bias"): ("attention.dense.bias", keep),
+        })
+    out: Sources = {("embed",): (["gpt_neox.embed_in.weight"], keep),
+                    ("final_norm", "scale"): (["gpt_neox.final_layer_norm.weight"], keep),
+                    ("final_norm", "bias"): (["gpt_neox.final_layer_norm.bias"], keep)}
+    if not m.tie_embeddings:
+        out[("lm_head",)] = ([NEOX_HEAD], transpose)
+    for path, (hf_name, fn) in layer.items():
+        out[("layers", *path)] = (
+            [f"gpt_neox.layers.{i}.{hf_name}" for i in range(m.num_layers)], fn)
+    return out
+
+
+NEOX_HEAD = "embed_out.weight"  # what save_pretrained writes; transformers 5 calls it lm_head
+# Buffers some exports carry that are not parameters (causal masks, rotary tables).
+BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
+
+
+def _tensor_index(hf_dir: Path, m: ModelConfig, sources: Sources
+                  ) -> dict[str, tuple[Path, str]]:
     """Which shard holds each tensor, from the shards' headers alone (no tensor is read). A
     tensor the model has no place for, or one it needs and no shard has, is refused here,
     before a byte is written."""
@@ -177,32 +294,34 @@ def _tensor_index(hf_dir: Path, m: ModelConfig, sources: Sources) -> dict[str, P
     wanted = set(needed)
     if m.tie_embeddings:
         wanted.add("lm_head.weight")  # some tied exports carry it anyway: ignored
-    index: dict[str, Path] = {}
+    index: dict[str, tuple[Path, str]] = {}  # wanted name -> (shard, name stored there)
     for file in files:
         with safe_open(str(file), framework="flax") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if name.endswith("rotary_emb.inv_freq"):
+                if name.endswith(BUFFER_SUFFIXES):
                     continue
-                if name not in wanted:
+                key = NEOX_HEAD if name == "lm_head.weight" and NEOX_HEAD in wanted else name
+                if key not in wanted:
                     raise ConversionError(f"{hf_dir}: unexpected tensor {name}")
-                index[name] = file
+                index[key] = (file, name)
     for name in needed:
         if name not in index:
             raise ConversionError(f"{hf_dir}: missing tensor {name}")
     return index
 
 
-def _read_leaf(hf_dir: Path, index: dict[str, Path], names: list[str], transform: Any,
-               target: Any) -> np.ndarray:
+def _read_leaf(hf_dir: Path, index: dict[str, tuple[Path, str]], names: list[str],
+               transform: Any, target: Any) -> np.ndarray:
     """One parameter of ours, built from its HF tensors: only this leaf is ever in memory."""
     from safetensors import safe_open
 
-    stacked = names[0].startswith("model.layers.")  # one tensor per layer, stacked on axis 0
+    stacked = ".layers." in names[0]  # one tensor per layer, stacked on axis 0
     shape = tuple(target.shape[1:] if stacked else target.shape)
     out = np.empty(target.shape, target.dtype)
     for i, name in enumerate(names):
-        with safe_open(str(index[name]), framework="flax") as f:
-            value = transform(np.asarray(f.get_tensor(name)))
+        file, stored = index[name]
+        with safe_open(str(file), framework="flax") as f:
+            value = transform(np.asarray(f.get_tensor(stored)))
         if tuple(value.shape) != shape:
             raise ConversionError(f"{hf_dir}: tensor {name} has shape {tuple(value.shape)}, "
                                   f"expected {shape} after conversion")
@@ -225,6 +344,8 @@ def params_from_hf(hf_dir: Path, m: ModelConfig, abstract_params: dict[str, Any]
 
 def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray]:
     """Our parameters (numpy, stacked) -> HF tensor names and layouts."""
+    if is_neox(m):
+        return _neox_params_to_hf(params, m)
     out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
            "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
     if not m.tie_embeddings:
@@ -244,6 +365,43 @@ def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray
         for i in range(m.num_layers):
             out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(fn(stacked[i]))
     return out
+
+
+def _neox_params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse of `_neox_sources`: q, k, v fused back per head."""
+    def qkv(layer: dict[str, Any], i: int) -> dict[str, np.ndarray]:
+        a = layer["attn"]
+        fused = np.stack([np.asarray(a[k][i]) for k in ("q_proj", "k_proj", "v_proj")], 2)
+        out = {"weight": fused.transpose(1, 2, 3, 0).reshape(-1, m.hidden_size)}
+        if m.attention_bias:
+            out["bias"] = np.stack([np.asarray(a[k][i]) for k in ("q_bias", "k_bias",
+                                                                   "v_bias")], 1).reshape(-1)
+        return out
+
+    out = {"gpt_neox.embed_in.weight": np.asarray(params["embed"]),
+           "gpt_neox.final_layer_norm.weight": np.asarray(params["final_norm"]["scale"]),
+           "gpt_neox.final_layer_norm.bias": np.asarray(params["final_norm"]["bias"])}
+    if not m.tie_embeddings:
+        out[NEOX_HEAD] = np.asarray(params["lm_head"]).T
+    layers = params["layers"]
+    for i in range(m.num_layers):
+        pre = f"gpt_neox.layers.{i}."
+        for kind, value in qkv(layers, i).items():
+            out[f"{pre}attention.query_key_value.{kind}"] = value
+        attn, mlp = layers["attn"], layers["mlp"]
+        out[f"{pre}attention.dense.weight"] = np.asarray(attn["o_proj"][i]).reshape(
+            -1, m.hidden_size).T
+        if m.attention_bias:
+            out[f"{pre}attention.dense.bias"] = np.asarray(attn["o_bias"][i])
+        out[f"{pre}mlp.dense_h_to_4h.weight"] = np.asarray(mlp["up_proj"][i]).T
+        out[f"{pre}mlp.dense_h_to_4h.bias"] = np.asarray(mlp["up_bias"][i])
+        out[f"{pre}mlp.dense_4h_to_h.weight"] = np.asarray(mlp["down_proj"][i]).T
+        out[f"{pre}mlp.dense_4h_to_h.bias"] = np.asarray(mlp["down_bias"][i])
+        for ours, hf in (("attn_norm", "input_layernorm"), ("mlp_norm",
+                                                           "post_attention_layernorm")):
+            out[f"{pre}{hf}.weight"] = np.asarray(layers[ours]["scale"][i])
+            out[f"{pre}{hf}.bias"] = np.asarray(layers[ours]["bias"][i])
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------
