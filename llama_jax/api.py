@@ -1,7 +1,7 @@
 """A small Python API for notebooks and scripts.
 
     from llama_jax import api
-    m = api.load("runs/default")            # a run, a checkpoint step, or an HF LLaMA/GPT-NeoX folder
+    m = api.load("runs/default")            # a run, a checkpoint step, an HF LLaMA/NeoX folder
     logits = m.logits(tokens)               # numpy float32 [batch, length, vocab]
     texts = m.generate(["The"], max_new_tokens=20)
 """
@@ -65,8 +65,8 @@ class Model:
 
 def load(path: PathLike, overrides: list[str] | tuple[str, ...] = (),
          step: int | None = None) -> Model:
-    """Load a llama_jax run or checkpoint, or an HF LLaMA or GPT-NeoX folder (converted on the fly into a
-    temporary directory); `overrides` may set a mesh (`mesh.tensor=2`, ...)."""
+    """Load a llama_jax run or checkpoint, or an HF LLaMA or GPT-NeoX folder (converted on the
+    fly into a temporary directory); `overrides` may set a mesh (`mesh.tensor=2`, ...)."""
     path = as_path(path)
     if is_hf_folder(path):
         path = hf_to_orbax(path, Path(tempfile.mkdtemp(prefix="llama_jax_hf_")))
