@@ -48,6 +48,16 @@ PUBLISHED_FACTS = {
                   "num_heads": 8, "kv_heads": 8, "intermediate_size": 8192,
                   "max_position_embeddings": 2048, "rope_theta": 10000.0,
                   "attention_bias": True, "mlp_bias": True},
+    # The rest of the Pythia suite (HF EleutherAI/pythia-* config.json): d, layers, heads, vocab.
+    **{f"pythia-{size}": {**NEOX, "vocab_size": vocab, "hidden_size": d, "num_layers": layers,
+                          "num_heads": heads, "kv_heads": heads, "intermediate_size": 4 * d,
+                          "max_position_embeddings": 2048, "rope_theta": 10000.0,
+                          "attention_bias": True, "mlp_bias": True}
+       for size, d, layers, heads, vocab in (
+           ("70m", 512, 6, 8, 50304), ("160m", 768, 12, 12, 50304),
+           ("410m", 1024, 24, 16, 50304), ("1.4b", 2048, 24, 16, 50304),
+           ("2.8b", 2560, 32, 32, 50304), ("6.9b", 4096, 32, 32, 50432),
+           ("12b", 5120, 36, 40, 50688))},
     "gpt-neox-20b": {**NEOX, "vocab_size": 50432, "hidden_size": 6144, "num_layers": 44,
                      "num_heads": 64, "kv_heads": 64, "intermediate_size": 24576,
                      "max_position_embeddings": 2048, "rope_theta": 10000.0,
