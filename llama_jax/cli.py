@@ -224,6 +224,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from llama_jax import convert
 
+    if args.direction == "neox-config":  # NEOX.yml [MORE.yml ...] OUT.yaml
+        from llama_jax import flops
+        from llama_jax.neox_config import convert_neox_config
+
+        *neox_files, out_file = [args.src, args.dst, *args.overrides]
+        cfg = convert_neox_config(neox_files, out_file, args.vocab_size)
+        print(f"wrote {out_file} ({flops.count_params(cfg.model).total:,} parameters); "
+              f"train it with: llama-jax train {out_file}")
+        return 0
     if args.direction == "hf-to-orbax":
         out = convert.hf_to_orbax(args.src, args.dst, args.overrides)
     else:
@@ -270,7 +279,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "eval": (cmd_eval, "loss, perplexity and bits per byte of a checkpoint on a split"),
     "generate": (cmd_generate, "sample from a checkpoint with a KV cache"),
     "bench": (cmd_bench, "compile time, step time, tokens/s, MFU and memory of the train step"),
-    "convert": (cmd_convert, "HuggingFace LLaMA / GPT-NeoX <-> llama_jax checkpoints"),
+    "convert": (cmd_convert, "HuggingFace LLaMA / GPT-NeoX <-> llama_jax checkpoints; "
+                             "GPT-NeoX YAML configs -> ours"),
     "sweep": (cmd_sweep, "compile and measure every mesh layout of the devices (or a TPU slice)"),
 }
 
@@ -305,11 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         if name == "convert":
-            p.add_argument("direction", choices=("hf-to-orbax", "orbax-to-hf"))
-            p.add_argument("src", help="HF folder, or a llama_jax run / checkpoint")
-            p.add_argument("dst", help="output folder")
-            p.add_argument("overrides", nargs="*", help="a.b=value for the written config")
+            p.add_argument("direction", choices=("hf-to-orbax", "orbax-to-hf", "neox-config"))
+            p.add_argument("src", help="HF folder, or a llama_jax run / checkpoint, or a "
+                           "GPT-NeoX YAML (neox-config NEOX.yml [MORE.yml ...] OUT.yaml)")
+            p.add_argument("dst", help="output folder (neox-config: the next file)")
+            p.add_argument("overrides", nargs="*", help="a.b=value for the written config "
+                           "(neox-config: more files, the last is the output)")
             p.add_argument("--step", type=int, default=None)
+            p.add_argument("--vocab-size", type=int, default=None,
+                           help="neox-config: the tokenizer's size, before NeoX's padding")
             continue
         if name in ("eval", "generate"):
             p.add_argument("path", help="a run directory or one checkpoint step directory")
