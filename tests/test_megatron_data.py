@@ -1,0 +1,87 @@
+"""Megatron/NeoX `.bin`/`.idx` token files: read back token for token (including files laid
+out here byte by byte from the format's description), and every inconsistency refused in one
+line naming the file."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from llama_jax.data.megatron import IndexedTokens, MegatronDataError, write_indexed
+
+
+def documents(seed: int, count: int, vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, rng.integers(1, 50)).tolist() for _ in range(count)]
+
+
+def handwritten(prefix, docs, code, fmt):
+    """The MMIDIDX layout with struct, independent of `write_indexed`."""
+    payload = b"".join(struct.pack(f"<{len(d)}{fmt}", *d) for d in docs)
+    (prefix.parent / f"{prefix.name}.bin").write_bytes(payload)
+    item = struct.calcsize(f"<{fmt}")
+    sizes = [len(d) for d in docs]
+    pointers = [sum(sizes[:i]) * item for i in range(len(docs))]
+    header = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, code, len(docs), len(docs) + 1)
+    body = (struct.pack(f"<{len(sizes)}i", *sizes) + struct.pack(f"<{len(docs)}q", *pointers)
+            + struct.pack(f"<{len(docs) + 1}q", *range(len(docs) + 1)))
+    (prefix.parent / f"{prefix.name}.idx").write_bytes(header + body)
+
+
+@pytest.mark.parametrize("code, fmt, vocab", [(8, "H", 50277), (4, "i", 128256)])
+def test_files_laid_out_by_hand_read_back_token_for_token(tmp_path, code, fmt, vocab):
+    docs = documents(code, 300, vocab)
+    handwritten(tmp_path / "corpus_text_document", docs, code, fmt)
+    data = IndexedTokens(tmp_path / "corpus_text_document")
+    assert len(data) == 300
+    assert data.total_tokens == sum(len(d) for d in docs)
+    for i in (0, 1, 137, 299):
+        np.testing.assert_array_equal(data[i]["tokens"], docs[i])
+        assert data[i]["tokens"].dtype == np.int32
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_write_indexed_round_trips(tmp_path, dtype):
+    docs = documents(1, 50, 30000)
+    write_indexed(tmp_path / "p", docs, dtype)
+    data = IndexedTokens(tmp_path / "p")
+    assert [data[i]["tokens"].tolist() for i in range(len(data))] == docs
+    assert data.dtype == np.dtype(dtype)
+
+
+def _damage(tmp_path, how):
+    write_indexed(tmp_path / "p", documents(2, 20, 1000))
+    idx, bin_ = tmp_path / "p.idx", tmp_path / "p.bin"
+    raw = bytearray(idx.read_bytes())
+    if how == "magic":
+        raw[:7] = b"NOTMMID"
+    elif how == "version":
+        raw[9:17] = struct.pack("<Q", 2)
+    elif how == "dtype":
+        raw[17] = 6  # float32
+    elif how == "short-idx":
+        raw = raw[:-8]
+    elif how == "short-bin":
+        bin_.write_bytes(bin_.read_bytes()[:-2])
+    elif how == "missing-bin":
+        bin_.unlink()
+    idx.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("magic", "p.idx: not an MMIDIDX index (wrong magic)"),
+    ("version", "p.idx: MMIDIDX version 2, only 1 is known"),
+    ("dtype", "p.idx: dtype code 6 is not a token type"),
+    ("short-idx", "p.idx: "),
+    ("short-bin", "p.idx does not match"),
+    ("missing-bin", "p.bin: no such file"),
+])
+def test_damaged_pairs_are_refused_in_one_line(tmp_path, how, message):
+    _damage(tmp_path, how)
+    with pytest.raises(MegatronDataError) as e:
+        IndexedTokens(tmp_path / "p")
+    text = str(e.value)
+    assert message in text and "\n" not in text, text
+    assert str(tmp_path) in text
