@@ -54,3 +54,45 @@ def grads_and_loss(cfg, batch_np):
     batch = to_global(batch_np, setup.mesh, setup.rules, cfg.train.global_batch_size)
     grads, aux = jax.jit(lambda p, b: gradients(setup, p, b))(state["params"], batch)
     return jax.device_get(grads), float(aux["loss"])
+
+
+# Reference models from transformers (dev extra): built, perturbed and saved the same way.
+
+
+def save_hf_model(model, folder):
+    """Biases start at zero and norms at one, which would hide a misplaced one: perturb them,
+    then write the folder `hf-to-orbax` and `api.load` read."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def assert_matches_transformers(model, folder, vocab: int):
+    """`api.load(folder)` against `model`: logits (1e-4, float32) on random tokens, and ten
+    greedy tokens after a prompt. Returns our loaded model."""
+    import numpy as np
+    import torch
+
+    from llama_jax import api
+
+    tokens = np.random.default_rng(0).integers(0, vocab, (2, 24))
+    ours = api.load(folder)
+    np.testing.assert_allclose(ours.logits(tokens), hf_logits(model, tokens),
+                               atol=1e-4, rtol=1e-4)
+    prompt = tokens[:1, :6]
+    expected = model.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, 6:].tolist()
+    assert ours.generate([prompt[0].tolist()], max_new_tokens=10)[0] == expected
+    return ours

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import run_cli
+from helpers import assert_matches_transformers, hf_logits, run_cli, save_hf_model
 
 pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
 
@@ -35,31 +35,12 @@ def tiny_hf(tmp_path, **extra):
                 "num_hidden_layers": 2, "num_attention_heads": 4,
                 "max_position_embeddings": 256, "rms_norm_eps": 1e-5, **extra}
     cfg = transformers.LlamaConfig(attn_implementation="eager", **settings)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # biases start at zero; make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp_path / "hf")
-    return model
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
+    return save_hf_model(transformers.LlamaForCausalLM(cfg).eval(), tmp_path / "hf")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_import_matches_transformers(tmp_path, variant):
-    model = tiny_hf(tmp_path, **VARIANTS[variant])
-    tokens = np.random.default_rng(0).integers(0, 211, (2, 24))
-    ours = api.load(tmp_path / "hf")
-    np.testing.assert_allclose(ours.logits(tokens), hf_logits(model, tokens),
-                               atol=1e-4, rtol=1e-4)
-    prompt = tokens[:1, :6]
-    expected = model.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)[0, 6:].tolist()
-    assert ours.generate([prompt[0].tolist()], max_new_tokens=10)[0] == expected
+    assert_matches_transformers(tiny_hf(tmp_path, **VARIANTS[variant]), tmp_path / "hf", 211)
 
 
 def test_cli_round_trip_hf_orbax_hf(tmp_path):

@@ -7,14 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import assert_matches_transformers, hf_logits, run_cli, save_hf_model
 
 pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
 
 torch = pytest.importorskip("torch", reason="CPU torch (dev extra) is needed for HF checks")
 transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is needed")
 
-from llama_jax import api  # noqa: E402
 
 VARIANTS = {
     "parallel-partial-rotary": {"use_parallel_residual": True, "rotary_pct": 0.25},
@@ -32,32 +31,14 @@ def tiny_neox(tmp_path, rotary_pct=0.25, rotary_emb_base=10000.0, **extra):
                 "rope_parameters": {"rope_type": "default", "rope_theta": rotary_emb_base,
                                     "partial_rotary_factor": rotary_pct}, **extra}
     cfg = transformers.GPTNeoXConfig(attn_implementation="eager", **settings)
-    model = transformers.GPTNeoXForCausalLM(cfg).eval()
-    with torch.no_grad():  # biases start at zero, norms at one: make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp_path / "hf")
-    return model
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
+    return save_hf_model(transformers.GPTNeoXForCausalLM(cfg).eval(), tmp_path / "hf")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_import_matches_transformers(tmp_path, variant):
     model = tiny_neox(tmp_path, **VARIANTS[variant])
-    tokens = np.random.default_rng(0).integers(0, 211, (2, 24))
-    ours = api.load(tmp_path / "hf")
+    ours = assert_matches_transformers(model, tmp_path / "hf", 211)
     assert (ours.cfg.model.norm, ours.cfg.model.activation) == ("layernorm", "gelu")
-    np.testing.assert_allclose(ours.logits(tokens), hf_logits(model, tokens),
-                               atol=1e-4, rtol=1e-4)
-    prompt = tokens[:1, :6]
-    expected = model.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)[0, 6:].tolist()
-    assert ours.generate([prompt[0].tolist()], max_new_tokens=10)[0] == expected
 
 
 def test_legacy_config_keys_and_round_trip(tmp_path):
