@@ -78,9 +78,15 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     if data is None:
         print("data.dataset=synthetic: nothing to prepare")
         return 0
-    sizes = {split: len(src) for split, src in data.dataset.sources.items()}
+    def documents(src: object) -> int:  # one source, or a token dataset's list of prefixes
+        return sum(map(len, src)) if isinstance(src, list) else len(src)
+
+    sizes = {split: documents(src) for split, src in data.dataset.sources.items()}
     print(f"dataset {data.dataset.name}: {sizes['train']:,} train / {sizes['validation']:,} "
           f"validation documents")
+    if data.tokenizer is None:
+        print(f"token ids on disk: {data.stats['train']['tokens']:,.0f} train tokens")
+        return 0
     print(f"tokenizer {data.tokenizer.path}: {data.tokenizer.vocab_size:,} pieces, "
           f"{data.bytes_per_token['train']:.2f} bytes per token")
     return 0
@@ -99,15 +105,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\nrun directory: {cfg.run_dir}")
         # Training validates on train.eval_batches batches; `eval` on the whole split (real
         # data): the token counts say which number is which.
-        text = source_kind(cfg).text
-        whole = "" if not text else (
+        kind = source_kind(cfg)
+        whole = "" if not kind.text else (
             "; `llama-jax eval` covers the whole validation split")
         print(f"validation loss: {first['loss']:.4f} at step {first['step']} -> "
               f"{last['loss']:.4f} at step {last['step']} (over {last['tokens']:,.0f} tokens, "
               f"train.eval_batches={cfg.train.eval_batches}{whole})")
         print("evaluate:  llama-jax eval " + cfg.run_dir)
-        prompt = ("--prompt-ids 1,2,3" if not text and not cfg.data.tokenizer
-                  else "--prompt 'The'")
+        has_tokenizer = (kind.text and not kind.pretokenized) or cfg.data.tokenizer
+        prompt = "--prompt 'The'" if has_tokenizer else "--prompt-ids 1,2,3"
         print(f"sample:    llama-jax generate {cfg.run_dir} {prompt}")
     return 0
 

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from llama_jax.data.sources import SYNTHETIC, TEXT_FILES
+from llama_jax.data.sources import MEGATRON, SYNTHETIC, TEXT_FILES
 from llama_jax.errors import ConfigError
 from llama_jax.storage import as_path, ensure_dir, replace_text
 
@@ -148,6 +148,8 @@ class DataConfig:
     dataset: str = SYNTHETIC  # synthetic | python_docs | text_files | any TFDS dataset name
     seq_len: int = 128
     files: str = ""  # text_files: glob(s) of .txt / .jsonl files, comma-separated
+    paths: list[str] = field(default_factory=list)  # megatron: .bin/.idx prefixes
+    weights: list[float] = field(default_factory=list)  # megatron: token shares; empty: equal
     text_field: str = "text"  # the feature (TFDS) or JSON key (jsonl) that holds the text
     validation_fraction: float = 0.05  # local text: share of documents held out, by hash
     cache_dir: str = "data_cache"  # built datasets, corpora, trained tokenizers, statistics
@@ -479,6 +481,8 @@ def validate(cfg: Config) -> None:
             f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} exceeds "
             f"model.vocab_size={cfg.model.vocab_size}"
         )
+    if cfg.data.dataset == MEGATRON:
+        _validate_megatron(cfg.data)
     if cfg.data.dataset == TEXT_FILES and not cfg.data.files:
         raise ConfigError("data.dataset=text_files needs data.files (a glob of .txt/.jsonl)")
     _validate_loss_scale(cfg.train)
@@ -488,6 +492,16 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size={cfg.train.global_batch_size}"
         )
     _validate_mesh_section(cfg.mesh)
+
+
+def _validate_megatron(d: DataConfig) -> None:
+    if not d.paths:
+        raise ConfigError("data.dataset=megatron needs data.paths (prefixes of .bin/.idx pairs)")
+    if d.weights and len(d.weights) != len(d.paths):
+        raise ConfigError(f"data.weights has {len(d.weights)} entries for {len(d.paths)} "
+                          f"data.paths")
+    if d.weights and (min(d.weights) < 0 or sum(d.weights) <= 0):
+        raise ConfigError(f"data.weights={list(d.weights)} must be >= 0 with a positive sum")
 
 
 def _validate_loss_scale(t: TrainConfig) -> None:

@@ -85,3 +85,67 @@ def test_damaged_pairs_are_refused_in_one_line(tmp_path, how, message):
     text = str(e.value)
     assert message in text and "\n" not in text, text
     assert str(tmp_path) in text
+
+
+def two_prefixes(tmp_path):
+    """Prefix a holds ids 0..499 in short documents, b ids 500..999 in long ones, so a token
+    says which prefix it came from and document counts differ from token counts."""
+    rng = np.random.default_rng(0)
+    if (tmp_path / "b.idx").is_file():
+        return [str(tmp_path / "a"), str(tmp_path / "b")]
+    write_indexed(tmp_path / "a", [rng.integers(0, 500, rng.integers(10, 60)).tolist()
+                                   for _ in range(600)])
+    write_indexed(tmp_path / "b", [rng.integers(500, 1000, rng.integers(100, 400)).tolist()
+                                   for _ in range(300)])
+    return [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def megatron_config(tmp_path, *extra, run="run"):
+    from llama_jax.config import load_config
+
+    return load_config("tiny", [f"run_dir={tmp_path / run}", "data.dataset=megatron",
+                                f"data.paths={two_prefixes(tmp_path)}", *extra])
+
+
+def test_blended_prefixes_give_their_token_shares(tmp_path):
+    from llama_jax.data.feed import make_source, prepare
+
+    cfg = megatron_config(tmp_path, "data.weights=[0.3,0.7]", "data.prefetch=0")
+    data = prepare(cfg)
+    source = make_source(cfg, data, "train", 8, 0)
+    counts = np.zeros(2)
+    for _ in range(200):
+        batch = next(source)
+        seen = batch["inputs"][batch["segment_ids"] > 0]
+        counts += [(seen < 500).sum(), (seen >= 500).sum()]
+    share = counts / counts.sum()
+    assert share == pytest.approx([0.3, 0.7], abs=0.02)
+
+
+def test_training_on_token_files_resumes_exactly(tmp_path):
+    """8 steps in one go equal 5 steps, then a resume to 8 (a constant learning rate, so the
+    two runs' schedules agree although their train.steps differ), and the model learns."""
+    from llama_jax.train import train
+
+    def run(name, steps):
+        return train(megatron_config(tmp_path, f"train.steps={steps}", "train.log_every=1",
+                                     "data.weights=[0.5,0.5]", "optimizer.schedule=constant",
+                                     run=name), quiet=True)
+
+    whole = run("whole", 8)
+    run("cut", 5)
+    resumed = run("cut", 8)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[5:]]
+    assert whole.evals[-1]["loss"] < whole.evals[0]["loss"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["data.paths=[]"], "data.dataset=megatron needs data.paths"),
+    (["data.weights=[1.0]"], "data.weights has 1 entries for 2 data.paths"),
+    (["data.weights=[-1.0,2.0]"], "must be >= 0 with a positive sum"),
+])
+def test_bad_megatron_settings_are_refused(tmp_path, extra, message):
+    from llama_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        megatron_config(tmp_path, *extra)

@@ -12,8 +12,10 @@ access). Every inconsistency is refused in one line naming the file.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import grain
 import numpy as np
 
 from llama_jax.errors import LlamaJaxError
@@ -129,3 +131,67 @@ def write_indexed(prefix: str | Path, documents: Iterable[Iterable[int]],
         f.write(sizes.tobytes())
         f.write(pointers.astype(np.int64).tobytes())
         f.write(np.arange(len(arrays) + 1, dtype=np.int64).tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# As a run's data source: `data.dataset=megatron`, `data.paths`, `data.weights`
+
+
+class DocumentRange:
+    """Documents [start, stop) of one prefix: a split, as a Grain random-access source."""
+
+    def __init__(self, tokens: IndexedTokens, start: int, stop: int):
+        self.data, self.start, self.stop = tokens, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.data[self.start + int(i)]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.data.sizes[self.start:self.stop].astype(np.int64).sum())
+
+
+@dataclass
+class TokenDataset:
+    """Pre-tokenized splits of several prefixes and their blending weights (token shares)."""
+
+    name: str
+    sources: dict[str, list[DocumentRange]]
+    weights: list[float]
+
+    def documents(self, split: str, seed: int, shuffle: bool, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+        """The endless, blended document stream of one process. Each prefix is shuffled and
+        repeated on its own, then mixed with per-document weights w / mean document length,
+        so every prefix's share of *tokens* follows its weight (NeoX blends samples, which
+        are tokens), whatever its documents' lengths."""
+        streams, mix = [], []
+        for i, (part, weight) in enumerate(zip(self.sources[split], self.weights, strict=True)):
+            ds = grain.MapDataset.source(part)
+            if shuffle:
+                ds = ds.shuffle(seed=seed + 7919 * i)
+            streams.append(ds.repeat(None))
+            mix.append(weight * len(part) / max(part.tokens, 1))
+        ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, mix)
+        return ds[process_index::process_count]
+
+
+def token_dataset(paths: list[str], weights: list[float], validation_fraction: float
+                  ) -> TokenDataset:
+    """Each prefix's last `validation_fraction` of documents (at least one) is its validation
+    split, the rest its train split: contiguous, as NeoX's `split` cuts."""
+    sources: dict[str, list[DocumentRange]] = {"train": [], "validation": []}
+    for prefix in paths:
+        data = IndexedTokens(prefix)
+        if len(data) < 2:
+            raise MegatronDataError(f"{prefix}.idx: {len(data)} documents; a train and a "
+                                    f"validation split need at least 2")
+        held = min(max(1, round(len(data) * validation_fraction)), len(data) - 1)
+        sources["train"].append(DocumentRange(data, 0, len(data) - held))
+        sources["validation"].append(DocumentRange(data, len(data) - held, len(data)))
+    total = float(sum(weights)) if weights else float(len(paths))
+    shares = [w / total for w in weights] if weights else [1.0 / len(paths)] * len(paths)
+    return TokenDataset("megatron:" + ",".join(Path(p).name for p in paths), sources, shares)

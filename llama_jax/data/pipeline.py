@@ -21,6 +21,8 @@ import numpy as np
 from etils import epath
 
 from llama_jax.config import Config
+from llama_jax.data.megatron import TokenDataset, token_dataset
+from llama_jax.data.sources import kind_of
 from llama_jax.data.tfds_text import Dataset, load_dataset
 from llama_jax.data.tokenizer import Tokenizer, as_text, train_tokenizer
 from llama_jax.errors import LlamaJaxError
@@ -84,9 +86,12 @@ class TextPipeline:
                  process_count: int | None = None):
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
-        ds = documents(data.dataset.sources[split], seed, shuffle, pi, pc)
-        ds = ds.map(Tokenize(str(data.tokenizer.path), cfg.data.add_bos, cfg.data.add_eos,
-                             data.dataset.text_key))
+        if data.tokenizer is None:  # token ids on disk (megatron)
+            ds = data.dataset.documents(split, seed, shuffle, pi, pc)
+        else:
+            ds = documents(data.dataset.sources[split], seed, shuffle, pi, pc)
+            ds = ds.map(Tokenize(str(data.tokenizer.path), cfg.data.add_bos, cfg.data.add_eos,
+                                 data.dataset.text_key))
         it = grain.experimental.ConcatThenSplitIterDataset(
             ds.to_iter_dataset(), length_struct={"tokens": cfg.data.seq_len + 1}
         )
@@ -118,9 +123,9 @@ class TextPipeline:
 
 @dataclass
 class PreparedData:
-    dataset: Dataset
-    tokenizer: Tokenizer
-    stats: dict[str, dict[str, float]]  # split -> bytes_per_token, tokens (estimated)
+    dataset: Dataset | TokenDataset
+    tokenizer: Tokenizer | None  # None: the data is token ids already (megatron)
+    stats: dict[str, dict[str, float | None]]  # split -> bytes_per_token, tokens (estimated)
 
     @property
     def bytes_per_token(self) -> dict[str, float]:
@@ -182,6 +187,8 @@ def prepare_data(cfg: Config) -> PreparedData:
 
 
 def _prepare(cfg: Config) -> PreparedData:
+    if kind_of(cfg.data.dataset).pretokenized:
+        return _prepare_tokens(cfg)
     dataset = load_dataset(cfg.data)
     tokenizer = Tokenizer(_resolve_tokenizer(cfg, dataset), cfg.data.add_bos, cfg.data.add_eos)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -192,7 +199,22 @@ def _prepare(cfg: Config) -> PreparedData:
     return PreparedData(dataset, tokenizer, _split_stats(dataset, tokenizer))
 
 
+def _prepare_tokens(cfg: Config) -> PreparedData:
+    """Token files: nothing to build; check the ids fit the model (from the largest id of a
+    sample of documents: reading every token of a large corpus would take minutes)."""
+    dataset = token_dataset(cfg.data.paths, cfg.data.weights, cfg.data.validation_fraction)
+    for part in dataset.sources["train"]:
+        sample = [part[i]["tokens"] for i in range(min(len(part), STATS_DOCS))]
+        largest = max((int(t.max()) for t in sample if t.size), default=0)
+        if largest >= cfg.model.vocab_size:
+            raise LlamaJaxError(f"{part.data.prefix}: token id {largest} does not fit "
+                                f"model.vocab_size={cfg.model.vocab_size}")
+    stats = {split: {"bytes_per_token": None, "tokens": float(sum(p.tokens for p in parts))}
+             for split, parts in dataset.sources.items()}
+    return PreparedData(dataset, None, stats)
+
+
 def copy_tokenizer(data: PreparedData, run_dir: epath.Path) -> None:
     """Runs carry their tokenizer, so evaluation and sampling need nothing else."""
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and data.tokenizer is not None:
         (run_dir / "tokenizer.model").write_bytes(data.tokenizer.path.read_bytes())
