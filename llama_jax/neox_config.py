@@ -136,6 +136,7 @@ def overrides_from_neox(neox: dict[str, Any], vocab_size: int | None
 
     _optimizer(r, out)
     _precision(r, out)
+    _data(r, out)
     if (factor := r.take("checkpoint_factor")) is not None:
         out.append(f"checkpoint.every={int(factor)}")
 
@@ -198,6 +199,23 @@ def _optimizer(r: _Reader, out: list[str]) -> None:
         out.append(f"optimizer.weight_decay={float(wd)}")
     if (clip := r.take("gradient_clipping")) is not None:
         out.append(f"optimizer.clip_norm={float(clip)}")
+
+
+def _data(r: _Reader, out: list[str]) -> None:
+    """`data-path` or `train-data-paths` (+ `train-data-weights`) -> megatron token files;
+    NeoX's `split` (train,valid,test per mille) -> the validation fraction. Separate
+    validation/test paths stay listed: validation here is a slice of each train prefix."""
+    paths = r.take("train_data_paths") or ([r.take("data_path")] if "data_path" in r.left
+                                           else [])
+    if not paths:
+        return
+    out += ["data.dataset=megatron", f"data.paths=[{','.join(str(p) for p in paths)}]"]
+    if (weights := r.take("train_data_weights")) is not None:
+        out.append(f"data.weights=[{','.join(str(float(w)) for w in weights)}]")
+    if (split := r.take("split")) is not None:
+        parts = [float(x) for x in str(split).split(",")]
+        if len(parts) > 1 and sum(parts) > 0 and parts[1] > 0:
+            out.append(f"data.validation_fraction={parts[1] / sum(parts)}")
 
 
 def _precision(r: _Reader, out: list[str]) -> None:

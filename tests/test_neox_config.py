@@ -69,6 +69,17 @@ def test_pythia_configs_give_the_published_counts(tmp_path, name, shape, publish
     assert load_config(tmp_path / "out.yaml").model == cfg.model
 
 
+def test_blended_data_paths_and_split(tmp_path):
+    neox = {**pythia(6, 512, 8), "train-data-paths": ["d/a_text_document", "d/b_text_document"],
+            "train-data-weights": [1, 3], "valid-data-paths": ["d/v_text_document"],
+            "split": "949,50,1"}
+    cfg = convert_neox_config([write(tmp_path, "m.yml", neox)], tmp_path / "out.yaml")
+    assert (cfg.data.dataset, cfg.data.paths, cfg.data.weights) == (
+        "megatron", ["d/a_text_document", "d/b_text_document"], [1.0, 3.0])
+    assert cfg.data.validation_fraction == pytest.approx(0.05)
+    assert "#   valid_data_paths:" in (tmp_path / "out.yaml").read_text()
+
+
 def test_llama_7b_neox_config(tmp_path):
     cfg = convert_neox_config([write(tmp_path, "7B.yml", LLAMA_7B)], tmp_path / "out.yaml",
                               vocab_size=32000)
@@ -98,7 +109,8 @@ def test_several_files_merge_and_every_setting_is_mapped_or_listed(tmp_path):
     assert (t.global_batch_size, t.microbatches) == (32, 2)
     text = (tmp_path / "o.yaml").read_text()
     listed = text.split("# NeoX keys not carried over:")[1]
-    for key in ("data_path", "save", "load", "log_interval", "wandb_project",
+    assert (cfg.data.dataset, cfg.data.paths) == ("megatron", ["data/pile/pile_text_document"])
+    for key in ("save", "load", "log_interval", "wandb_project",
                 "output_layer_parallelism", "init_method", "bias_gelu_fusion"):
         assert f"#   {key}:" in listed, key
     assert "lr_decay_iters" not in listed  # equal to train-iters: what train.steps decays over
