@@ -4,6 +4,7 @@ line naming the file."""
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -149,3 +150,27 @@ def test_bad_megatron_settings_are_refused(tmp_path, extra, message):
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         megatron_config(tmp_path, *extra)
+
+
+def test_the_commands_train_prints_work_on_token_files(tmp_path):
+    """`train` on token files ends by printing how to evaluate and sample the run; both run
+    (sampling takes token ids: such a run has no tokenizer)."""
+    import shlex
+
+    from helpers import run_cli
+
+    paths = two_prefixes(tmp_path)
+    result = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}",
+                     "data.dataset=megatron", f"data.paths=[{','.join(paths)}]",
+                     "data.weights=[0.3,0.7]", "train.steps=4")
+    assert result.returncode == 0, result.stderr
+    printed = [line.split(":", 1)[1].strip() for line in result.stdout.splitlines()
+               if line.startswith(("evaluate:", "sample:"))]
+    assert len(printed) == 2 and "--prompt-ids" in printed[1], printed
+    evaluate, sample = (shlex.split(command) for command in printed)
+    assert evaluate[0] == sample[0] == "llama-jax"
+    ran = run_cli(*evaluate[1:], "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout.strip().splitlines()[-1])["bits_per_byte"] is None
+    ran = run_cli(*sample[1:], "--max-new-tokens", "3")
+    assert ran.returncode == 0, ran.stderr
