@@ -124,14 +124,13 @@ def completed(setup: Setup, restored: PyTree) -> PyTree:
     (precision.LossScale.reconcile)."""
     missing = [key for key in setup.abstract_state if key not in restored]
     if missing:
-        fresh = jax.jit(lambda: fresh_entries(setup.cfg),
-                        out_shardings={k: setup.state_shardings[k] for k in FRESH_KEYS})()
-        restored = {**restored, **{key: fresh[key] for key in missing}}
+        fresh = jax.jit(lambda: {k: fresh_entries(setup.cfg)[k] for k in missing},
+                        out_shardings={k: setup.state_shardings[k] for k in missing})()
+        restored = {**restored, **fresh}
     restored["loss_scale"] = LossScale.from_config(setup.cfg).reconcile(restored["loss_scale"])
     return restored
 
 
-FRESH_KEYS = ("loss_scale", "nonfinite")
 _COUNTERS = ("notfinite_count", "last_finite", "total_notfinite")
 
 
