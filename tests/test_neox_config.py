@@ -134,3 +134,17 @@ def test_what_cannot_be_built_is_refused_in_one_line(tmp_path, change, message):
     assert not (tmp_path / "o.yaml").exists()
     with pytest.raises(ConfigError):
         convert_neox_config([neox], tmp_path / "o2.yaml")
+
+
+def test_the_printed_train_command_runs(tmp_path):
+    small = {**pythia(2, 64, 4), "seq-length": 32, "max-position-embeddings": 32,
+             "train-iters": 2, "train_micro_batch_size_per_gpu": 8,
+             "gradient_accumulation_steps": 1, "vocab-file": "mine.json"}
+    out = tmp_path / "small.yaml"
+    result = run_cli("convert", "neox-config", str(write(tmp_path, "m.yml", small)), str(out),
+                     "--vocab-size", "97")
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.strip().split("train it with: ")[1].split()
+    assert command[:2] == ["llama-jax", "train"]
+    trained = run_cli(*command[1:], f"run_dir={tmp_path / 'run'}")
+    assert trained.returncode == 0, trained.stderr
