@@ -78,14 +78,14 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     if data is None:
         print("data.dataset=synthetic: nothing to prepare")
         return 0
-    def documents(src: object) -> int:  # one source, or a token dataset's list of prefixes
-        return sum(map(len, src)) if isinstance(src, list) else len(src)
-
-    sizes = {split: documents(src) for split, src in data.dataset.sources.items()}
-    print(f"dataset {data.dataset.name}: {sizes['train']:,} train / {sizes['validation']:,} "
-          f"validation documents")
+    for src in data.sources:
+        kind = "text" if src.text_key is not None else "token ids"
+        estimated = "~" if src.text_key is not None else ""
+        print(f"source {src.name} ({kind}, {src.weight:.0%} of the tokens): "
+              f"{len(src.splits['train']):,} train / {len(src.splits['validation']):,} "
+              f"validation documents, {estimated}{src.stats['train']['tokens']:,.0f} train "
+              f"tokens")
     if data.tokenizer is None:
-        print(f"token ids on disk: {data.stats['train']['tokens']:,.0f} train tokens")
         return 0
     print(f"tokenizer {data.tokenizer.path}: {data.tokenizer.vocab_size:,} pieces, "
           f"{data.bytes_per_token['train']:.2f} bytes per token")
@@ -136,6 +136,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"perplexity {result['perplexity']:.2f}  bits/byte "
               f"{'n/a (synthetic data)' if bpb is None else f'{bpb:.4f}'}  "
               f"tokens {result['tokens']:,.0f}")
+        for name, loss in (result.get("loss_by_source") or {}).items():
+            shown = "n/a (no tokens)" if loss is None else f"{loss:.4f}"
+            print(f"  source {name}: loss {shown}  tokens "
+                  f"{result['tokens_by_source'][name]:,.0f}")
     return 0
 
 

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from llama_jax.data.sources import MEGATRON, SYNTHETIC, TEXT_FILES
+from llama_jax.data.sources import MEGATRON, SYNTHETIC, TEXT_FILES, kind_of
 from llama_jax.errors import ConfigError
 from llama_jax.storage import as_path, ensure_dir, replace_text
 
@@ -144,6 +144,21 @@ class MeshConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One named source of a mixture (`data.sources`). Empty fields take `data.*`'s value."""
+
+    name: str = ""
+    dataset: str = ""  # any `data.dataset` kind except synthetic
+    files: str = ""  # text_files
+    paths: list[str] = field(default_factory=list)  # megatron prefixes: one source, their union
+    text_field: str = ""
+    tfds_data_dir: str = ""
+    train_split: str = ""
+    eval_split: str = ""
+    weight: float = 1.0  # share of the training tokens (normalised over the sources)
+
+
+@dataclass
 class DataConfig:
     dataset: str = SYNTHETIC  # synthetic | python_docs | text_files | any TFDS dataset name
     seq_len: int = 128
@@ -161,6 +176,9 @@ class DataConfig:
     add_bos: bool = True
     add_eos: bool = True
     prefetch: int = 4  # batches prepared ahead by a background thread
+    # Several named sources mixed by token share; when set, `dataset`/`files`/`paths` above
+    # are not read (data/mixture.py).
+    sources: list[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -481,9 +499,11 @@ def validate(cfg: Config) -> None:
             f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} exceeds "
             f"model.vocab_size={cfg.model.vocab_size}"
         )
-    if cfg.data.dataset == MEGATRON:
+    if cfg.data.sources:
+        _validate_sources(cfg.data)
+    elif cfg.data.dataset == MEGATRON:
         _validate_megatron(cfg.data)
-    if cfg.data.dataset == TEXT_FILES and not cfg.data.files:
+    elif cfg.data.dataset == TEXT_FILES and not cfg.data.files:
         raise ConfigError("data.dataset=text_files needs data.files (a glob of .txt/.jsonl)")
     _validate_loss_scale(cfg.train)
     if cfg.train.global_batch_size % cfg.train.microbatches:
@@ -502,6 +522,30 @@ def _validate_megatron(d: DataConfig) -> None:
                           f"data.paths")
     if d.weights and (min(d.weights) < 0 or sum(d.weights) <= 0):
         raise ConfigError(f"data.weights={list(d.weights)} must be >= 0 with a positive sum")
+
+
+def _validate_sources(d: DataConfig) -> None:
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if not s.name:
+            raise ConfigError(f"{key}.name is empty: every source needs a name (it labels "
+                              f"tokens_by_source and loss_by_source)")
+        if s.name in names[:i]:
+            raise ConfigError(f"{key}.name={s.name!r} names two sources")
+        if not s.dataset or s.dataset == SYNTHETIC:
+            raise ConfigError(f"{key}.dataset={s.dataset!r}: name a corpus (text_files, "
+                              f"megatron, python_docs or a TFDS dataset), not synthetic tokens")
+        if s.dataset == TEXT_FILES and not s.files:
+            raise ConfigError(f"{key}: dataset text_files needs files (a glob)")
+        if s.dataset == MEGATRON and not s.paths:
+            raise ConfigError(f"{key}: dataset megatron needs paths (.bin/.idx prefixes)")
+        if not (math.isfinite(s.weight) and s.weight > 0):
+            raise ConfigError(f"{key}.weight={s.weight} must be positive")
+    pretokenized = {s.name for s in d.sources if kind_of(s.dataset).pretokenized}
+    if pretokenized and len(pretokenized) < len(d.sources) and not d.tokenizer:
+        raise ConfigError(f"data.sources mixes token ids ({', '.join(sorted(pretokenized))}) "
+                          f"with text: set data.tokenizer to the tokenizer those ids come from")
 
 
 def _validate_loss_scale(t: TrainConfig) -> None:

@@ -117,7 +117,8 @@ class Evaluator:
     def __init__(self, setup: Setup, data: PreparedData | None, writer: MetricsWriter,
                  say: Callable[[str], None] | None = None):
         self.every = setup.cfg.train.eval_every
-        self.eval_step = make_eval_step(setup)
+        self.names = data.names if data else None
+        self.eval_step = make_eval_step(setup, len(self.names or ()))
         self.batches = eval_batches(setup, data)
         self.bytes_per_token = data.bytes_per_token["validation"] if data else None
         self.writer, self.say = writer, say
@@ -128,9 +129,10 @@ class Evaluator:
 
     def run(self, step: int, params: PyTree) -> dict[str, Any]:
         result = {"step": step, **evaluate(self.eval_step, params, iter(self.batches),
-                                           self.bytes_per_token)}
+                                           self.bytes_per_token, self.names)}
         self.results.append(result)
-        self.writer.write({k: v for k, v in result.items() if k != "tokens"}, prefix="eval")
+        self.writer.write({k: v for k, v in result.items()
+                           if k not in ("tokens", "tokens_by_source")}, prefix="eval")
         if self.say:
             self.say(f"step {step}: validation loss {result['loss']:.4f} "
                      f"({result['tokens']:,.0f} tokens)")
@@ -155,9 +157,10 @@ def evaluate_checkpoint(path: PathLike, overrides: list[str] | tuple[str, ...] =
         else:
             split_tokens = data.stats[split]["tokens"]
             batches = max(1, math.ceil(split_tokens / (rows * loaded.cfg.data.seq_len)))
-    eval_step = make_eval_step(loaded.setup)
+    names = data.names if data else None
+    eval_step = make_eval_step(loaded.setup, len(names or ()))
     result = evaluate(eval_step, loaded.params,
                       iter(eval_batches(loaded.setup, data, split, batches)),
-                      data.bytes_per_token[split] if data else None)
+                      data.bytes_per_token[split] if data else None, names)
     result.setdefault("bits_per_byte", None)  # synthetic tokens stand for no bytes: JSON null
     return {"step": loaded.step, "split": split, **result}

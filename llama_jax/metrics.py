@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -78,6 +79,10 @@ class MetricsWriter:
         for key, value in row.items():
             if key != "step" and isinstance(value, int | float):
                 self.tb.add_scalar(f"{prefix}/{key}", value, row["step"])
+            elif isinstance(value, dict):  # per source: one curve each
+                for name, v in value.items():
+                    if isinstance(v, int | float):
+                        self.tb.add_scalar(f"{prefix}/{key}/{name}", v, row["step"])
         if not self.rows.remote:  # on GCS each flush uploads the whole event file again
             self.tb.flush()
 
@@ -97,8 +102,10 @@ class StepLog:
     decides between stopping and rolling back.
     """
 
-    def __init__(self, cfg: Config, writer: MetricsWriter, first_step: int, peak_flops: float):
+    def __init__(self, cfg: Config, writer: MetricsWriter, first_step: int, peak_flops: float,
+                 data_report: Callable[[], dict[str, Any]] | None = None):
         self.writer = writer
+        self.data_report = data_report  # the data's own fields of a row (tokens by source)
         self.every, self.last = cfg.train.log_every, cfg.train.steps
         self.tolerate = on_nonfinite(cfg) == "skip"
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -110,14 +117,17 @@ class StepLog:
     def restart(self, step: int) -> None:
         """Go on from `step` (the start, or a rollback to it): later rows are forgotten."""
         self.pending: list[dict[str, jax.Array]] = []
+        self.waited = 0.0
         self.rows = [row for row in self.rows if row["step"] <= step]
         self.t_last: float | None = None
         self.step_last = step
 
-    def add(self, step: int, state: dict[str, Any], metrics: dict[str, jax.Array]
-            ) -> dict[str, Any] | None:
-        """Record a step's metrics; the row written when this step is a logging step."""
+    def add(self, step: int, state: dict[str, Any], metrics: dict[str, jax.Array],
+            data_wait: float = 0.0) -> dict[str, Any] | None:
+        """Record a step's metrics and how long it waited for its batch; the row written when
+        this step is a logging step."""
         self.pending.append(metrics)
+        self.waited += data_wait
         if self.t_last is None:
             jax.block_until_ready(state["step"])
             self.t_last, self.step_last = time.perf_counter(), step
@@ -127,7 +137,10 @@ class StepLog:
         now = time.perf_counter()
         row = log_row(step, host, now - self.t_last, step - self.step_last,
                       self.tokens_per_step, self.fpt, self.peak)
-        self.t_last, self.step_last = now, step
+        row["data_wait_s"] = self.waited / len(host)
+        if self.data_report is not None:
+            row.update(self.data_report())
+        self.t_last, self.step_last, self.waited = now, step, 0.0
         self.rows.append(row)
         self.writer.write(row)
         return row

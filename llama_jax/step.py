@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -150,6 +151,15 @@ def _joined(inner: PyTree, counters: dict[str, Any]) -> optax.ApplyIfFiniteState
 
 
 def _forward_sums(setup: Setup, params: PyTree, batch: Batch) -> tuple[jax.Array, dict]:
+    loss_of, batch = _forward(setup, params, batch)
+    return loss_of(batch["weights"])
+
+
+def _forward(setup: Setup, params: PyTree, batch: Batch
+             ) -> tuple[Callable[[jax.Array], tuple[jax.Array, dict]], Batch]:
+    """The model's forward pass, and the loss sums it gives for any token weights (so
+    evaluation can weigh the same forward pass several ways); the batch in the order the
+    model saw it."""
     model = nnx.merge(setup.graphdef, params)
     cfg = setup.cfg
     shards = context_parallel.sequence_shards(setup.mesh, setup.rules)
@@ -159,15 +169,17 @@ def _forward_sums(setup: Setup, params: PyTree, batch: Batch) -> tuple[jax.Array
                  for key, x in batch.items()}
     packed = source_kind(cfg).packed
     args = (batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None)
+    targets, z_loss = batch["targets"], cfg.train.z_loss
     if not cfg.train.fused_loss:
-        return loss_sums(model(*args), batch["targets"], batch["weights"], cfg.train.z_loss)
+        logits = model(*args)
+        return (lambda weights: loss_sums(logits, targets, weights, z_loss)), batch
     x = model.final_norm(model.hidden_states(*args))
     w = model.head_weight(x.dtype)
     chunks = loss_chunks(setup, x.shape[0])
     if chunks == 1:
-        return head_loss_sums(x, w, batch["targets"], batch["weights"], cfg.train.z_loss)
-    return chunked_head_loss_sums(x, w, batch["targets"], batch["weights"], cfg.train.z_loss,
-                                  chunks)
+        return (lambda weights: head_loss_sums(x, w, targets, weights, z_loss)), batch
+    return (lambda weights: chunked_head_loss_sums(x, w, targets, weights, z_loss, chunks)
+            ), batch
 
 
 def loss_chunks(setup: Setup, rows: int) -> int:
@@ -275,27 +287,49 @@ def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dic
     return platform.synchronous_on_cpu(compiled, setup.mesh)
 
 
-def make_eval_step(setup: Setup) -> Callable[[PyTree, Batch], dict]:
+def make_eval_step(setup: Setup, sources: int = 1) -> Callable[[PyTree, Batch], dict]:
+    """Loss sums of a batch; with several `sources` (the batch then has `source`), each
+    source's sums too (`ce_by_source`, `tokens_by_source`), from the same forward pass: the
+    loss is mapped over one weight mask per source, which leaves the logits computed once."""
     def step(params: PyTree, batch: Batch) -> dict:
         with sharding.activation_sharding(setup.mesh, setup.rules):
-            _, aux = _forward_sums(setup, params, batch)
+            loss_of, batch = _forward(setup, params, batch)
+            _, aux = loss_of(batch["weights"])
+            if sources > 1:
+                masks = batch["weights"] * (batch["source"][None] == jnp.arange(sources)[
+                    :, None, None])
+                _, each = jax.vmap(loss_of)(masks)
+                aux = {**aux, "ce_by_source": each["ce_sum"],
+                       "tokens_by_source": each["tokens"]}
         return aux
 
-    compiled = jax.jit(step, in_shardings=(setup.state_shardings["params"],
-                                           setup.batch_shardings()),
+    shardings = setup.batch_shardings()
+    if sources > 1:
+        shardings["source"] = shardings["inputs"]
+    compiled = jax.jit(step, in_shardings=(setup.state_shardings["params"], shardings),
                        out_shardings=sharding.replicated(setup.mesh))
     return platform.synchronous_on_cpu(compiled, setup.mesh)
 
 
 def evaluate(eval_step: Callable, params: PyTree, batches: Iterator[Batch],
-             bytes_per_token: float | None = None) -> dict[str, float]:
+             bytes_per_token: float | None = None, names: list[str] | None = None
+             ) -> dict[str, Any]:
     """Token-weighted mean loss over the batches; bits per byte when the text's
-    bytes-per-token ratio is known."""
+    bytes-per-token ratio is known; with the source `names` of a mixture, each source's
+    loss (`loss_by_source`, null for a source with no token in the batches)."""
     sums = jax.device_get([eval_step(params, b) for b in batches])
     ce = sum(float(s["ce_sum"]) for s in sums)
     tokens = sum(float(s["tokens"]) for s in sums)
     loss = ce / max(tokens, 1.0)
-    result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+    result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+                              "tokens": tokens}
     if bytes_per_token:
         result["bits_per_byte"] = loss / math.log(2) / bytes_per_token
+    if names and len(names) > 1:
+        ce_each = np.sum([s["ce_by_source"] for s in sums], axis=0, dtype=np.float64)
+        tokens_each = np.sum([s["tokens_by_source"] for s in sums], axis=0, dtype=np.float64)
+        result["loss_by_source"] = {name: float(c / t) if t else None for name, c, t in
+                                    zip(names, ce_each, tokens_each, strict=True)}
+        result["tokens_by_source"] = {name: float(t) for name, t in
+                                      zip(names, tokens_each, strict=True)}
     return result

@@ -9,6 +9,7 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +162,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     task = progress.add_task("train", total=total, completed=first_step, stats="compiling")
     writer = MetricsWriter(run_dir, resume_step=first_step)
     log = StepLog(cfg, writer, first_step, flops.platform_peak_flops(
-        list(setup.mesh.devices.flat))[0])
+        list(setup.mesh.devices.flat))[0], getattr(source, "report", None))
     evaluator = Evaluator(setup, data, writer, None if quiet or not is_main
                           else progress.console.print)
     saved_step = first_step if first_step in ckpt.steps() else -1
@@ -212,9 +213,12 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
             while step < total:
                 step += 1
                 profiler.at(step)
-                state, metrics = train_step(state, next(batches))
+                asked = time.perf_counter()
+                batch = next(batches)
+                waited = time.perf_counter() - asked
+                state, metrics = train_step(state, batch)
                 try:
-                    row = log.add(step, state, metrics)
+                    row = log.add(step, state, metrics, waited)
                     if ckpt.due(step) or step == total or stop.raised:
                         save(step)
                 except NonFiniteStep as bad:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from flax import nnx
 from helpers import run_cli
 
 from llama_jax.config import load_config
-from llama_jax.data.pipeline import TextPipeline, documents, model_row, prepare_data
+from llama_jax.data.mixture import Source, mixed_documents
+from llama_jax.data.pipeline import TextPipeline, model_row, prepare_data
 from llama_jax.model import Transformer
 
 
@@ -79,19 +81,35 @@ def test_prefetching_pipeline_resumes_exactly(corpus, tmp_path):
     resumed.close()
 
 
+def numbered(n: int, start: int = 0) -> Source:
+    """A token-id source whose document i is the one token start + i."""
+    docs = grain.MapDataset.source([{"tokens": np.array([start + i])} for i in range(n)])
+    return Source(f"from{start}", 1.0, {"train": docs}, None, stats={"train": {"tokens": n}})
+
+
+def doc_ids(ds, stop: int, start: int = 0) -> list[int]:
+    return [int(ds[i]["tokens"][0]) for i in range(start, stop)]
+
+
 def test_process_shards_are_disjoint_and_cover_the_epoch():
     n = 40
-    shards = [list(documents(list(range(n)), 7, True, pi, 2)[: n // 2]) for pi in range(2)]
+    shards = [doc_ids(mixed_documents([numbered(n)], "train", 7, True, pi, 2), n // 2)
+              for pi in range(2)]
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == list(range(n))
     # The next epoch is shuffled again.
-    assert list(documents(list(range(n)), 7, True, 0, 1)[:n]) != \
-        list(documents(list(range(n)), 7, True, 0, 1)[n:2 * n])
+    one = mixed_documents([numbered(n)], "train", 7, True, 0, 1)
+    assert doc_ids(one, n) != doc_ids(one, 2 * n, n)
+    # Two sources (equal token shares): each process gets its own documents of both.
+    two = [numbered(n), numbered(n, 1000)]
+    shards = [doc_ids(mixed_documents(two, "train", 7, True, pi, 2), n) for pi in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+    assert all(any(d >= 1000 for d in s) and any(d < 1000 for d in s) for s in shards)
 
 
 def test_rows_mask_document_boundaries():
     seg = np.array([1, 1, 1, 2, 2, 2, 2, 3, 3, 0])
-    packed = {"tokens": np.arange(10), "tokens_segment_ids": seg}
+    packed = {"tokens": np.arange(10), "tokens_segment_ids": seg, "source": np.zeros(10)}
     row = model_row(packed)
     np.testing.assert_array_equal(row["inputs"], np.arange(9))
     np.testing.assert_array_equal(row["targets"], np.arange(1, 10))

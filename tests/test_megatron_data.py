@@ -121,23 +121,32 @@ def test_blended_prefixes_give_their_token_shares(tmp_path):
         counts += [(seen < 500).sum(), (seen >= 500).sum()]
     share = counts / counts.sum()
     assert share == pytest.approx([0.3, 0.7], abs=0.02)
+    assert source.tally.total() == {"a": counts[0], "b": counts[1]}
 
 
 def test_training_on_token_files_resumes_exactly(tmp_path):
-    """8 steps in one go equal 5 steps, then a resume to 8 (a constant learning rate, so the
-    two runs' schedules agree although their train.steps differ), and the model learns."""
+    """20 steps in one go equal 12 steps, then a resume to 20 (a constant learning rate, so
+    the two runs' schedules agree although their train.steps differ), the model learns, and
+    metrics.jsonl counts each prefix's tokens, at its weight, through the resume."""
     from llama_jax.train import train
 
     def run(name, steps):
-        return train(megatron_config(tmp_path, f"train.steps={steps}", "train.log_every=1",
-                                     "data.weights=[0.5,0.5]", "optimizer.schedule=constant",
-                                     run=name), quiet=True)
+        return train(megatron_config(tmp_path, f"train.steps={steps}", "train.log_every=4",
+                                     "data.weights=[0.2,0.8]", "optimizer.schedule=constant",
+                                     "train.global_batch_size=16", run=name), quiet=True)
 
-    whole = run("whole", 8)
-    run("cut", 5)
-    resumed = run("cut", 8)
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[5:]]
+    whole = run("whole", 20)
+    run("cut", 12)
+    resumed = run("cut", 20)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[3:]]
     assert whole.evals[-1]["loss"] < whole.evals[0]["loss"]
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").open()]
+    counted = [r["tokens_by_source"] for r in rows if "tokens_by_source" in r]
+    assert counted == [r["tokens_by_source"] for r in whole.history]
+    last = counted[-1]
+    seq_len = megatron_config(tmp_path).data.seq_len
+    assert sum(last.values()) == 20 * 16 * seq_len  # every position of these rows is a token
+    assert last["b"] / sum(last.values()) == pytest.approx(0.8, abs=0.02)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -128,6 +128,9 @@ def test_defaults_follow_the_compute_dtype(tmp_path):
         ("static", 1024.0)
 
 
+# slow (make test-all): float16 training is also run by the SIGKILL-resume and the
+# absurd-scale tests; this one compares 40-step losses with float32.
+@pytest.mark.slow
 def test_float16_with_dynamic_scaling_trains_like_float32(tmp_path):
     common = ["train", "configs/tiny.yaml", "train.steps=40", "train.log_every=5",
               "data.dataset=python_docs", f"data.cache_dir={tmp_path / 'cache'}"]

@@ -170,6 +170,9 @@ def test_topology_without_libtpu_is_one_line(tmp_path):
         "out: run `make tpu` (or pip install -e '.[tpu]')")
 
 
+# slow (make test-all): two TPU compiles of 16k-token layouts; the short-sequence TPU
+# sweep above keeps the compile-only path in `make test`.
+@pytest.mark.slow
 def test_long_context_layouts_compile_for_a_tpu_slice(tmp_path, libtpu_path):
     """Context parallelism (both kinds) and the chunked loss compile for a TPU slice from
     this CPU machine; a layout that does not fit is reported by libtpu's own figures, and

@@ -6,6 +6,7 @@ A batch is a dict of [rows, seq_len] numpy arrays:
   weights      float32, 1 where the target counts in the loss (0: padding)
   positions    int32 position of each token within its own document (RoPE restarts per doc)
   segment_ids  int32 document index within the row, 0 for padding (attention never crosses)
+  source       int32, evaluation batches of a mixture only: each input's source index
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def to_global(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules,
     """Assemble each process's rows into one global array sharded on the batch axes."""
     sharding = batch_sharding(mesh, rules)
     out = {}
-    for key in BATCH_KEYS:
+    for key in (*BATCH_KEYS, "source"):
+        if key not in local:
+            continue
         value = local[key]
         out[key] = jax.make_array_from_process_local_data(
             sharding, value, (global_rows, *value.shape[1:])

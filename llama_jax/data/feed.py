@@ -12,7 +12,7 @@ import numpy as np
 
 from llama_jax.config import Config
 from llama_jax.data.batch import to_global
-from llama_jax.data.sources import SourceKind, kind_of
+from llama_jax.data.sources import SourceKind, kind_of, kind_of_mixture
 
 if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
     from llama_jax.data.pipeline import PreparedData
@@ -20,12 +20,16 @@ if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pa
 
 
 def source_kind(cfg: Config) -> SourceKind:
+    if cfg.data.sources:
+        return kind_of_mixture([s.dataset for s in cfg.data.sources])
     return kind_of(cfg.data.dataset)
 
 
 def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, seed: int,
-                shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of `rows` rows per step from `split` ('train' or 'validation')."""
+                shuffle: bool = True, keep_source: bool = False
+                ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of `rows` rows per step from `split` ('train' or 'validation');
+    with `keep_source`, each batch also says each input's source (evaluation by source)."""
     if data is None:
         from llama_jax.data.synthetic import SyntheticSource
 
@@ -33,7 +37,8 @@ def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, s
                                jax.process_index(), jax.process_count())
     from llama_jax.data.pipeline import TextPipeline
 
-    return TextPipeline(cfg, data, split, rows // jax.process_count(), seed, shuffle=shuffle)
+    return TextPipeline(cfg, data, split, rows // jax.process_count(), seed, shuffle=shuffle,
+                        keep_source=keep_source)
 
 
 def prepare(cfg: Config) -> PreparedData | None:
@@ -51,12 +56,19 @@ def global_batches(setup: Setup, source: Iterator[dict[str, np.ndarray]], rows: 
         yield to_global(local, setup.mesh, setup.rules, rows)
 
 
+def by_source(data: PreparedData | None) -> bool:
+    """Whether evaluation reports each source's loss: a run with several sources."""
+    return data is not None and len(data.sources) > 1
+
+
 def eval_batches(setup: Setup, data: PreparedData | None, split: str = "validation",
                  count: int | None = None) -> list[Batch]:
-    """The first `count` batches of a split, unshuffled: the same every time they are made."""
+    """The first `count` batches of a split, unshuffled: the same every time they are made
+    (the sources mixed as in training, each input's source kept when there are several)."""
     cfg = setup.cfg
     rows = cfg.train.global_batch_size
-    source = make_source(cfg, data, split, rows, cfg.train.seed, shuffle=False)
+    source = make_source(cfg, data, split, rows, cfg.train.seed, shuffle=False,
+                         keep_source=by_source(data))
     it = global_batches(setup, source, rows)
     batches = [next(it) for _ in range(count or cfg.train.eval_batches)]
     getattr(source, "close", lambda: None)()

@@ -12,10 +12,8 @@ access). Every inconsistency is refused in one line naming the file.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-import grain
 import numpy as np
 
 from llama_jax.errors import LlamaJaxError
@@ -154,44 +152,13 @@ class DocumentRange:
         return int(self.data.sizes[self.start:self.stop].astype(np.int64).sum())
 
 
-@dataclass
-class TokenDataset:
-    """Pre-tokenized splits of several prefixes and their blending weights (token shares)."""
-
-    name: str
-    sources: dict[str, list[DocumentRange]]
-    weights: list[float]
-
-    def documents(self, split: str, seed: int, shuffle: bool, process_index: int,
-                  process_count: int) -> grain.MapDataset:
-        """The endless, blended document stream of one process. Each prefix is shuffled and
-        repeated on its own, then mixed with per-document weights w / mean document length,
-        so every prefix's share of *tokens* follows its weight (NeoX blends samples, which
-        are tokens), whatever its documents' lengths."""
-        streams, mix = [], []
-        for i, (part, weight) in enumerate(zip(self.sources[split], self.weights, strict=True)):
-            ds = grain.MapDataset.source(part)
-            if shuffle:
-                ds = ds.shuffle(seed=seed + 7919 * i)
-            streams.append(ds.repeat(None))
-            mix.append(weight * len(part) / max(part.tokens, 1))
-        ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, mix)
-        return ds[process_index::process_count]
-
-
-def token_dataset(paths: list[str], weights: list[float], validation_fraction: float
-                  ) -> TokenDataset:
-    """Each prefix's last `validation_fraction` of documents (at least one) is its validation
+def prefix_splits(prefix: str, validation_fraction: float) -> dict[str, DocumentRange]:
+    """A prefix's last `validation_fraction` of documents (at least one) is its validation
     split, the rest its train split: contiguous, as NeoX's `split` cuts."""
-    sources: dict[str, list[DocumentRange]] = {"train": [], "validation": []}
-    for prefix in paths:
-        data = IndexedTokens(prefix)
-        if len(data) < 2:
-            raise MegatronDataError(f"{prefix}.idx: {len(data)} documents; a train and a "
-                                    f"validation split need at least 2")
-        held = min(max(1, round(len(data) * validation_fraction)), len(data) - 1)
-        sources["train"].append(DocumentRange(data, 0, len(data) - held))
-        sources["validation"].append(DocumentRange(data, len(data) - held, len(data)))
-    total = float(sum(weights)) if weights else float(len(paths))
-    shares = [w / total for w in weights] if weights else [1.0 / len(paths)] * len(paths)
-    return TokenDataset("megatron:" + ",".join(Path(p).name for p in paths), sources, shares)
+    data = IndexedTokens(prefix)
+    if len(data) < 2:
+        raise MegatronDataError(f"{prefix}.idx: {len(data)} documents; a train and a "
+                                f"validation split need at least 2")
+    held = min(max(1, round(len(data) * validation_fraction)), len(data) - 1)
+    return {"train": DocumentRange(data, 0, len(data) - held),
+            "validation": DocumentRange(data, len(data) - held, len(data))}

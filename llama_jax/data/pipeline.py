@@ -1,7 +1,8 @@
 """The Grain input pipeline, and `prepare_data`, which builds what it needs once.
 
-Per process: global shuffle by index (reshuffled every epoch) -> this process's slice
-(`[process_index::process_count]`) -> tokenize -> concatenate documents and split into rows of
+Per process: each source's global shuffle by index (reshuffled every epoch) -> tokenize -> mix
+the sources by token share (mixture.py) -> this process's slice
+(`[process_index::process_count]`) -> concatenate documents and split into rows of
 `seq_len + 1` tokens (long documents continue in the next row) -> model rows -> batch ->
 background prefetch. Every step is a Grain dataset, so the iterator's state can be saved and
 restored exactly.
@@ -9,6 +10,7 @@ restored exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -21,9 +23,15 @@ import numpy as np
 from etils import epath
 
 from llama_jax.config import Config
-from llama_jax.data.megatron import TokenDataset, token_dataset
-from llama_jax.data.sources import kind_of
-from llama_jax.data.tfds_text import Dataset, load_dataset
+from llama_jax.data.mixture import (
+    SPLITS,
+    Source,
+    SourceTally,
+    epochs,
+    load_source,
+    mixed_documents,
+    source_settings,
+)
 from llama_jax.data.tokenizer import Tokenizer, as_text, train_tokenizer
 from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import as_path
@@ -37,7 +45,8 @@ def model_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     A target counts only when it continues the same document as its input, so no token is
     asked to predict the start of an unrelated document. Positions restart at every document
     boundary inside the row (a document continued from the previous row restarts at 0 too,
-    which keeps positions below seq_len for learned position embeddings).
+    which keeps positions below seq_len for learned position embeddings). `source` is each
+    input's source index (mixture.py).
     """
     tokens = packed["tokens"].astype(np.int32)
     seg = packed["tokens_segment_ids"].astype(np.int32)
@@ -52,6 +61,7 @@ def model_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "weights": ((seg_out == seg_in) & (seg_in > 0)).astype(np.float32),
         "positions": positions.astype(np.int32),
         "segment_ids": seg_in,
+        "source": packed["source"][:-1].astype(np.int32),
     }
 
 
@@ -67,33 +77,28 @@ class Tokenize(grain.transforms.Map):
         return {"tokens": np.asarray(self._tok.encode(as_text(element[self.text_key])), np.int32)}
 
 
-def documents(source: Any, seed: int, shuffle: bool, process_index: int,
-              process_count: int) -> grain.MapDataset:
-    """The endless document stream of one process: a global shuffle by index (a new order each
-    epoch), then every `process_count`-th document, so processes never share a document and
-    together cover each epoch."""
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    return ds.repeat(None)[process_index::process_count]
-
-
 class TextPipeline:
-    """This process's batches of one split: an iterator with Grain's get_state/set_state."""
+    """This process's batches of one split: an iterator with Grain's get_state/set_state,
+    which also tallies the tokens of each source it has handed out.
+
+    Batches keep their `source` array (each input's source index) only with `keep_source`
+    (evaluation by source); training batches drop it after the tally.
+    """
 
     def __init__(self, cfg: Config, data: PreparedData, split: str, rows_per_process: int,
                  seed: int, shuffle: bool = True, process_index: int | None = None,
-                 process_count: int | None = None):
+                 process_count: int | None = None, keep_source: bool = False):
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
-        if data.tokenizer is None:  # token ids on disk (megatron)
-            ds = data.dataset.documents(split, seed, shuffle, pi, pc)
-        else:
-            ds = documents(data.dataset.sources[split], seed, shuffle, pi, pc)
-            ds = ds.map(Tokenize(str(data.tokenizer.path), cfg.data.add_bos, cfg.data.add_eos,
-                                 data.dataset.text_key))
+        tokenizer = data.tokenizer
+
+        def tokenize(text_key: str) -> Tokenize:
+            return Tokenize(str(tokenizer.path), cfg.data.add_bos, cfg.data.add_eos, text_key)
+
+        ds = mixed_documents(data.sources, split, seed, shuffle, pi, pc, tokenize)
+        length = cfg.data.seq_len + 1
         it = grain.experimental.ConcatThenSplitIterDataset(
-            ds.to_iter_dataset(), length_struct={"tokens": cfg.data.seq_len + 1}
+            ds.to_iter_dataset(), length_struct={"tokens": length, "source": length}
         )
         it = it.map(model_row).batch(rows_per_process, drop_remainder=True)
         if cfg.data.prefetch:
@@ -101,12 +106,20 @@ class TextPipeline:
                 it, prefetch_buffer_size=cfg.data.prefetch
             )
         self._iter = iter(it)
+        self.keep_source = keep_source
+        self.sources = data.sources
+        self.tally = SourceTally(data.names)
+        self._epochs_begun = dict.fromkeys(data.names, 0)
 
     def __iter__(self) -> TextPipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iter)
+        batch = next(self._iter)
+        self.tally.add(batch)
+        if not self.keep_source:
+            batch = {k: v for k, v in batch.items() if k != "source"}
+        return batch
 
     def close(self) -> None:
         """Stop the prefetch thread now rather than at interpreter exit."""
@@ -114,40 +127,82 @@ class TextPipeline:
         if close is not None:
             close()
 
+    def report(self) -> dict[str, Any]:
+        """A metrics row's data fields: the run's tokens per source, and how many passes over
+        each source's train split they amount to (a note when a source begins another)."""
+        tokens = self.tally.total()
+        passes = dict(epochs(tokens, self.sources))
+        for name, done in passes.items():
+            if int(done) > self._epochs_begun[name]:
+                self._epochs_begun[name] = int(done)
+                if jax.process_index() == 0 and len(self.sources) > 1:
+                    print(f"note: data source {name} began pass {int(done) + 1} over its "
+                          f"train split", file=sys.stderr)
+        return {"tokens_by_source": tokens,
+                "epochs_by_source": {name: round(p, 4) for name, p in passes.items()}}
+
     def get_state(self) -> dict[str, Any]:
-        return self._iter.get_state()
+        """The iterator's position and the run's tokens per source (a collective on
+        multi-host runs, like every checkpoint save)."""
+        return {"iterator": self._iter.get_state(), "tokens_by_source": self.tally.total()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._iter.set_state(state)
+        if "iterator" not in state:  # saved before the tally existed: Grain's state alone
+            self._iter.set_state(_tuples_restored(state))
+            return
+        self._iter.set_state(_tuples_restored(state["iterator"]))
+        self.tally.restore(state.get("tokens_by_source", {}))
+
+
+def _tuples_restored(state: Any) -> Any:
+    """Grain's packing state holds (start, stop) tuples and compares them with a (-1, -1)
+    sentinel; a checkpoint stores the state as JSON, which makes them lists, and a list never
+    equals the sentinel (the restored iterator would skip a document). Make them tuples."""
+    if not isinstance(state, dict):
+        return state
+    return {key: ({k: tuple(v) for k, v in value.items()} if key == "remainder_slices"
+                  else _tuples_restored(value)) for key, value in state.items()}
 
 
 @dataclass
 class PreparedData:
-    dataset: Dataset | TokenDataset
-    tokenizer: Tokenizer | None  # None: the data is token ids already (megatron)
+    sources: list[Source]
+    tokenizer: Tokenizer | None  # None: every source is token ids already (megatron)
     stats: dict[str, dict[str, float | None]]  # split -> bytes_per_token, tokens (estimated)
 
     @property
-    def bytes_per_token(self) -> dict[str, float]:
+    def bytes_per_token(self) -> dict[str, float | None]:
         return {split: s["bytes_per_token"] for split, s in self.stats.items()}
 
+    @property
+    def names(self) -> list[str]:
+        return [src.name for src in self.sources]
 
-def _resolve_tokenizer(cfg: Config, dataset: Dataset) -> os.PathLike:
+
+def _resolve_tokenizer(cfg: Config, sources: list[Source]) -> os.PathLike:
+    """`data.tokenizer`, else one trained on the text sources' train splits (cached beside a
+    lone source's dataset, or under `data.cache_dir` for a mixture)."""
     if cfg.data.tokenizer:
         path = as_path(cfg.data.tokenizer)
         if not path.is_file():
             raise LlamaJaxError(f"data.tokenizer: file not found: {path}")
         return path
     vocab = cfg.data.tokenizer_vocab_size or cfg.model.vocab_size
-    path = dataset.cache_dir / f"tokenizer-bpe{vocab}.model"
+    text = [src for src in sources if src.text_key is not None]
+    if len(text) == 1:
+        path = text[0].cache_dir / f"tokenizer-bpe{vocab}.model"
+    else:
+        ids = hashlib.sha1("|".join(src.cache_dir.name for src in text).encode()).hexdigest()
+        path = as_path(cfg.data.cache_dir) / f"tokenizer-mix{ids[:12]}-bpe{vocab}.model"
     if not path.is_file():
-        print(f"training a {vocab}-piece sentencepiece tokenizer on {dataset.name} ...",
+        names = ", ".join(src.name for src in text)
+        print(f"training a {vocab}-piece sentencepiece tokenizer on {names} ...",
               file=sys.stderr)
-        train_tokenizer(dataset.sources["train"], dataset.text_key, vocab, path)
+        train_tokenizer([(src.splits["train"], src.text_key) for src in text], vocab, path)
     return path
 
 
-def _split_stats(dataset: Dataset, tokenizer: Tokenizer) -> dict[str, dict[str, float]]:
+def _text_stats(src: Source, tokenizer: Tokenizer) -> dict[str, dict[str, float]]:
     """UTF-8 bytes per predicted token of each split, and its size in tokens (measured on up to
     STATS_DOCS documents, scaled to the split).
 
@@ -155,26 +210,41 @@ def _split_stats(dataset: Dataset, tokenizer: Tokenizer) -> dict[str, dict[str, 
     token into bits per byte with this ratio.
     """
     flags = f"{int(tokenizer.add_bos)}{int(tokenizer.add_eos)}"
-    path = dataset.cache_dir / f"stats2-{tokenizer.digest()}-{flags}.json"
+    path = src.cache_dir / f"stats2-{tokenizer.digest()}-{flags}.json"
     if path.is_file():
         return json.loads(path.read_text())
     stats = {}
-    for split, source in dataset.sources.items():
+    for split, docs in src.splits.items():
         n_bytes = n_tokens = 0
-        counted = min(len(source), STATS_DOCS)
+        counted = min(len(docs), STATS_DOCS)
         for i in range(counted):
-            text = as_text(source[i][dataset.text_key])
+            text = as_text(docs[i][src.text_key])
             n_bytes += len(text.encode("utf-8"))
             n_tokens += max(len(tokenizer.encode(text)) - 1, 0)
         stats[split] = {"bytes_per_token": n_bytes / max(n_tokens, 1),
-                        "tokens": n_tokens * len(source) / max(counted, 1)}
+                        "tokens": n_tokens * len(docs) / max(counted, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stats))
     return stats
 
 
+def _mixture_stats(sources: list[Source]) -> dict[str, dict[str, float | None]]:
+    """A split's size is its sources' sizes summed; its bytes per token the token-share
+    weighted mean (bytes = sum over sources of share x tokens x bytes per token), known only
+    when every source is text."""
+    stats = {}
+    for split in SPLITS:
+        bpt = [src.stats[split]["bytes_per_token"] for src in sources]
+        stats[split] = {
+            "tokens": float(sum(src.stats[split]["tokens"] for src in sources)),
+            "bytes_per_token": None if None in bpt else
+            sum(src.weight * b for src, b in zip(sources, bpt, strict=True)),
+        }
+    return stats
+
+
 def prepare_data(cfg: Config) -> PreparedData:
-    """Build (once, cached) the dataset and the tokenizer, and check the tokenizer fits."""
+    """Build (once, cached) every source and the tokenizer, and check the tokenizer fits."""
     if jax.process_index() == 0:
         data = _prepare(cfg)
     if jax.process_count() > 1:
@@ -187,31 +257,33 @@ def prepare_data(cfg: Config) -> PreparedData:
 
 
 def _prepare(cfg: Config) -> PreparedData:
-    if kind_of(cfg.data.dataset).pretokenized:
-        return _prepare_tokens(cfg)
-    dataset = load_dataset(cfg.data)
-    tokenizer = Tokenizer(_resolve_tokenizer(cfg, dataset), cfg.data.add_bos, cfg.data.add_eos)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise LlamaJaxError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
-            f"model.vocab_size={cfg.model.vocab_size}"
-        )
-    return PreparedData(dataset, tokenizer, _split_stats(dataset, tokenizer))
+    sources = [load_source(*named) for named in source_settings(cfg.data)]
+    tokenizer = None
+    if any(src.text_key is not None for src in sources):
+        tokenizer = Tokenizer(_resolve_tokenizer(cfg, sources), cfg.data.add_bos,
+                              cfg.data.add_eos)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise LlamaJaxError(
+                f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
+                f"model.vocab_size={cfg.model.vocab_size}"
+            )
+    for src in sources:
+        if src.text_key is None:
+            _check_token_ids(src, cfg.model.vocab_size)
+        else:
+            src.stats = _text_stats(src, tokenizer)
+    return PreparedData(sources, tokenizer, _mixture_stats(sources))
 
 
-def _prepare_tokens(cfg: Config) -> PreparedData:
-    """Token files: nothing to build; check the ids fit the model (from the largest id of a
-    sample of documents: reading every token of a large corpus would take minutes)."""
-    dataset = token_dataset(cfg.data.paths, cfg.data.weights, cfg.data.validation_fraction)
-    for part in dataset.sources["train"]:
-        sample = [part[i]["tokens"] for i in range(min(len(part), STATS_DOCS))]
-        largest = max((int(t.max()) for t in sample if t.size), default=0)
-        if largest >= cfg.model.vocab_size:
-            raise LlamaJaxError(f"{part.data.prefix}: token id {largest} does not fit "
-                                f"model.vocab_size={cfg.model.vocab_size}")
-    stats = {split: {"bytes_per_token": None, "tokens": float(sum(p.tokens for p in parts))}
-             for split, parts in dataset.sources.items()}
-    return PreparedData(dataset, None, stats)
+def _check_token_ids(src: Source, vocab_size: int) -> None:
+    """Token ids must fit the model: checked on a sample of documents (reading every token of
+    a large corpus would take minutes)."""
+    docs = src.splits["train"]
+    sample = [docs[i]["tokens"] for i in range(min(len(docs), STATS_DOCS))]
+    largest = max((int(t.max()) for t in sample if t.size), default=0)
+    if largest >= vocab_size:
+        raise LlamaJaxError(f"data source {src.name}: token id {largest} does not fit "
+                            f"model.vocab_size={vocab_size}")
 
 
 def copy_tokenizer(data: PreparedData, run_dir: epath.Path) -> None:

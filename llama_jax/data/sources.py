@@ -30,3 +30,9 @@ KINDS = {SYNTHETIC: SourceKind(packed=False, text=False), PYTHON_DOCS: TEXT, TEX
 
 def kind_of(dataset: str) -> SourceKind:
     return KINDS.get(dataset, TEXT)
+
+
+def kind_of_mixture(datasets: list[str]) -> SourceKind:
+    """Several sources: packed text; token ids on disk only if every source is."""
+    return SourceKind(packed=True, text=True,
+                      pretokenized=all(kind_of(d).pretokenized for d in datasets))

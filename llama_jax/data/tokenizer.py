@@ -7,6 +7,7 @@ import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -67,20 +68,23 @@ class Tokenizer:
         return hashlib.sha1(self.path.read_bytes()).hexdigest()[:12]
 
 
-def _training_lines(source: object, text_key: str) -> Iterator[str]:
-    n = min(len(source), MAX_TRAINING_DOCS)  # type: ignore[arg-type]
-    for i in range(n):
-        for line in as_text(source[i][text_key]).splitlines():  # type: ignore[index]
-            if line.strip():
-                yield line
+def _training_lines(parts: list[tuple[Any, str]]) -> Iterator[str]:
+    """The lines of up to MAX_TRAINING_DOCS documents, shared evenly by the sources."""
+    per_source = MAX_TRAINING_DOCS // max(len(parts), 1)
+    for source, text_key in parts:
+        for i in range(min(len(source), per_source)):
+            for line in as_text(source[i][text_key]).splitlines():
+                if line.strip():
+                    yield line
 
 
-def train_tokenizer(source: object, text_key: str, vocab_size: int, out_path: Path) -> Path:
-    """BPE with byte fallback (LLaMA's recipe): unk=0, bos=1, eos=2, no pad piece."""
+def train_tokenizer(parts: list[tuple[Any, str]], vocab_size: int, out_path: Path) -> Path:
+    """BPE with byte fallback (LLaMA's recipe): unk=0, bos=1, eos=2, no pad piece, trained
+    on the documents of `parts`, (random-access documents, their text field) pairs."""
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
-            sentence_iterator=_training_lines(source, text_key), model_writer=model,
+            sentence_iterator=_training_lines(parts), model_writer=model,
             model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
             character_coverage=0.9995, split_digits=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
