@@ -162,7 +162,8 @@ class SourceConfig:
 class DataConfig:
     dataset: str = SYNTHETIC  # synthetic | python_docs | text_files | any TFDS dataset name
     seq_len: int = 128
-    files: str = ""  # text_files: glob(s) of .txt / .jsonl files, comma-separated
+    # text_files: glob(s), comma-separated, of .txt, .jsonl(.gz|.zst), .parquet files, folders
+    files: str = ""
     paths: list[str] = field(default_factory=list)  # megatron: .bin/.idx prefixes
     weights: list[float] = field(default_factory=list)  # megatron: token shares; empty: equal
     text_field: str = "text"  # the feature (TFDS) or JSON key (jsonl) that holds the text
@@ -176,6 +177,9 @@ class DataConfig:
     add_bos: bool = True
     add_eos: bool = True
     prefetch: int = 4  # batches prepared ahead by a background thread
+    # A bad record (a JSON line that is not an object or lacks the text field, text that is
+    # not UTF-8, a null in a table): false refuses the corpus naming it; true skips and counts.
+    skip_bad_records: bool = False
     # Several named sources mixed by token share; when set, `dataset`/`files`/`paths` above
     # are not read (data/mixture.py).
     sources: list[SourceConfig] = field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import grain
 import jax
@@ -163,18 +164,27 @@ def test_long_documents_are_split_across_rows(tmp_path):
     assert stream[start:] == doc[:len(stream) - start]
 
 
-def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+def test_non_utf8_text_is_refused_in_one_line_or_skipped_and_counted(tmp_path):
     from pydoc_data.topics import topics
 
     for i, name in enumerate(sorted(topics)[:30]):
         tail = b"\xff\xfe" if i == 3 else b""
         (tmp_path / f"d{i}.txt").write_bytes(topics[name].encode() + tail)
-    result = run_cli("prepare-data", "configs/tiny.yaml", "data.dataset=text_files",
-                     f"data.files={tmp_path}/*.txt", f"data.cache_dir={tmp_path}/cache",
-                     "model.vocab_size=512", "data.validation_fraction=0.3")
-    assert result.returncode == 0, result.stderr
-    assert f"{tmp_path}/d3.txt: 2 bytes were not UTF-8 and were replaced" in result.stderr
-    assert "pieces" in result.stdout
+    args = ["prepare-data", "configs/tiny.yaml", "data.dataset=text_files",
+            f"data.files={tmp_path}/*.txt", f"data.cache_dir={tmp_path}/cache",
+            "model.vocab_size=512", "data.validation_fraction=0.3"]
+    refused = run_cli(*args)
+    assert refused.returncode != 0
+    offset = len(topics[sorted(topics)[3]].encode())
+    assert refused.stderr.strip().splitlines() == [
+        f"llama-jax prepare-data: error: {tmp_path}/d3.txt: byte {offset} is not UTF-8 "
+        f"text (data.skip_bad_records=true skips such records and counts them)"]
+    skipped = run_cli(*args, "data.skip_bad_records=true")
+    assert skipped.returncode == 0, skipped.stderr
+    assert f"{tmp_path}/d3.txt: 1 bad record(s) skipped" in skipped.stderr
+    train, validation = (int(n.replace(",", "")) for n in re.search(
+        r"([\d,]+) train / ([\d,]+) validation", skipped.stdout).groups())
+    assert train + validation == 29
 
 
 @pytest.mark.parametrize("setup, overrides, message", [

@@ -39,6 +39,7 @@ class Source:
     cache_dir: Path | None = None  # where its tokenizer statistics are cached (text only)
     # split -> {"tokens": size in tokens (estimated for text), "bytes_per_token": or None}
     stats: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    skipped_records: int = 0  # bad records left out when it was built (data.skip_bad_records)
 
     def mean_document_tokens(self, split: str) -> float:
         return max(float(self.stats[split]["tokens"]) / max(len(self.splits[split]), 1), 1.0)
@@ -80,7 +81,8 @@ def load_source(name: str, weight: float, data: DataConfig) -> Source:
 
     dataset = load_dataset(data)
     splits = {split: grain.MapDataset.source(dataset.sources[split]) for split in SPLITS}
-    return Source(name, weight, splits, dataset.text_key, dataset.cache_dir)
+    return Source(name, weight, splits, dataset.text_key, dataset.cache_dir,
+                  skipped_records=dataset.skipped_records)
 
 
 def _union(parts: list[Any]) -> grain.MapDataset:

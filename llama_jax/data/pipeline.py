@@ -138,8 +138,11 @@ class TextPipeline:
                 if jax.process_index() == 0 and len(self.sources) > 1:
                     print(f"note: data source {name} began pass {int(done) + 1} over its "
                           f"train split", file=sys.stderr)
-        return {"tokens_by_source": tokens,
-                "epochs_by_source": {name: round(p, 4) for name, p in passes.items()}}
+        row = {"tokens_by_source": tokens,
+               "epochs_by_source": {name: round(p, 4) for name, p in passes.items()}}
+        if any(src.skipped_records for src in self.sources):
+            row["skipped_records"] = {src.name: src.skipped_records for src in self.sources}
+        return row
 
     def get_state(self) -> dict[str, Any]:
         """The iterator's position and the run's tokens per source (a collective on

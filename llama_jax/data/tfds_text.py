@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
 from llama_jax.config import DataConfig
-from llama_jax.data.corpus import DecodeReport, expand_files, read_documents, write_python_docs
+from llama_jax.data.corpus import BadRecords, expand_files, read_documents, write_python_docs
 from llama_jax.data.sources import PYTHON_DOCS, TEXT_FILES
 from llama_jax.errors import LlamaJaxError
 
@@ -38,10 +39,11 @@ class LocalTextConfig(tfds.core.BuilderConfig):
     files: tuple[str, ...] = ()
     text_field: str = "text"
     validation_fraction: float = 0.05
+    skip_bad_records: bool = False
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
-    """Documents from local `.txt` (one per file) and `.jsonl` (one per line) files."""
+    """Documents from local files of any format `corpus.read_documents` reads."""
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS: list[LocalTextConfig] = []
@@ -53,24 +55,29 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-        self.decode_report = DecodeReport()
         return {split: self._generate_examples(split) for split in SPLITS}
 
     def _generate_examples(self, split: str) -> Any:
         cfg: LocalTextConfig = self.builder_config  # type: ignore[assignment]
-        # Each split reads every file; count undecodable bytes on the first pass only.
-        report = self.decode_report if split == SPLITS[0] else DecodeReport()
+        bad = BadRecords(skip=cfg.skip_bad_records)  # checked and counted before the build
         for path in map(Path, cfg.files):
-            for i, text in enumerate(read_documents(path, report, cfg.text_field)):
+            for i, text in enumerate(read_documents(path, bad, cfg.text_field)):
                 if in_validation(text, cfg.validation_fraction) == (split == "validation"):
                     yield f"{path.name}:{i}", {"text": text}
 
 
 def _content_id(files: list[Path], data: DataConfig) -> str:
-    h = hashlib.sha1(f"{data.text_field}|{data.validation_fraction}".encode())
+    """A digest of the settings and every byte of the files (read in 1 MiB pieces: a corpus
+    need not fit in memory); an arrow folder counts with all its files."""
+    h = hashlib.sha1(f"{data.text_field}|{data.validation_fraction}|"
+                     f"{data.skip_bad_records}".encode())
     for f in files:
-        h.update(str(f.resolve()).encode())
-        h.update(f.read_bytes())
+        for part in sorted(f.rglob("*")) if f.is_dir() else [f]:
+            if part.is_file():
+                h.update(str(part.resolve()).encode())
+                with part.open("rb") as stream:
+                    while chunk := stream.read(1 << 20):
+                        h.update(chunk)
     return h.hexdigest()[:12]
 
 
@@ -82,6 +89,7 @@ class Dataset:
     sources: dict[str, Any]
     cache_dir: Path
     text_key: str = "text"
+    skipped_records: int = 0  # bad records left out (data.skip_bad_records)
 
     def __len__(self) -> int:
         return len(self.sources["train"])
@@ -91,27 +99,34 @@ def local_text_dataset(name: str, files: list[Path], data: DataConfig) -> Datase
     cache = Path(data.cache_dir)
     config = LocalTextConfig(name=f"{name}_{_content_id(files, data)}",
                              files=tuple(str(f) for f in files), text_field=data.text_field,
-                             validation_fraction=data.validation_fraction)
+                             validation_fraction=data.validation_fraction,
+                             skip_bad_records=data.skip_bad_records)
     builder = LocalText(config=config, data_dir=str(cache / "tfds"), file_format="array_record")
+    skipped_file = cache / config.name / "skipped_records.json"
     if not builder.is_prepared():
-        _check_splits(name, files, data)
+        skipped = _check_splits(name, files, data)
+        for file, count in skipped.items():
+            print(f"warning: {file}: {count} bad record(s) skipped (data.skip_bad_records)",
+                  file=sys.stderr)
         print(f"building TFDS dataset {config.name} from {len(files)} file(s) in {cache}/tfds",
               file=sys.stderr)
         with contextlib.redirect_stdout(io.StringIO()):  # TFDS talks of downloading; we don't
             builder.download_and_prepare()
-        report = getattr(builder, "decode_report", DecodeReport())
-        for file, count in report.replaced.items():
-            print(f"warning: {file}: {count} bytes were not UTF-8 and were replaced",
-                  file=sys.stderr)
-    return Dataset(config.name, dict(builder.as_data_source()), cache / config.name)
+        skipped_file.parent.mkdir(parents=True, exist_ok=True)
+        skipped_file.write_text(json.dumps(skipped))
+    skipped = json.loads(skipped_file.read_text()) if skipped_file.is_file() else {}
+    return Dataset(config.name, dict(builder.as_data_source()), cache / config.name,
+                   skipped_records=sum(skipped.values()))
 
 
-def _check_splits(name: str, files: list[Path], data: DataConfig) -> None:
-    """Refuse, before TFDS writes anything, a corpus that would leave a split empty."""
+def _check_splits(name: str, files: list[Path], data: DataConfig) -> dict[str, int]:
+    """Read every record once before TFDS writes anything: a bad record is refused in one
+    line (or skipped and counted: the counts per file are returned), and a corpus that would
+    leave a split empty is refused."""
     counts = {split: 0 for split in SPLITS}
-    quiet = DecodeReport()
+    bad = BadRecords(skip=data.skip_bad_records)
     for path in files:
-        for text in read_documents(path, quiet, data.text_field):
+        for text in read_documents(path, bad, data.text_field):
             counts["validation" if in_validation(text, data.validation_fraction) else "train"] += 1
     if not any(counts.values()):
         shown = ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "")
@@ -123,6 +138,7 @@ def _check_splits(name: str, files: list[Path], data: DataConfig) -> None:
                 f"{split} split (data.validation_fraction={data.validation_fraction}); "
                 f"change it or add documents"
             )
+    return bad.skipped
 
 
 def registered_dataset(data: DataConfig) -> Dataset:
