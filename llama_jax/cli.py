@@ -78,6 +78,13 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     if data is None:
         print("data.dataset=synthetic: nothing to prepare")
         return 0
+    if data.tokenizer is not None:
+        from llama_jax.data.pipeline import tokenize_once
+
+        for name, counts in tokenize_once(cfg, data):
+            print(f"source {name}: token ids written for {counts['built']} file(s), "
+                  f"{counts['done_before']} already done")
+        data = prepare(cfg)
     for src in data.sources:
         kind = "text" if src.text_key is not None else "token ids"
         estimated = "~" if src.text_key is not None else ""

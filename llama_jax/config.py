@@ -180,6 +180,10 @@ class DataConfig:
     # A bad record (a JSON line that is not an object or lacks the text field, text that is
     # not UTF-8, a null in a table): false refuses the corpus naming it; true skips and counts.
     skip_bad_records: bool = False
+    # Read the token ids `prepare-data` wrote (data/token_cache.py) when every file of a
+    # source has them; false: always tokenize text as it trains.
+    token_cache: bool = True
+    num_workers: int = 2  # prepare-data: tokenizing processes (0: in the calling process)
     # Several named sources mixed by token share; when set, `dataset`/`files`/`paths` above
     # are not read (data/mixture.py).
     sources: list[SourceConfig] = field(default_factory=list)

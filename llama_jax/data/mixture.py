@@ -40,6 +40,9 @@ class Source:
     # split -> {"tokens": size in tokens (estimated for text), "bytes_per_token": or None}
     stats: dict[str, dict[str, float | None]] = field(default_factory=dict)
     skipped_records: int = 0  # bad records left out when it was built (data.skip_bad_records)
+    settings: DataConfig | None = None  # its own data settings
+    files: list[Path] = field(default_factory=list)  # the local files behind it, if any
+    reads: str = "text"  # "text", or "tokens" (files tokenized once, or token files)
 
     def mean_document_tokens(self, split: str) -> float:
         return max(float(self.stats[split]["tokens"]) / max(len(self.splits[split]), 1), 1.0)
@@ -76,13 +79,13 @@ def load_source(name: str, weight: float, data: DataConfig) -> Source:
         splits = {split: _union([part[split] for part in parts]) for split in SPLITS}
         stats = {split: {"tokens": float(sum(part[split].tokens for part in parts)),
                          "bytes_per_token": None} for split in SPLITS}
-        return Source(name, weight, splits, None, stats=stats)
+        return Source(name, weight, splits, None, stats=stats, settings=data, reads="tokens")
     from llama_jax.data.tfds_text import load_dataset
 
     dataset = load_dataset(data)
     splits = {split: grain.MapDataset.source(dataset.sources[split]) for split in SPLITS}
     return Source(name, weight, splits, dataset.text_key, dataset.cache_dir,
-                  skipped_records=dataset.skipped_records)
+                  skipped_records=dataset.skipped_records, settings=data, files=dataset.files)
 
 
 def _union(parts: list[Any]) -> grain.MapDataset:

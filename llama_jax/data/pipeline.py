@@ -145,16 +145,31 @@ class TextPipeline:
         return row
 
     def get_state(self) -> dict[str, Any]:
-        """The iterator's position and the run's tokens per source (a collective on
-        multi-host runs, like every checkpoint save)."""
-        return {"iterator": self._iter.get_state(), "tokens_by_source": self.tally.total()}
+        """The iterator's position, the run's tokens per source (a collective on multi-host
+        runs, like every checkpoint save) and what each source reads (text or tokens)."""
+        return {"iterator": self._iter.get_state(), "tokens_by_source": self.tally.total(),
+                "reads": {src.name: src.reads for src in self.sources}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if "iterator" not in state:  # saved before the tally existed: Grain's state alone
-            self._iter.set_state(_tuples_restored(state))
-            return
+            state = {"iterator": state}
+        for src in self.sources:
+            began = state.get("reads", {}).get(src.name, "text" if src.files else src.reads)
+            if began != src.reads:
+                raise LlamaJaxError(_switched(src.name, began))
         self._iter.set_state(_tuples_restored(state["iterator"]))
         self.tally.restore(state.get("tokens_by_source", {}))
+
+
+def _switched(name: str, began: str) -> str:
+    """Token-cache documents come in file order, text documents in the TFDS build's order:
+    the same position means other batches, so a run keeps reading as it began."""
+    if began == "text":
+        return (f"data source {name}: this run began on text and the token cache now exists; "
+                f"its batches would differ from the uninterrupted run's: resume with "
+                f"data.token_cache=false (or start a new run to use the cache)")
+    return (f"data source {name}: this run began on the token cache, which is missing or "
+            f"incomplete now: run `llama-jax prepare-data` with this run's config again")
 
 
 def _tuples_restored(state: Any) -> Any:
@@ -275,7 +290,58 @@ def _prepare(cfg: Config) -> PreparedData:
             _check_token_ids(src, cfg.model.vocab_size)
         else:
             src.stats = _text_stats(src, tokenizer)
+            if cfg.data.token_cache:
+                _read_token_cache(src, tokenizer)
+            if jax.process_index() == 0 and src.files:
+                print(f"data source {src.name}: " + (
+                    "reading token ids (tokenized once by prepare-data)" if src.reads == "tokens"
+                    else "tokenizing text as it trains (`llama-jax prepare-data` tokenizes "
+                         "once)"), file=sys.stderr)
     return PreparedData(sources, tokenizer, _mixture_stats(sources))
+
+
+def _read_token_cache(src: Source, tokenizer: Tokenizer) -> None:
+    """Read the source's token ids when `prepare-data` has written them for all its files."""
+    from llama_jax.data import token_cache
+
+    if not src.files:
+        return
+    cached = token_cache.cached_files(src.settings, tokenizer, src.files)
+    if all(f.done for f in cached):
+        src.splits, src.text_key = token_cache.token_splits(cached), None
+        src.stats, src.reads = token_cache.token_stats(cached), "tokens"
+
+
+def tokenize_once(cfg: Config, data: PreparedData) -> list[tuple[str, dict[str, int]]]:
+    """`prepare-data`: write the token ids of every text source's files (the files already
+    done are skipped), with a progress bar of text MB/s and time left. Returns, per source,
+    how many files were built and how many were done before."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from llama_jax.data import token_cache
+
+    todo = [(src, token_cache.cached_files(src.settings, data.tokenizer, src.files))
+            for src in data.sources if src.files]
+    done = []
+    with Progress(TextColumn("[bold]tokenizing {task.fields[name]}"), BarColumn(),
+                  DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  transient=not sys.stderr.isatty()) as bar:
+        for src, cached in todo:
+            text_bytes = sum(src.stats[s]["tokens"] * src.stats[s]["bytes_per_token"]
+                             for s in SPLITS)  # an estimate: the size of the text, not files
+            task = bar.add_task("", total=text_bytes, name=src.name)
+            counts = token_cache.build(src.settings, data.tokenizer, cached,
+                                       lambda n, t=task: bar.advance(t, n))
+            bar.update(task, completed=text_bytes)
+            done.append((src.name, counts))
+    return done
 
 
 def _check_token_ids(src: Source, vocab_size: int) -> None:

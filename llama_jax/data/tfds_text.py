@@ -90,6 +90,7 @@ class Dataset:
     cache_dir: Path
     text_key: str = "text"
     skipped_records: int = 0  # bad records left out (data.skip_bad_records)
+    files: list[Path] = dataclasses.field(default_factory=list)  # local files it was built from
 
     def __len__(self) -> int:
         return len(self.sources["train"])
@@ -116,7 +117,7 @@ def local_text_dataset(name: str, files: list[Path], data: DataConfig) -> Datase
         skipped_file.write_text(json.dumps(skipped))
     skipped = json.loads(skipped_file.read_text()) if skipped_file.is_file() else {}
     return Dataset(config.name, dict(builder.as_data_source()), cache / config.name,
-                   skipped_records=sum(skipped.values()))
+                   skipped_records=sum(skipped.values()), files=files)
 
 
 def _check_splits(name: str, files: list[Path], data: DataConfig) -> dict[str, int]:

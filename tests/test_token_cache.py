@@ -1,0 +1,135 @@
+"""Tokenize once (`prepare-data`): the cached token ids are the tokenizer's own encoding of
+every document, in the split the text path puts it; re-running skips finished files, a
+changed file rebuilds only its own shards; training reads the cache and says so, and a run
+keeps reading the way it began."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import run_cli
+from test_mixture import LETTERS, write_corpus
+
+from llama_jax.config import load_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three files, and a tokenizer trained once on them (the tests fix it with
+    data.tokenizer, so that changing a file changes that file only)."""
+    root = tmp_path_factory.mktemp("token_cache")
+    for i in range(3):
+        write_corpus(root / f"part{i}.jsonl", i, 120, (20, 120), LETTERS)
+    first = run_cli("prepare-data", "configs/tiny.yaml", "data.dataset=text_files",
+                    f"data.files={root}/part*.jsonl", f"data.cache_dir={root / 'warm'}",
+                    "data.token_cache=false")
+    assert first.returncode == 0, first.stderr
+    model = re.search(r"tokenizer (\S+\.model):", first.stdout).group(1)
+    return root, model
+
+
+def args(root: Path, model: str, cache: Path, *extra: str) -> list[str]:
+    return ["configs/tiny.yaml", "data.dataset=text_files", f"data.files={root}/part*.jsonl",
+            f"data.cache_dir={cache}", f"data.tokenizer={model}", *extra]
+
+
+def written(cache: Path) -> dict[str, float]:
+    """Each finished file folder and when its shards were written."""
+    return {p.parent.name: p.stat().st_mtime_ns
+            for p in cache.glob("tokens/*/*/train.array_record")}
+
+
+def test_cached_ids_are_the_tokenizers_encoding_of_each_split(tmp_path, corpus):
+    from llama_jax.data.feed import prepare
+    from llama_jax.data.tfds_text import load_dataset
+    from llama_jax.data.tokenizer import Tokenizer
+
+    root, model = corpus
+    cache = tmp_path / "cache"
+    done = run_cli("prepare-data", *args(root, model, cache, "data.num_workers=2"))
+    assert done.returncode == 0, done.stderr
+    assert "token ids written for 3 file(s), 0 already done" in done.stdout
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'r'}", *args(root, model, cache)[1:]])
+    data = prepare(cfg)
+    (src,) = data.sources
+    assert src.reads == "tokens"
+    # the reference: the text path's documents of each split, encoded by the tokenizer
+    text = load_dataset(cfg.data)
+    tok = Tokenizer(model)
+    for split in ("train", "validation"):
+        expected = Counter(tuple(tok.encode(text.sources[split][i]["text"].decode()))
+                           for i in range(len(text.sources[split])))
+        got = Counter(tuple(src.splits[split][i]["tokens"].tolist())
+                      for i in range(len(src.splits[split])))
+        assert got == expected and got, split
+        assert src.stats[split]["tokens"] == sum(len(k) * n for k, n in expected.items())
+    # the same shards, byte for byte, when tokenized in this process
+    serial = tmp_path / "serial"
+    assert run_cli("prepare-data", *args(root, model, serial, "data.num_workers=0")
+                   ).returncode == 0
+    for shard in cache.glob("tokens/*/*/*.array_record"):
+        twin = serial / shard.relative_to(cache)
+        assert twin.read_bytes() == shard.read_bytes(), shard
+
+
+def test_rerunning_skips_finished_files_and_a_changed_file_rebuilds_alone(tmp_path, corpus):
+    root, model = corpus
+    files = tmp_path / "files"
+    files.mkdir()
+    for p in root.glob("part*.jsonl"):
+        (files / p.name).write_bytes(p.read_bytes())
+    cache = tmp_path / "cache"
+    command = ["prepare-data", *args(files, model, cache)]
+    assert run_cli(*command).returncode == 0
+    before = written(cache)
+    again = run_cli(*command)
+    assert "token ids written for 0 file(s), 3 already done" in again.stdout, again.stdout
+    assert written(cache) == before
+    with (files / "part1.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    changed = run_cli(*command)
+    assert "token ids written for 1 file(s), 2 already done" in changed.stdout, changed.stdout
+    after = written(cache)
+    kept = {k: v for k, v in after.items() if not k.startswith("part1")}
+    assert kept == {k: v for k, v in before.items() if not k.startswith("part1")}
+    assert len(after) == 4  # the old part1 folder is left (another run may still read it)
+
+
+def test_training_reads_the_cache_says_so_and_keeps_reading_as_it_began(tmp_path, corpus,
+                                                                          capsys):
+    from llama_jax.errors import LlamaJaxError
+    from llama_jax.train import train
+
+    root, model = corpus
+    cache = tmp_path / "cache"
+
+    def run(name: str, steps: int, *extra: str):
+        cfg = load_config("tiny", [*args(root, model, cache)[1:], f"run_dir={tmp_path / name}",
+                                   f"train.steps={steps}", "train.log_every=1",
+                                   "optimizer.schedule=constant", *extra])
+        return train(cfg, quiet=True)
+
+    run("text_run", 2)
+    assert "tokenizing text as it trains" in capsys.readouterr().err
+    assert run_cli("prepare-data", *args(root, model, cache)).returncode == 0
+    # a run that began on text is not switched to the cache under it
+    with pytest.raises(LlamaJaxError) as e:
+        run("text_run", 3)
+    assert str(e.value) == (
+        "data source text_files: this run began on text and the token cache now exists; its "
+        "batches would differ from the uninterrupted run's: resume with "
+        "data.token_cache=false (or start a new run to use the cache)")
+    assert run("text_run", 3, "data.token_cache=false").history[-1]["step"] == 3
+    # a new run reads the cache, and a resume on it equals the uninterrupted run
+    capsys.readouterr()
+    run("cut", 3)
+    assert "reading token ids (tokenized once by prepare-data)" in capsys.readouterr().err
+    resumed = run("cut", 5)
+    whole = run("whole", 5)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[3:]]
+    assert np.isfinite([r["loss"] for r in whole.history]).all()
