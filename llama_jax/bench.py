@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from llama_jax import flops
-from llama_jax.config import Config
+from llama_jax.config import Config, apply_overrides
 from llama_jax.data.batch import one_document_rows, to_global
 from llama_jax.data.feed import make_source, prepare
 from llama_jax.errors import LlamaJaxError
@@ -167,10 +167,25 @@ def compile_only(cfg: Config, topology: str | None = None) -> dict[str, Any]:
 
 
 def bench_pipeline(cfg: Config, batches: int = 50) -> dict[str, Any] | None:
-    """Tokens per second the input pipeline delivers on this host (None: synthetic data)."""
+    """Tokens per second this process's input pipeline delivers, as the run would read
+    (`pipeline_tokens_per_sec`), and apart: from text tokenized on the fly and from the
+    token cache (None when `prepare-data` has not written it). None for synthetic data."""
     data = prepare(cfg)
     if data is None:
         return None
+    out: dict[str, Any] = {"pipeline_batches": batches,
+                           "pipeline_reads": ",".join(sorted({s.reads for s in data.sources})),
+                           "pipeline_tokens_per_sec": _pipeline_speed(cfg, data, batches)}
+    if any(s.files for s in data.sources):  # local text: both ways
+        text_cfg = apply_overrides(cfg, ["data.token_cache=false"])
+        on_text = _pipeline_speed(text_cfg, prepare(text_cfg), batches)
+        cached = all(s.reads == "tokens" for s in data.sources)
+        out["pipeline_text_tokens_per_sec"] = on_text
+        out["pipeline_cache_tokens_per_sec"] = out["pipeline_tokens_per_sec"] if cached else None
+    return out
+
+
+def _pipeline_speed(cfg: Config, data: Any, batches: int) -> float:
     rows = cfg.train.global_batch_size
     source = make_source(cfg, data, "train", rows, cfg.train.seed)
     next(source)  # start-up (threads, first reads) is not throughput
@@ -179,5 +194,4 @@ def bench_pipeline(cfg: Config, batches: int = 50) -> dict[str, Any] | None:
         next(source)
     seconds = time.perf_counter() - start
     getattr(source, "close", lambda: None)()
-    return {"pipeline_tokens_per_sec": batches * rows * cfg.data.seq_len / seconds,
-            "pipeline_batches": batches}
+    return batches * rows * cfg.data.seq_len / seconds

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,13 +82,20 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     if data.tokenizer is not None:
         from llama_jax.data.pipeline import tokenize_once
 
-        for name, counts in tokenize_once(cfg, data):
+        start = time.perf_counter()
+        built = tokenize_once(cfg, data)
+        seconds = time.perf_counter() - start
+        for name, counts in built:
             print(f"source {name}: token ids written for {counts['built']} file(s), "
                   f"{counts['done_before']} already done")
+        tokenized = sum(counts["bytes"] for _, counts in built) / 1e6
+        if tokenized:
+            print(f"tokenized {tokenized:,.1f} MB of text in {seconds:.1f} s "
+                  f"({tokenized / seconds:,.1f} MB/s, data.num_workers={cfg.data.num_workers})")
         data = prepare(cfg)
     for src in data.sources:
         kind = "text" if src.text_key is not None else "token ids"
-        estimated = "~" if src.text_key is not None else ""
+        estimated = "~" if src.files else ""  # text: estimated from a sample
         print(f"source {src.name} ({kind}, {src.weight:.0%} of the tokens): "
               f"{len(src.splits['train']):,} train / {len(src.splits['validation']):,} "
               f"validation documents, {estimated}{src.stats['train']['tokens']:,.0f} train "
@@ -231,7 +239,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if key in result:
             rows.append((label, f"{result[key]:.2f} GiB"))
     if "pipeline_tokens_per_sec" in result:
-        rows.append(("input pipeline tokens / s", f"{result['pipeline_tokens_per_sec']:,.0f}"))
+        rows.append((f"input pipeline tokens / s (reads {result['pipeline_reads']})",
+                     f"{result['pipeline_tokens_per_sec']:,.0f}"))
+    if "pipeline_text_tokens_per_sec" in result:
+        rows.append(("  from text, tokenized on the fly",
+                     f"{result['pipeline_text_tokens_per_sec']:,.0f}"))
+        cache = result["pipeline_cache_tokens_per_sec"]
+        rows.append(("  from the token cache", "not written (run prepare-data)" if cache is None
+                     else f"{cache:,.0f}"))
     for label, value in rows:
         table.add_row(label, value)
     Console().print(table)

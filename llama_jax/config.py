@@ -177,6 +177,7 @@ class DataConfig:
     add_bos: bool = True
     add_eos: bool = True
     prefetch: int = 4  # batches prepared ahead by a background thread
+    read_threads: int = 2  # threads reading (and tokenizing) documents ahead of packing
     # A bad record (a JSON line that is not an object or lacks the text field, text that is
     # not UTF-8, a null in a table): false refuses the corpus naming it; true skips and counts.
     skip_bad_records: bool = False

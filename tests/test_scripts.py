@@ -46,3 +46,17 @@ def test_bench_vs_hf_measures_ours_and_transformers():
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 2, done.stdout
     assert all(row.get("tokens_per_sec", 0) > 0 for row in rows), rows
+
+
+def test_bench_data_measures_every_figure(tmp_path):
+    """The data benchmark end to end on a 2 MB corpus (the figures in docs/performance.md
+    come from the same script at 4 GB)."""
+    done = run_script("scripts/bench_data.py", "--gb", "0.002", "--out", str(tmp_path),
+                      "--steps", "2", "--batches", "5", "--seq-len", "128", "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["files"] == 1 and figures["documents"] > 50
+    for key in ("cache_tokens_per_sec", "text_tokens_per_sec", "sentencepiece_mb_per_s_one_core",
+                "tokenize_mb_per_s_per_worker", "prepare_peak_rss_gib", "train_peak_rss_gib"):
+        assert figures[key] > 0, key
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

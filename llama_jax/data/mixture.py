@@ -83,7 +83,9 @@ def load_source(name: str, weight: float, data: DataConfig) -> Source:
     from llama_jax.data.tfds_text import load_dataset
 
     dataset = load_dataset(data)
-    splits = {split: grain.MapDataset.source(dataset.sources[split]) for split in SPLITS}
+    splits = {split: dataset.sources[split] if isinstance(dataset.sources[split],
+                                                          grain.MapDataset)
+              else grain.MapDataset.source(dataset.sources[split]) for split in SPLITS}
     return Source(name, weight, splits, dataset.text_key, dataset.cache_dir,
                   skipped_records=dataset.skipped_records, settings=data, files=dataset.files)
 

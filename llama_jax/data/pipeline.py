@@ -97,8 +97,12 @@ class TextPipeline:
 
         ds = mixed_documents(data.sources, split, seed, shuffle, pi, pc, tokenize)
         length = cfg.data.seq_len + 1
+        # Grain's default (16 threads, 500 documents ahead) spends more time polling its
+        # buffer than reading: a small pool keeps up with packing and costs far less.
+        threads = max(1, cfg.data.read_threads)
+        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads)
         it = grain.experimental.ConcatThenSplitIterDataset(
-            ds.to_iter_dataset(), length_struct={"tokens": length, "source": length}
+            ds.to_iter_dataset(read), length_struct={"tokens": length, "source": length}
         )
         it = it.map(model_row).batch(rows_per_process, drop_remainder=True)
         if cfg.data.prefetch:
@@ -145,31 +149,16 @@ class TextPipeline:
         return row
 
     def get_state(self) -> dict[str, Any]:
-        """The iterator's position, the run's tokens per source (a collective on multi-host
-        runs, like every checkpoint save) and what each source reads (text or tokens)."""
-        return {"iterator": self._iter.get_state(), "tokens_by_source": self.tally.total(),
-                "reads": {src.name: src.reads for src in self.sources}}
+        """The iterator's position and the run's tokens per source (a collective on
+        multi-host runs, like every checkpoint save). Text and its token cache give the same
+        documents in the same order, so a run may resume reading either."""
+        return {"iterator": self._iter.get_state(), "tokens_by_source": self.tally.total()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if "iterator" not in state:  # saved before the tally existed: Grain's state alone
             state = {"iterator": state}
-        for src in self.sources:
-            began = state.get("reads", {}).get(src.name, "text" if src.files else src.reads)
-            if began != src.reads:
-                raise LlamaJaxError(_switched(src.name, began))
         self._iter.set_state(_tuples_restored(state["iterator"]))
         self.tally.restore(state.get("tokens_by_source", {}))
-
-
-def _switched(name: str, began: str) -> str:
-    """Token-cache documents come in file order, text documents in the TFDS build's order:
-    the same position means other batches, so a run keeps reading as it began."""
-    if began == "text":
-        return (f"data source {name}: this run began on text and the token cache now exists; "
-                f"its batches would differ from the uninterrupted run's: resume with "
-                f"data.token_cache=false (or start a new run to use the cache)")
-    return (f"data source {name}: this run began on the token cache, which is missing or "
-            f"incomplete now: run `llama-jax prepare-data` with this run's config again")
 
 
 def _tuples_restored(state: Any) -> Any:
@@ -308,8 +297,9 @@ def _read_token_cache(src: Source, tokenizer: Tokenizer) -> None:
         return
     cached = token_cache.cached_files(src.settings, tokenizer, src.files)
     if all(f.done for f in cached):
-        src.splits, src.text_key = token_cache.token_splits(cached), None
-        src.stats, src.reads = token_cache.token_stats(cached), "tokens"
+        # The statistics stay the text's estimates: the mixing rates come from them, and the
+        # same rates in both ways keep the batches the same.
+        src.splits, src.text_key, src.reads = token_cache.token_splits(cached), None, "tokens"
 
 
 def tokenize_once(cfg: Config, data: PreparedData) -> list[tuple[str, dict[str, int]]]:
@@ -326,6 +316,7 @@ def tokenize_once(cfg: Config, data: PreparedData) -> list[tuple[str, dict[str, 
     )
 
     from llama_jax.data import token_cache
+    from llama_jax.data.text_shards import text_files
 
     todo = [(src, token_cache.cached_files(src.settings, data.tokenizer, src.files))
             for src in data.sources if src.files]
@@ -338,6 +329,7 @@ def tokenize_once(cfg: Config, data: PreparedData) -> list[tuple[str, dict[str, 
                              for s in SPLITS)  # an estimate: the size of the text, not files
             task = bar.add_task("", total=text_bytes, name=src.name)
             counts = token_cache.build(src.settings, data.tokenizer, cached,
+                                       text_files(src.settings, src.files),
                                        lambda n, t=task: bar.advance(t, n))
             bar.update(task, completed=text_bytes)
             done.append((src.name, counts))
