@@ -145,7 +145,8 @@ def main() -> None:
     per_worker = text / tokenize_s / max(args.workers, 1) if tokenize_s else None
     train_gib, train_s, _ = peak_rss(
         [*cli, "train", *data, f"run_dir={args.out / 'run'}", f"train.steps={args.steps}",
-         "checkpoint.every=0", "train.eval_batches=1"], one_device)
+         "checkpoint.every=0", "train.eval_batches=1", "train.global_batch_size=2"],
+        one_device)  # two rows a step: the model's own buffers (host memory on CPU) stay small
     figures = {
         "corpus_gb": round(text / 1e9, 3), "documents": documents, "files": len(files),
         "prepare_s": round(prep_s, 1), "prepare_peak_rss_gib": round(prep_gib, 2),
