@@ -55,7 +55,11 @@ FLOAT16_DYNAMIC = ["model.compute_dtype=float16", "train.loss_scale_init=1e6",
                    "train.loss_scale_window=2"]
 
 
-@pytest.mark.parametrize("precision", [[], FLOAT16_DYNAMIC], ids=["float32", "float16"])
+# float16 (slow, make test-all): the loss scale's state through SIGKILL; float16 training and
+# scale changes also run in test_precision, and resume after SIGKILL here in float32 and in
+# test_mixture.
+@pytest.mark.parametrize("precision", [
+    [], pytest.param(FLOAT16_DYNAMIC, marks=pytest.mark.slow)], ids=["float32", "float16"])
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, cache_dir, precision):
     steps = ["train.steps=16", "checkpoint.every=4", *precision]
     full = run_cli(*text_run(tmp_path / "full", cache_dir, *steps))

@@ -212,7 +212,9 @@ def test_a_diverging_run_stops_or_rolls_back(tmp_path):
     assert "again after 2 rollbacks (train.max_rollbacks=2); stopped" in err[-1], err[-1]
     _checkpoint_is_finite(tmp_path / "rollback")
 
-    skip = run_cli(*diverge, f"run_dir={tmp_path / 'skip'}", "train.on_nonfinite=skip")
+    # Skipping goes on to the end: 12 steps and two saves are enough to see it.
+    skip = run_cli(*diverge, f"run_dir={tmp_path / 'skip'}", "train.on_nonfinite=skip",
+                   "train.steps=12", "checkpoint.every=6")
     assert skip.returncode == 0, skip.stderr
     assert rows(tmp_path / "skip")[-1]["skipped_steps"] > 0
     _checkpoint_is_finite(tmp_path / "skip")
