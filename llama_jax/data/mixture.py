@@ -71,7 +71,7 @@ def source_settings(data: DataConfig) -> list[tuple[str, float, DataConfig]]:
 
 
 def load_source(name: str, weight: float, data: DataConfig) -> Source:
-    """The source's splits (building a local text dataset once, as TFDS array_record)."""
+    """The source's splits (local text files become text shards once: text_shards.py)."""
     if kind_of(data.dataset).pretokenized:
         from llama_jax.data.megatron import prefix_splits
 

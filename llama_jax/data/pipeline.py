@@ -1,8 +1,8 @@
 """The Grain input pipeline, and `prepare_data`, which builds what it needs once.
 
-Per process: each source's global shuffle by index (reshuffled every epoch) -> tokenize -> mix
-the sources by token share (mixture.py) -> this process's slice
-(`[process_index::process_count]`) -> concatenate documents and split into rows of
+Per process: each source's global shuffle by index (reshuffled every epoch) -> this process's
+share of it (`[process_index::process_count]`) -> tokenize -> the sources mixed by token share
+(mixture.py) -> concatenate documents and split into rows of
 `seq_len + 1` tokens (long documents continue in the next row) -> model rows -> batch ->
 background prefetch. Every step is a Grain dataset, so the iterator's state can be saved and
 restored exactly.
@@ -158,7 +158,9 @@ class TextPipeline:
         if "iterator" not in state:  # saved before the tally existed: Grain's state alone
             state = {"iterator": state}
         self._iter.set_state(_tuples_restored(state["iterator"]))
-        self.tally.restore(state.get("tokens_by_source", {}))
+        saved = state.get("tokens_by_source", {})
+        self.tally.restore(saved)
+        self._epochs_begun = {name: int(p) for name, p in epochs(saved, self.sources)}
 
 
 def _tuples_restored(state: Any) -> Any:
