@@ -40,7 +40,7 @@ class Loaded:
     imported: bool = False  # a parameters-only checkpoint (an HF import), not a training run
 
 
-def _with_run_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
+def with_run_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
     """Prefer the tokenizer saved in the run directory over rebuilding one from the corpus."""
     saved = run_dir / "tokenizer.model"
     if saved.is_file() and source_kind(cfg).text:
@@ -90,7 +90,7 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
     where = resolve(path, step)
     mesh_defaults = _mesh_overrides(overrides)
     cfg = apply_overrides(config_of(path, step), [*mesh_defaults, *overrides])
-    cfg = _with_run_tokenizer(_fit_to_devices(cfg, bool(mesh_defaults)), where.directory.parent)
+    cfg = with_run_tokenizer(_fit_to_devices(cfg, bool(mesh_defaults)), where.directory.parent)
     setup = make_setup(cfg)
     ckpt = Checkpointer(cfg, where.directory, read_only=True)
     steps = ckpt.steps()

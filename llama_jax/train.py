@@ -22,7 +22,7 @@ from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore
 from llama_jax.config import Config, save_config
 from llama_jax.data.feed import global_batches, make_source, prepare
 from llama_jax.errors import LlamaJaxError
-from llama_jax.evaluate import Evaluator
+from llama_jax.evaluate import Evaluator, with_run_tokenizer
 from llama_jax.metrics import MetricsWriter, Profiler, StepLog
 from llama_jax.precision import NonFiniteStep, on_nonfinite
 from llama_jax.run_dir import check_resume, locked
@@ -141,7 +141,9 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     is due (the last step and a stop signal always save)."""
     is_main = jax.process_index() == 0
     applied = check_resume(run_dir, cfg)
-    data = prepare(cfg)
+    # A resumed run keeps the tokenizer it began with (its copy in the run directory), even
+    # if the data cache that held the trained one is gone or was rebuilt differently.
+    data = prepare(cfg if cfg.data.tokenizer else with_run_tokenizer(cfg, run_dir))
     setup = make_setup(cfg, mesh)
     rows = cfg.train.global_batch_size
     source = make_source(cfg, data, "train", rows, cfg.train.seed)

@@ -224,3 +224,28 @@ def test_bad_input_gives_one_line(tmp_path, setup, overrides, message):
     lines = result.stderr.strip().splitlines()
     assert message.format(root=root) in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_resumed_run_keeps_its_tokenizer_when_the_data_cache_is_gone(corpus, tmp_path,
+                                                                        capsys):
+    """The tokenizer trained for a run is its copy in the run directory: a resume after the
+    data cache was deleted (or rebuilt from other bytes) must not train another one, and
+    continues the uninterrupted run exactly."""
+    import shutil
+
+    from llama_jax.train import train
+
+    def run(name: str, steps: int):
+        cfg = data_cfg(corpus, tmp_path, f"run_dir={tmp_path / name}", f"train.steps={steps}",
+                       "train.log_every=1", "optimizer.schedule=constant")
+        return train(cfg, quiet=True)
+
+    whole = run("whole", 4)
+    run("cut", 2)
+    first = (tmp_path / "cut" / "tokenizer.model").read_bytes()
+    shutil.rmtree(tmp_path / "cache")
+    capsys.readouterr()
+    resumed = run("cut", 4)
+    assert "sentencepiece tokenizer" not in capsys.readouterr().err  # none trained
+    assert (tmp_path / "cut" / "tokenizer.model").read_bytes() == first
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[2:]]

@@ -199,25 +199,29 @@ def test_a_cpp_abort_on_stderr_becomes_one_line():
     report.unlink()
 
 
-def test_two_processes_count_each_sources_tokens_for_the_whole_run(tmp_path):
-    """The per-source tally is summed over processes when a row is logged, and restored on
-    process 0 only: after 4 steps and a resume to 6, it counts every token of 6 global
-    batches, once."""
-    from test_mixture import LETTERS, mixture, write_corpus
+def test_two_processes_resume_a_mixture_exactly_and_count_it_once(tmp_path):
+    """Each process's iterator position is saved (process 0 writes the data state for all)
+    and the per-source tally is summed over processes and restored once: 4 steps and a
+    resume to 6 on two processes write the rows of 6 steps in one go, and count every token
+    of 6 global batches."""
+    from test_mixture import LETTERS, mixture, untimed, write_corpus
+
+    from llama_jax.config import load_config
 
     long = write_corpus(tmp_path / "long.jsonl", 0, 200, (100, 300), LETTERS[:13])
     short = write_corpus(tmp_path / "short.jsonl", 1, 800, (5, 30), LETTERS[13:])
-    run = ["train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}", mixture(long, short),
+    run = ["train", "configs/tiny.yaml", mixture(long, short), "optimizer.schedule=constant",
            f"data.cache_dir={tmp_path / 'cache'}", "train.log_every=2", "checkpoint.every=2",
            "mesh.data=2", "mesh.fsdp=4"]
-    first = launch(*run, "train.steps=4")
-    assert first.returncode == 0, first.stderr
-    resumed = launch(*run, "train.steps=6")
-    assert resumed.returncode == 0, resumed.stderr
-    counted = [r["tokens_by_source"] for r in rows(tmp_path / "run") if "grad_norm" in r]
-    from llama_jax.config import load_config
-
+    for args in (["train.steps=4", f"run_dir={tmp_path / 'cut'}"],
+                 ["train.steps=6", f"run_dir={tmp_path / 'cut'}"],
+                 ["train.steps=6", f"run_dir={tmp_path / 'whole'}"]):
+        done = launch(*run, *args)
+        assert done.returncode == 0, done.stderr
+    cut = [r for r in rows(tmp_path / "cut") if "grad_norm" in r]
+    assert untimed(cut) == untimed([r for r in rows(tmp_path / "whole") if "grad_norm" in r])
     tiny = load_config("tiny")
     per_step = tiny.train.global_batch_size * tiny.data.seq_len
+    counted = [r["tokens_by_source"] for r in cut]
     assert [sum(c.values()) for c in counted] == [2 * per_step, 4 * per_step, 6 * per_step]
     assert all(c["long"] > c["short"] > 0 for c in counted)

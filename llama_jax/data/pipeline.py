@@ -149,18 +149,41 @@ class TextPipeline:
         return row
 
     def get_state(self) -> dict[str, Any]:
-        """The iterator's position and the run's tokens per source (a collective on
-        multi-host runs, like every checkpoint save). Text and its token cache give the same
-        documents in the same order, so a run may resume reading either."""
-        return {"iterator": self._iter.get_state(), "tokens_by_source": self.tally.total()}
+        """The iterator's position and the run's tokens per source (collectives on multi-host
+        runs, like every checkpoint save). Text and its token cache give the same documents
+        in the same order, so a run may resume reading either.
+
+        A checkpoint's data state is written by process 0 alone, and each process's position
+        is its own (its documents, so its packing, differ): on multi-host runs every
+        process's position is gathered into `iterators`, and each takes back its own."""
+        mine = self._iter.get_state()
+        state = {"iterator": mine, "tokens_by_source": self.tally.total()}
+        if jax.process_count() > 1:
+            state["iterators"] = _gathered(mine)
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         if "iterator" not in state:  # saved before the tally existed: Grain's state alone
             state = {"iterator": state}
-        self._iter.set_state(_tuples_restored(state["iterator"]))
+        each = state.get("iterators") or []
+        mine = each[jax.process_index()] if len(each) == jax.process_count() else \
+            state["iterator"]
+        self._iter.set_state(_tuples_restored(mine))
         saved = state.get("tokens_by_source", {})
         self.tally.restore(saved)
         self._epochs_begun = {name: int(p) for name, p in epochs(saved, self.sources)}
+
+
+def _gathered(value: Any) -> list[Any]:
+    """Every process's JSON-able `value`, in process order (a collective)."""
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.int64(raw.size))))
+    padded = np.zeros(longest, np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
 
 
 def _tuples_restored(state: Any) -> Any:
