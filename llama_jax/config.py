@@ -418,12 +418,12 @@ _POSITIVE = (
     "model.num_heads", "model.max_position_embeddings", "model.rope_theta", "model.norm_eps",
     "data.seq_len", "train.steps", "train.global_batch_size", "train.microbatches",
     "train.log_every", "train.eval_batches", "train.loss_scale_init", "train.loss_scale_window",
-    "train.loss_scale_hysteresis", "train.loss_scale_min",
+    "train.loss_scale_hysteresis", "train.loss_scale_min", "data.read_threads",
 )
 _NON_NEGATIVE = (
     "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
     "train.eval_every", "train.z_loss", "train.profile_steps", "checkpoint.every",
-    "data.tokenizer_vocab_size", "data.prefetch",
+    "data.tokenizer_vocab_size", "data.prefetch", "data.num_workers",
     "checkpoint.keep_every", "model.init_std", "train.max_rollbacks",
 )
 

@@ -22,9 +22,9 @@ import grain
 import numpy as np
 
 from llama_jax.config import DataConfig
+from llama_jax.data.file_shards import SPLITS
 from llama_jax.data.sources import MEGATRON, kind_of
 
-SPLITS = ("train", "validation")
 SEED_STRIDE = 7919  # source i shuffles with seed + 7919 i: independent orders per source
 
 

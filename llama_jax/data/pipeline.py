@@ -99,7 +99,7 @@ class TextPipeline:
         length = cfg.data.seq_len + 1
         # Grain's default (16 threads, 500 documents ahead) spends more time polling its
         # buffer than reading: a small pool keeps up with packing and costs far less.
-        threads = max(1, cfg.data.read_threads)
+        threads = cfg.data.read_threads
         read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads)
         it = grain.experimental.ConcatThenSplitIterDataset(
             ds.to_iter_dataset(read), length_struct={"tokens": length, "source": length}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grain
@@ -26,17 +25,9 @@ def in_validation(text: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-@dataclass(frozen=True)
-class TextFormat:
-    version: str = "text1"
-
-    def settings(self, data: DataConfig) -> str:
-        """What shapes a file's records besides its bytes."""
-        return (f"{self.version}|{data.text_field}|{data.validation_fraction}|"
-                f"{data.skip_bad_records}")
-
-
-TEXT_FORMAT = TextFormat()
+def text_settings(data: DataConfig) -> str:
+    """What shapes a file's records besides its bytes (with the layout's version)."""
+    return f"text1|{data.text_field}|{data.validation_fraction}|{data.skip_bad_records}"
 
 
 def documents_of(path: Path, data: DataConfig, bad: BadRecords | None = None
@@ -63,7 +54,7 @@ def stored_documents(item: FileShards) -> Iterator[tuple[str, str]]:
 
 def text_files(data: DataConfig, files: list[Path]) -> list[FileShards]:
     return file_shards.shards_for(Path(data.cache_dir) / "text", files,
-                                  TEXT_FORMAT.settings(data))
+                                  text_settings(data))
 
 
 def build_text(name: str, data: DataConfig, files: list[Path]) -> list[FileShards]:
@@ -73,10 +64,7 @@ def build_text(name: str, data: DataConfig, files: list[Path]) -> list[FileShard
     todo = [item for item in items if not item.done]
     for item in todo:
         bad = BadRecords(skip=data.skip_bad_records)
-        records = ((split, raw, 0, len(raw)) for split, raw in
-                   ((split, text.encode("utf-8")) for split, text in
-                    documents_of(item.path, data, bad)))
-        index = file_shards.write(item, records, lambda b=bad: {
+        index = file_shards.write(item, _text_records(item.path, data, bad), lambda b=bad: {
             "skipped": sum(b.skipped.values())})
         if index["skipped"]:
             print(f"warning: {item.path}: {index['skipped']} bad record(s) skipped "
@@ -95,6 +83,13 @@ def build_text(name: str, data: DataConfig, files: list[Path]) -> list[FileShard
                 f"{split} split (data.validation_fraction={data.validation_fraction}); "
                 f"change it or add documents")
     return items
+
+
+def _text_records(path: Path, data: DataConfig, bad: BadRecords
+                  ) -> Iterator[file_shards.Record]:
+    for split, text in documents_of(path, data, bad):
+        raw = text.encode("utf-8")
+        yield split, raw, 0, len(raw)
 
 
 class DecodeText(grain.transforms.Map):

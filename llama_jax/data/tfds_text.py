@@ -16,9 +16,9 @@ from llama_jax.config import DataConfig
 from llama_jax.data.corpus import expand_files, write_python_docs
 from llama_jax.data.sources import PYTHON_DOCS, TEXT_FILES
 from llama_jax.data.text_shards import (
-    TEXT_FORMAT,
     build_text,
     skipped_records,
+    text_settings,
     text_splits,
 )
 from llama_jax.errors import LlamaJaxError
@@ -46,7 +46,7 @@ def local_text_dataset(name: str, files: list[Path], data: DataConfig) -> Datase
     """Local files as per-file text shards (built where missing); the dataset's identity (for
     its tokenizer and statistics) digests every file and the settings."""
     items = build_text(name, data, files)
-    identity = hashlib.sha1("|".join([TEXT_FORMAT.settings(data),
+    identity = hashlib.sha1("|".join([text_settings(data),
                                       *(i.folder.name for i in items)]).encode())
     cache = Path(data.cache_dir) / f"{name}_{identity.hexdigest()[:12]}"
     return Dataset(cache.name, text_splits(items), cache, skipped_records=skipped_records(items),

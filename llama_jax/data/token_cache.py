@@ -20,7 +20,7 @@ import numpy as np
 from llama_jax.config import DataConfig
 from llama_jax.data import file_shards
 from llama_jax.data.file_shards import SPLITS, FileShards
-from llama_jax.data.text_shards import TEXT_FORMAT, stored_documents
+from llama_jax.data.text_shards import stored_documents, text_settings
 from llama_jax.data.tokenizer import Tokenizer
 
 BATCH_DOCUMENTS = 256  # documents per tokenizing task
@@ -32,7 +32,7 @@ def tokenizer_key(tokenizer: Tokenizer) -> str:
 
 def cached_files(data: DataConfig, tokenizer: Tokenizer, files: list[Path]) -> list[FileShards]:
     root = Path(data.cache_dir) / "tokens" / tokenizer_key(tokenizer)
-    return file_shards.shards_for(root, files, TEXT_FORMAT.settings(data))
+    return file_shards.shards_for(root, files, text_settings(data))
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -48,14 +48,10 @@ Encoded = tuple[list[bytes], list[str], list[int]]  # token records, splits, UTF
 
 
 def _encode(batch: Batch, tokenizer: Tokenizer | None = None) -> Encoded:
-    """sentencepiece's batch encode, with BOS/EOS as `Tokenizer.encode` adds them."""
     tok = tokenizer or _worker_tokenizer
     assert tok is not None
     texts, splits = batch
-    bos = [tok.bos_id] if tok.add_bos and tok.bos_id >= 0 else []
-    eos = [tok.eos_id] if tok.add_eos and tok.eos_id >= 0 else []
-    records = [np.asarray([*bos, *ids, *eos], np.int32).tobytes()
-               for ids in tok.sp.EncodeAsIds(texts)]
+    records = [np.asarray(ids, np.int32).tobytes() for ids in tok.encode_batch(texts)]
     return records, splits, [len(t.encode("utf-8")) for t in texts]
 
 

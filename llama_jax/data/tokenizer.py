@@ -54,7 +54,14 @@ class Tokenizer:
         return self.sp.eos_id()
 
     def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
-        ids = self.sp.EncodeAsIds(text)
+        return self._framed(self.sp.EncodeAsIds(text), bos, eos)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text, through sentencepiece's batch call."""
+        return [self._framed(ids) for ids in self.sp.EncodeAsIds(texts)]
+
+    def _framed(self, ids: list[int], bos: bool | None = None, eos: bool | None = None
+                ) -> list[int]:
         if (self.add_bos if bos is None else bos) and self.bos_id >= 0:
             ids = [self.bos_id, *ids]
         if (self.add_eos if eos is None else eos) and self.eos_id >= 0:
