@@ -16,6 +16,8 @@ from typing import Any
 
 from llama_jax.errors import LlamaJaxError
 
+STARTED = time.time()  # this session's start, for goodput (before the heavy imports)
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML file, or a preset by name (tiny, llama3-8b, ...)")
@@ -114,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llama_jax.train import train
 
     cfg = _load(args)
-    result = train(cfg)
+    result = train(cfg, started=STARTED)
     if jax.process_index() == 0 and result.evals:
         first, last = result.evals[0], result.evals[-1]
         print(f"\nrun directory: {cfg.run_dir}")
@@ -130,6 +132,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         has_tokenizer = (kind.text and not kind.pretokenized) or cfg.data.tokenizer
         prompt = "--prompt 'The'" if has_tokenizer else "--prompt-ids 1,2,3"
         print(f"sample:    llama-jax generate {cfg.run_dir} {prompt}")
+    return 0
+
+
+def cmd_goodput(args: argparse.Namespace) -> int:
+    from llama_jax import goodput
+    from llama_jax.storage import as_path
+
+    run_dir = as_path(args.run_dir)
+    summary = goodput.report(run_dir)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    from rich.console import Console
+
+    Console().print(goodput.table(summary, f"goodput of {run_dir}"))
     return 0
 
 
@@ -314,6 +331,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "convert": (cmd_convert, "HuggingFace LLaMA / GPT-NeoX <-> llama_jax checkpoints; "
                              "GPT-NeoX YAML configs -> ours"),
     "sweep": (cmd_sweep, "compile and measure every mesh layout of the devices (or a TPU slice)"),
+    "goodput": (cmd_goodput, "where a run's wall time went, over all its restarts"),
 }
 
 
@@ -356,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--step", type=int, default=None)
             p.add_argument("--vocab-size", type=int, default=None,
                            help="neox-config: the tokenizer's size, before NeoX's padding")
+            continue
+        if name == "goodput":
+            p.add_argument("run_dir", help="a run directory")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
             continue
         if name in ("eval", "generate"):
             p.add_argument("path", help="a run directory or one checkpoint step directory")

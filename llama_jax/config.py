@@ -228,6 +228,12 @@ class TrainConfig:
     max_rollbacks: int = 3
     profile_start: int = 3
     profile_steps: int = 0  # 0: no profiler trace
+    # The hang watchdog (watchdog.py): null is 20 x the median step time, at least 600 s;
+    # 0 is off. The first step and evaluation of a session (compiling) get at least 1800 s.
+    step_timeout_s: float | None = None
+    # JAX's persistent compilation cache (compile_cache.py): null is
+    # $XDG_CACHE_HOME/llama_jax/xla (~/.cache/llama_jax/xla); "" is off.
+    compilation_cache_dir: str | None = None
 
 
 @dataclass
@@ -515,6 +521,9 @@ def validate(cfg: Config) -> None:
     elif cfg.data.dataset == TEXT_FILES and not cfg.data.files:
         raise ConfigError("data.dataset=text_files needs data.files (a glob of .txt/.jsonl)")
     _validate_loss_scale(cfg.train)
+    if cfg.train.step_timeout_s is not None and cfg.train.step_timeout_s < 0:
+        raise ConfigError(f"train.step_timeout_s={cfg.train.step_timeout_s} must not be negative "
+                          f"(0: no watchdog; null: 20 x the median step time, at least 600 s)")
     if cfg.train.global_batch_size % cfg.train.microbatches:
         raise ConfigError(
             f"train.microbatches={cfg.train.microbatches} does not divide "

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from tensorboardX import SummaryWriter
 
-from llama_jax import flops
+from llama_jax import flops, goodput
 from llama_jax.config import Config
 from llama_jax.errors import LlamaJaxError
 from llama_jax.precision import NonFiniteStep, first_unabsorbed, on_nonfinite
@@ -51,8 +51,10 @@ class MetricsWriter:
         self._open(step)
 
     def _keep_through(self, resume_step: int) -> None:
-        """Drop rows after `resume_step`, and a torn last line (a crash mid-write)."""
-        kept = []
+        """Drop rows after `resume_step`, and a torn last line (a crash mid-write). Goodput rows
+        are the sessions' time accounts, kept whatever their step: the last of each."""
+        kept: list[str | int] = []  # lines, and session numbers standing for their accounts
+        accounts: dict[int, str] = {}
         lines = self.path.read_text().splitlines()
         for i, line in enumerate(lines):
             if not line.strip():
@@ -66,8 +68,14 @@ class MetricsWriter:
                     continue
                 raise LlamaJaxError(f"{self.path}: line {i + 1} is not JSON; fix or move the "
                                     f"file to resume") from None
-            if row.get("step", 0) <= resume_step:
+            if goodput.is_goodput(row):
+                accounts[row["session"]] = line
+                kept.append(row["session"])
+            elif row.get("step", 0) <= resume_step:
                 kept.append(line)
+        # each session's account where its first row was, holding its last figures
+        kept = [accounts.pop(x) if isinstance(x, int) else x for x in kept
+                if not isinstance(x, int) or x in accounts]
         new_text = "".join(f"{line}\n" for line in kept)
         if new_text != self.path.read_text():
             replace_text(self.path, new_text)
@@ -85,6 +93,11 @@ class MetricsWriter:
                         self.tb.add_scalar(f"{prefix}/{key}/{name}", v, row["step"])
         if not self.rows.remote:  # on GCS each flush uploads the whole event file again
             self.tb.flush()
+
+    def account(self, row: dict[str, Any]) -> None:
+        """A goodput row (`goodput.Clock.row`): metrics.jsonl only, not TensorBoard."""
+        if self.enabled:
+            self.rows.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -138,6 +151,7 @@ class StepLog:
         row = log_row(step, host, now - self.t_last, step - self.step_last,
                       self.tokens_per_step, self.fpt, self.peak)
         row["data_wait_s"] = self.waited / len(host)
+        row["host_rss_gib"] = resident_gib()
         if self.data_report is not None:
             row.update(self.data_report())
         self.t_last, self.step_last, self.waited = now, step, 0.0
@@ -160,6 +174,14 @@ class StepLog:
         bad = first_unabsorbed(step - len(host) + 1, host)
         if bad is not None and not self.tolerate:
             raise NonFiniteStep(*bad)
+
+
+def resident_gib() -> float:
+    """This process's resident memory now: a row's figure, so growth with steps or saves
+    shows in metrics.jsonl."""
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**30, 4)
 
 
 def log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_step: int,

@@ -234,14 +234,16 @@ def _slice(a: Array | None, start: Array, size: int, axis: int) -> Array | None:
 
 
 def _flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
-                  q_seg: Array | None, k_seg: Array | None, block: int
-                  ) -> tuple[Array, Array]:
+                  q_seg: Array | None, k_seg: Array | None, block: int,
+                  start: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
     """Head-major attention (Q [B, K, G, T, H] already scaled, K/V [B, K, S, H]) of each
     query block over the key blocks, with an online softmax: the float32 output and the
     log-sum-exp [B, K, G, T, 1]. A (query, key) block pair with no visible pair is skipped
     (`lax.cond`), which is where causality halves the work. Loops, not unrolled blocks: the
     program's size does not grow with T. A query that sees no key gets output 0 and a very
-    negative log-sum-exp (so partial results over key subsets merge)."""
+    negative log-sum-exp (so partial results over key subsets merge). `start`: the (output,
+    log-sum-exp) over keys already seen (a ring step), which the online softmax goes on from
+    in place of a separate merge: one float32 output buffer instead of three."""
     b, kh, g, t, h = q.shape
     s_len = k.shape[2]
     bq, bk = _divisor_at_most(t, block), _divisor_at_most(s_len, block)
@@ -267,8 +269,12 @@ def _flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
 
             return jax.lax.cond(_may_see(qp, kp, qs, ks), attend, lambda c: c, carry)
 
-        init = (jnp.full((b, kh, g, bq, 1), NEG, F32), jnp.zeros((b, kh, g, bq, 1), F32),
-                jnp.zeros((b, kh, g, bq, h), F32))
+        if start is None:
+            init = (jnp.full((b, kh, g, bq, 1), NEG, F32), jnp.zeros((b, kh, g, bq, 1), F32),
+                    jnp.zeros((b, kh, g, bq, h), F32))
+        else:  # out = acc / l and lse = m + log l, taken with l = 1
+            init = (_slice(start[1], i * bq, bq, 3), jnp.ones((b, kh, g, bq, 1), F32),
+                    _slice(start[0], i * bq, bq, 3))
         m, l_, acc = jax.lax.fori_loop(0, s_len // bk, key_block, init)
         safe = jnp.maximum(l_, jnp.finfo(F32).tiny)
         return acc / safe, m + jnp.log(safe)
@@ -280,11 +286,13 @@ def _flash_forward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
 
 def _flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
                    q_seg: Array | None, k_seg: Array | None, out: Array, lse: Array,
-                   d_out: Array, block: int) -> tuple[Array, Array, Array]:
+                   d_out: Array, block: int, start: tuple[Array, Array, Array] | None = None
+                   ) -> tuple[Array, Array, Array]:
     """Gradients of `flash_forward` for Q, K, V (float32), recomputing each block pair's
     probabilities from the log-sum-exp (FlashAttention-2's backward: key blocks outside,
     query blocks inside, dQ accumulated in place). `out` and `lse` may be the final ones over
-    more keys than these (a ring step): the partial gradients then simply add."""
+    more keys than these (a ring step): the partial gradients then simply add, onto `start`
+    (float32 dQ, dK, dV so far) when given."""
     b, kh, g, t, h = q.shape
     s_len = k.shape[2]
     bq, bk = _divisor_at_most(t, block), _divisor_at_most(s_len, block)
@@ -316,13 +324,15 @@ def _flash_backward(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
             return jax.lax.cond(_may_see(qp, kp, qs, ks), grads, lambda c: c, c)
 
         dq, dk, dv = carry
-        zeros = jnp.zeros((b, kh, bk, h), F32)
-        dq, dk_j, dv_j = jax.lax.fori_loop(0, t // bq, query_block, (dq, zeros, zeros))
+        dq, dk_j, dv_j = jax.lax.fori_loop(0, t // bq, query_block,
+                                           (dq, _slice(dk, j * bk, bk, 2),
+                                            _slice(dv, j * bk, bk, 2)))
         return (dq, jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * bk, axis=2),
                 jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * bk, axis=2))
 
-    init = (jnp.zeros(q.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
-    return jax.lax.fori_loop(0, s_len // bk, key_block, init)
+    if start is None:
+        start = (jnp.zeros(q.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
+    return jax.lax.fori_loop(0, s_len // bk, key_block, start)
 
 
 # Both passes run as opaque units (`jax.checkpoint` saving nothing): inside a scanned layer

@@ -17,12 +17,14 @@ import jax
 from etils import epath
 from jax.sharding import Mesh
 
-from llama_jax import flops
+from llama_jax import flops, goodput
 from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore_latest_good
+from llama_jax.compile_cache import CompileLog, describe, persistent_cache
 from llama_jax.config import Config, save_config
 from llama_jax.data.feed import global_batches, make_source, prepare
 from llama_jax.errors import LlamaJaxError
 from llama_jax.evaluate import Evaluator, with_run_tokenizer
+from llama_jax.goodput import Clock
 from llama_jax.metrics import MetricsWriter, Profiler, StepLog
 from llama_jax.precision import NonFiniteStep, on_nonfinite
 from llama_jax.run_dir import check_resume, locked
@@ -35,6 +37,7 @@ from llama_jax.step import (
     make_train_step,
 )
 from llama_jax.storage import as_path, ensure_dir
+from llama_jax.watchdog import Watchdog
 
 
 @dataclass
@@ -119,26 +122,35 @@ def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any,
     return fresh, 0
 
 
-def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False) -> TrainResult:
+def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False,
+          started: float | None = None) -> TrainResult:
     """Run (or resume) `cfg.train.steps` steps: log every `log_every`, evaluate every
     `eval_every`, checkpoint every `checkpoint.every`, at the end and on SIGTERM/SIGINT.
 
     Nothing in the run directory is written until the run has really started (the config
     fits the saved state, the mesh fits the devices, the state is restored or initialised),
     and only while this process holds the directory's lock (process 0 of a multi-host run).
+    `started` (a `time.time()`, default now) is when this session began, for goodput.
     """
+    started = started or time.time()
     run_dir = as_path(cfg.run_dir)
     is_main = jax.process_index() == 0
     if is_main:
         ensure_dir(run_dir)
-    with locked(run_dir, enabled=is_main):
-        return _train_locked(cfg, run_dir, mesh, quiet)
+    session = goodput.next_session(run_dir / "metrics.jsonl") if is_main else 0
+    with locked(run_dir, enabled=is_main), \
+            persistent_cache(cfg.train.compilation_cache_dir, is_main) as cache_dir, \
+            Watchdog(run_dir, jax.process_index(), cfg.train.step_timeout_s) as dog:
+        return _train_locked(cfg, run_dir, mesh, quiet, Clock(session, 0, started), dog,
+                             cache_dir)
 
 
-def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bool) -> TrainResult:
+def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bool,
+                  clock: Clock, dog: Watchdog, cache_dir: str) -> TrainResult:
     """The loop only sequences; each collaborator decides for itself when it acts: the step
     log when to fetch and write a row, the evaluator when to run, the checkpointer when a save
-    is due (the last step and a stop signal always save)."""
+    is due (the last step and a stop signal always save). `dog.doing` and `clock.enter` mark
+    each change of activity, for the hang watchdog and for goodput."""
     is_main = jax.process_index() == 0
     applied = check_resume(run_dir, cfg)
     # A resumed run keeps the tokenizer it began with (its copy in the run directory), even
@@ -148,7 +160,11 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     rows = cfg.train.global_batch_size
     source = make_source(cfg, data, "train", rows, cfg.train.seed)
     ckpt = Checkpointer(cfg, run_dir / "checkpoints")
+    clock.enter("restore")
+    dog.doing(0, "restoring or initialising the state")
     state, first_step = _initial_state(cfg, setup, ckpt, source)
+    clock.first_step = clock.step = first_step
+    clock.enter("startup")
     if is_main:
         if applied:
             print(f"resuming with changed settings: {'; '.join(applied)}", file=sys.stderr)
@@ -173,8 +189,24 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     def save(step: int) -> None:
         nonlocal saved_step
         log.check_finite(step)
+        clock.enter("checkpoint")
+        dog.doing(step, "checkpoint save")
         ckpt.save(step, state, source.get_state() if hasattr(source, "get_state") else None)
         saved_step = step
+        clock.enter("step")
+
+    evaluated_once = False
+
+    def evaluate(step: int) -> None:
+        nonlocal evaluated_once
+        clock.enter("evaluation")
+        dog.doing(step, "evaluation", compiling=not evaluated_once)
+        evaluator.run(step, state["params"])
+        evaluated_once = True
+        clock.enter("step")
+
+    def account(step: int, status: str) -> None:
+        writer.account(clock.row(step, status))
 
     def recover(bad: NonFiniteStep) -> tuple[PyTree, int]:
         """Stop in one line, or under `train.on_nonfinite=rollback` (at most
@@ -194,7 +226,11 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                                           f"stopped, {before}") from None
         rollbacks += 1
         position = source.get_state() if hasattr(source, "get_state") else None
+        clock.enter("restore")
+        dog.doing(bad.step, "rolling back")
         restored, back_to = _initial_state(cfg, setup, ckpt, source, announce=False)
+        clock.enter("step")
+        clock.recomputed += max(0, step - back_to)
         if position is not None:
             source.set_state(position)
         log.restart(back_to)
@@ -207,20 +243,37 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         return restored, back_to
 
     profiler = Profiler(cfg, run_dir)
+    compiles = CompileLog.get()
+    step = first_step
     try:
         with progress, _StopSignals() as stop:
             if first_step == 0:
-                evaluator.run(0, state["params"])
-            step = first_step
+                evaluate(0)
             while step < total:
                 step += 1
                 profiler.at(step)
+                clock.enter("data_wait")
+                dog.doing(step, "waiting for the batch")
                 asked = time.perf_counter()
                 batch = next(batches)
                 waited = time.perf_counter() - asked
+                clock.enter("step")
+                first = step == first_step + 1
+                dog.doing(step, "train step", compiling=first)
+                before = (compiles.hits, compiles.misses, time.time())
                 state, metrics = train_step(state, batch)
+                if first:
+                    compiled = (compiles.hits - before[0], compiles.misses - before[1],
+                                compiles.seconds_between(before[2], time.time()))
                 try:
                     row = log.add(step, state, metrics, waited)
+                    if first:
+                        clock.first_step_done()
+                        if is_main and not quiet:
+                            progress.console.print(
+                                f"step {step}: train step {describe(*compiled, cache_dir)}; "
+                                f"first step {clock.first_step_s:.1f} s after start",
+                                highlight=False)
                     if ckpt.due(step) or step == total or stop.raised:
                         save(step)
                 except NonFiniteStep as bad:
@@ -228,29 +281,48 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                     progress.update(task, completed=step)
                     continue
                 if row is not None:
+                    dog.observed(row["step_time_s"])
+                    account(step, "running")
                     progress.update(task, completed=step, stats=_stats(row))
                 if stop.raised:
+                    clock.enter("checkpoint")
                     ckpt.wait()
+                    account(step, "stopped")
                     raise stop.stopped(step, ckpt.directory / str(step))
                 if evaluator.due(step) and step != total:
-                    evaluator.run(step, state["params"])
+                    evaluate(step)
             profiler.close()
             if saved_step != total:  # a run resumed at its last step, saved before it ended
                 save(total)
-            evaluator.run(total, state["params"])
-    except BaseException:
+            evaluate(total)
+    except BaseException as e:
         # The error already on its way out is the one to report; a save that also fails
         # while closing adds nothing.
         with contextlib.suppress(Exception):
             ckpt.close()
+        if not isinstance(e, Preempted):
+            with contextlib.suppress(Exception):
+                account(log.rows[-1]["step"] if log.rows else first_step, "failed")
         raise
     else:
+        clock.enter("checkpoint")
+        dog.doing(total, "waiting for the last checkpoint")
         ckpt.close()
+        account(total, "finished")
     finally:
         with contextlib.suppress(Exception):
             writer.close()
         getattr(source, "close", lambda: None)()
+    if is_main and not quiet:
+        _print_goodput(run_dir)
     return TrainResult(state, log.rows, evaluator.results)
+
+
+def _print_goodput(run_dir: epath.Path) -> None:
+    from rich.console import Console
+
+    Console().print(goodput.table(goodput.report(run_dir),
+                                             f"goodput of {run_dir}"))
 
 
 def _stats(row: dict[str, Any]) -> str:

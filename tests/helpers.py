@@ -17,6 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
+def metrics_rows(run_dir) -> list[dict]:
+    """metrics.jsonl's rows of steps and evaluations (not the sessions' goodput accounts)."""
+    import json
+
+    from etils import epath
+
+    lines = epath.Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row.get("kind") != "goodput"]
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import run_cli
+from helpers import metrics_rows, run_cli
 
 from llama_jax.config import load_config
 from llama_jax.errors import ConfigError
@@ -51,7 +51,7 @@ def mixture(long: str, short: str, long_weight: float = 0.8) -> str:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics_rows(run_dir)
 
 
 def train_rows(run_dir: Path) -> list[dict]:
@@ -145,7 +145,7 @@ def test_a_mixture_resumes_exactly_after_sigkill_and_evaluates_by_source(tmp_pat
     assert evals and set(evals[-1]["loss_by_source"]) == {"long", "short"}
 
 
-TIMING = ("tokens_per_sec", "step_time_s", "mfu", "data_wait_s")
+TIMING = ("tokens_per_sec", "step_time_s", "mfu", "data_wait_s", "host_rss_gib")
 
 
 def untimed(table: list[dict]) -> list[dict]:

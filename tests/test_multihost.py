@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from helpers import run_cli
+from helpers import metrics_rows, run_cli
 
 TRAIN = ["train", "configs/tiny.yaml", "train.steps=10", "train.log_every=1", "mesh.data=2",
          "mesh.fsdp=4", "checkpoint.every=5"]
 
 
 def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics_rows(run_dir)
 
 
 def launch(*args):
