@@ -39,8 +39,8 @@ def default_dir() -> str:
 
 
 @contextlib.contextmanager
-def persistent_cache(setting: str | None, announce: bool) -> Iterator[str]:
-    """JAX's compilation cache in `setting` while the block runs (None: JAX's own setting if
+def persistent_cache(setting: str, announce: bool) -> Iterator[str]:
+    """JAX's compilation cache in `setting` while the block runs ("auto": JAX's own setting if
     the user made one, JAX_COMPILATION_CACHE_DIR, else `default_dir()`; "": off); yields the
     folder in use ("" when off). A folder that cannot be made turns the cache off with a
     note: a cache is never a reason for a run to fail.
@@ -50,10 +50,10 @@ def persistent_cache(setting: str | None, announce: bool) -> Iterator[str]:
     reads, warns about and compiles again. So a folder of ours gets a bound (`MAX_BYTES`),
     which makes JAX take a file lock around every read and write. A folder the user gave JAX
     is used with the user's JAX settings, as they are."""
-    if setting is None and jax.config.jax_compilation_cache_dir:
+    if setting == "auto" and jax.config.jax_compilation_cache_dir:
         yield jax.config.jax_compilation_cache_dir
         return
-    path = default_dir() if setting is None else setting
+    path = default_dir() if setting == "auto" else setting
     if path:
         try:
             epath.Path(path).mkdir(parents=True, exist_ok=True)

@@ -231,9 +231,9 @@ class TrainConfig:
     # The hang watchdog (watchdog.py): null is 20 x the median step time, at least 600 s;
     # 0 is off. The first step and evaluation of a session (compiling) get at least 1800 s.
     step_timeout_s: float | None = None
-    # JAX's persistent compilation cache (compile_cache.py): null is
-    # $XDG_CACHE_HOME/llama_jax/xla (~/.cache/llama_jax/xla); "" is off.
-    compilation_cache_dir: str | None = None
+    # JAX's persistent compilation cache (compile_cache.py): auto is JAX's own setting if made
+    # (JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/llama_jax/xla (~/.cache/...); "" is off.
+    compilation_cache_dir: str = "auto"
 
 
 @dataclass
@@ -368,6 +368,9 @@ def _apply(merged: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictCo
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form a.b=value")
+        key, _, value = item.partition("=")
+        if not value and isinstance(OmegaConf.select(merged, key), str):
+            item = f"{key}=''"  # `a.b=` (the shell ate the quotes of `a.b=""`): empty text
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:

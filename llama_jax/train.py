@@ -273,7 +273,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                             progress.console.print(
                                 f"step {step}: train step {describe(*compiled, cache_dir)}; "
                                 f"first step {clock.first_step_s:.1f} s after start",
-                                highlight=False)
+                                highlight=False, soft_wrap=True)
                     if ckpt.due(step) or step == total or stop.raised:
                         save(step)
                 except NonFiniteStep as bad:

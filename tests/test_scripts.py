@@ -60,3 +60,11 @@ def test_bench_data_measures_every_figure(tmp_path):
                 "tokenize_mb_per_s_per_worker", "prepare_peak_rss_gib", "train_peak_rss_gib"):
         assert figures[key] > 0, key
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_bench_restart_times_cold_and_warm_starts(tmp_path):
+    done = run_script("scripts/bench_restart.py", "--config", "configs/tiny.yaml",
+                      "--compile-config", "configs/tiny.yaml", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "warm train said: step 1: train step loaded from the compilation cache" in done.stdout
+    assert done.stdout.count("x sooner") == 2
