@@ -10,7 +10,6 @@ the save is detected on restore instead of being half-loaded.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import sys
@@ -25,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
+from llama_jax import host_memory
 from llama_jax.config import Config, config_from_yaml_text, to_yaml
 from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import PathLike, absolute, as_path, is_remote
@@ -83,18 +83,6 @@ def _check_fits(where: epath.Path, target: PyTree) -> None:
         more = f" (and {len(differ) - 2} more)" if len(differ) > 2 else ""
         raise StateMismatch(f"checkpoint {where} does not fit this config: "
                             f"{'; '.join(differ[:2])}{more}")
-
-
-def return_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere
-    nothing). Each save's writer threads (Orbax, TensorStore) allocate in their own malloc
-    arenas and free it all when done, but glibc keeps the freed pages: resident memory grew by
-    about 0.3 MB per save (tiny model, 60 saves: +9%) and fell back to its first level when
-    trimmed. Called before each save, so the previous one's pages go back."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @jax.jit
@@ -181,7 +169,7 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, PyTree], data_state: dict[str, Any] | None
              ) -> None:
         """`state` is the full train state, or {"params": ...} alone (an imported model)."""
-        return_freed_memory()
+        host_memory.return_freed()
         meta = {"step": step, "config": to_yaml(self.cfg), "contents": sorted(state),
                 "fingerprint": _fingerprint_host(state)}
         with self._writing(f"a checkpoint save (step {step} or the one before)"):

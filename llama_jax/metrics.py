@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from tensorboardX import SummaryWriter
 
-from llama_jax import flops, goodput
+from llama_jax import flops, goodput, host_memory
 from llama_jax.config import Config
 from llama_jax.errors import LlamaJaxError
 from llama_jax.precision import NonFiniteStep, first_unabsorbed, on_nonfinite
@@ -151,7 +151,8 @@ class StepLog:
         row = log_row(step, host, now - self.t_last, step - self.step_last,
                       self.tokens_per_step, self.fpt, self.peak)
         row["data_wait_s"] = self.waited / len(host)
-        row["host_rss_gib"] = resident_gib()
+        host_memory.return_freed()  # what is resident, not what malloc kept (host_memory.py)
+        row["host_rss_gib"] = host_memory.resident_gib()
         if self.data_report is not None:
             row.update(self.data_report())
         self.t_last, self.step_last, self.waited = now, step, 0.0
@@ -174,14 +175,6 @@ class StepLog:
         bad = first_unabsorbed(step - len(host) + 1, host)
         if bad is not None and not self.tolerate:
             raise NonFiniteStep(*bad)
-
-
-def resident_gib() -> float:
-    """This process's resident memory now: a row's figure, so growth with steps or saves
-    shows in metrics.jsonl."""
-    import psutil
-
-    return round(psutil.Process().memory_info().rss / 2**30, 4)
 
 
 def log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_step: int,

@@ -1,8 +1,10 @@
 """Cold against warm starts: what the persistent compilation cache saves a restart.
 
-1. `llama-jax train CONFIG train.steps=1` twice into fresh run directories sharing one new
-   compilation cache: seconds from the start of the process to the end of its first step
-   (goodput's `first_step_s`) and the whole command's wall time, cold then warm.
+1. `llama-jax train CONFIG`: a fresh start, then two restarts of that run, each stopped by
+   SIGTERM after its first step; the first restart with an empty compilation cache, the
+   second with the cache the first filled: seconds from the start of the process to the end
+   of its first step (goodput's `first_step_s`), and the command's wall time including the
+   checkpoint saved on SIGTERM.
 2. `llama-jax bench COMPILE_CONFIG --compile-only` twice against another new cache (JAX's own
    JAX_COMPILATION_CACHE_DIR, which bench honours): the step's compile seconds, cold then warm.
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,9 +39,31 @@ def _run(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProc
     return done, time.time() - start
 
 
-def _first_step_s(run_dir: Path) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("kind") == "goodput"][-1]["first_step_s"]
+def _until_first_step(args: list[str], env: dict[str, str], run_dir: Path, session: int
+                      ) -> tuple[str, float, float]:
+    """Start `llama-jax ARGS`, SIGTERM it once session `session` has logged its first step;
+    what it said of its train step, its `first_step_s`, and its wall time."""
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = None
+    while first is None and proc.poll() is None:
+        time.sleep(0.2)
+        metrics = run_dir / "metrics.jsonl"
+        for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if row.get("kind") == "goodput" and row["session"] == session:
+                first = row["first_step_s"]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    if first is None:
+        sys.exit(f"bench_restart: `llama-jax {' '.join(args)}` ended before its first step: "
+                 f"{(err.strip().splitlines() or ['?'])[-1]}")
+    said = next((line for line in out.splitlines() if "train step" in line), "")
+    return said, first, time.time() - start
 
 
 def main() -> None:
@@ -57,26 +82,31 @@ def main() -> None:
     env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # as `make train`
 
     rows = []
-    for kind in ("cold", "warm"):
-        done, wall = _run(["train", args.config, f"run_dir={out / kind}", "train.steps=1",
-                           f"train.compilation_cache_dir={out / 'xla'}"], env)
-        said = next((line for line in done.stdout.splitlines() if "train step" in line), "")
-        rows.append((f"train {args.config}", kind, _first_step_s(out / kind), wall, said))
+    # A fresh start, then two restarts of the same run (each stopped by SIGTERM, as a
+    # preemption would, once its first step is done): the first restart with an empty cache,
+    # the second with the cache the first filled. Only their compilation differs.
+    runs = (("fresh start", "xla-fresh"), ("restart, cold cache", "xla"),
+            ("restart, warm cache", "xla"))
+    for session, (kind, cache) in enumerate(runs, start=1):
+        said, first, wall = _until_first_step(
+            ["train", args.config, f"run_dir={out / 'run'}", "train.steps=100000",
+             "train.log_every=1", f"train.compilation_cache_dir={out / cache}"], env,
+            out / "run", session)
+        rows.append((f"train {args.config}", kind, first, wall, said))
     bench_env = {**env, "JAX_COMPILATION_CACHE_DIR": str(out / "xla-bench")}
-    for kind in ("cold", "warm"):
+    for kind in ("cold cache", "warm cache"):
         done, wall = _run(["bench", args.compile_config, "--compile-only", "--json",
                            *args.compile_overrides.split()], bench_env)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append((f"bench {args.compile_config} --compile-only", kind, result["compile_s"],
                      wall, ""))
 
-    print(f"{'command':48} {'start':5} {'first step / compile s':>22} {'wall s':>8}")
+    print(f"{'command':44} {'start':20} {'first step / compile s':>22} {'wall s':>8}")
     for command, kind, seconds, wall, _ in rows:
-        print(f"{command:48} {kind:5} {seconds:22.1f} {wall:8.1f}")
-    for i in (0, 2):
-        cold, warm = rows[i][2], rows[i + 1][2]
-        print(f"{rows[i][0]}: warm {cold / warm:.1f}x sooner" if warm > 0 else "")
-    print(f"warm train said: {rows[1][4].strip()}")
+        print(f"{command:44} {kind:20} {seconds:22.1f} {wall:8.1f}")
+    for cold, warm in ((rows[1], rows[2]), (rows[3], rows[4])):
+        print(f"{cold[0]}: {cold[2] / warm[2]:.1f}x sooner with a warm cache")
+    print(f"warm restart said: {rows[2][4].strip()}")
 
 
 if __name__ == "__main__":
