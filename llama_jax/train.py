@@ -258,7 +258,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                 batch = next(batches)
                 waited = time.perf_counter() - asked
                 clock.enter("step")
-                first = step == first_step + 1
+                first = clock.first_step_s is None  # this session's first: it compiles
                 dog.doing(step, "train step", compiling=first)
                 before = (compiles.hits, compiles.misses, time.time())
                 state, metrics = train_step(state, batch)
@@ -321,8 +321,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
 def _print_goodput(run_dir: epath.Path) -> None:
     from rich.console import Console
 
-    Console().print(goodput.table(goodput.report(run_dir),
-                                             f"goodput of {run_dir}"))
+    Console().print(goodput.table(goodput.report(run_dir), f"goodput of {run_dir}"))
 
 
 def _stats(row: dict[str, Any]) -> str:
