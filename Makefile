@@ -34,7 +34,7 @@ train: setup
 # `make test` leaves out the tests marked slow (paths that faster tests cover too);
 # `make test-all` runs every test.
 test: setup-dev
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" --durations=25 tests
 
 test-all: setup-dev
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 ONE_DEVICE = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -62,6 +63,7 @@ def test_bench_data_measures_every_figure(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow  # five train/bench processes; the cache itself: test_survival.py
 def test_bench_restart_times_cold_and_warm_starts(tmp_path):
     done = run_script("scripts/bench_restart.py", "--config", "configs/tiny.yaml",
                       "--compile-config", "configs/tiny.yaml", "--out", str(tmp_path))
