@@ -209,6 +209,27 @@ def test_gpu_bench_script_runs(tmp_path):
     assert all(name in table for name in rows) and "1.000x" in table
 
 
+@pytest.mark.slow  # the default variants above run in `make test`
+def test_gpu_bench_long_context_variants_run(tmp_path):
+    """GPU_BENCH_LONG=1 (tiny, quick): the long-context rows and the one-slice head row."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "GPU_BENCH_QUICK": "1", "GPU_BENCH_LONG": "1",
+           "PYTHON": sys.executable, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [r["variant"] for r in map(json.loads, (tmp_path / "gpu_bench.jsonl").open())]
+    assert rows == ["long-1024x1-projections_and_attention",
+                    "long-512x2-projections_and_attention", "long-1024x1-unrolled",
+                    "bf16-best", "bf16-best-one-slice"]
+
+
 def test_loss_chunks_cut_the_compiled_steps_temporaries(tmp_path):
     """With 8 slices the float32 [B, T, V] logits (128 MiB per device here) never exist:
     XLA's own memory plan for the whole train step drops by more than their size."""

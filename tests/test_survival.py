@@ -228,12 +228,12 @@ def test_goodput_of_a_folder_without_accounts_is_one_line(tmp_path):
 
 def test_host_memory_stays_flat_through_checkpoint_saves(tmp_path):
     """300 steps with a save every 5: resident memory around step 50 and around step 300
-    within 5% (medians of the ten steps up to each: a save in flight moves one reading by a
+    within 5% (medians of the five rows up to each: a save in flight moves one reading by a
     few tens of MB)."""
     done = run_cli(*TINY, f"run_dir={tmp_path}", "train.steps=300", "checkpoint.every=5",
-                   "train.log_every=1", "train.eval_every=0")
+                   "train.log_every=3", "train.eval_every=0")
     assert done.returncode == 0, done.stderr
     rss = {r["step"]: r["host_rss_gib"] for r in metrics_rows(tmp_path) if "host_rss_gib" in r}
-    early = statistics.median(rss[s] for s in range(41, 51))
-    late = statistics.median(rss[s] for s in range(291, 301))
+    early = statistics.median(rss[s] for s in range(39, 52, 3))
+    late = statistics.median(rss[s] for s in range(288, 301, 3))
     assert late == pytest.approx(early, rel=0.05), rss
