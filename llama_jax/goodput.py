@@ -26,6 +26,7 @@ from typing import Any
 from etils import epath
 
 from llama_jax.compile_cache import CompileLog
+from llama_jax.errors import LlamaJaxError
 
 PHASES = ("step", "compile", "data_wait", "checkpoint", "evaluation", "restore", "startup")
 LABELS = {
@@ -140,8 +141,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def report(run_dir: epath.Path) -> dict[str, Any]:
     rows = _rows(run_dir / "metrics.jsonl")
     if not rows:
-        from llama_jax.errors import LlamaJaxError
-
         raise LlamaJaxError(f"{run_dir}: no goodput rows in metrics.jsonl (not a run directory, "
                             f"or written before goodput was recorded)")
     return summarize(rows)
