@@ -146,7 +146,9 @@ def cmd_goodput(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    Console().print(goodput.table(summary, f"goodput of {run_dir}"))
+    console = Console()
+    console.print(goodput.table(summary, f"goodput of {run_dir}"))
+    console.print(goodput.headline(summary), highlight=False, soft_wrap=True)
     return 0
 
 

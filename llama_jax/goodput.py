@@ -159,9 +159,13 @@ def table(summary: dict[str, Any], title: str):  # noqa: ANN201 - rich Table
         seconds = summary["seconds"][key]
         t.add_row(LABELS[key], f"{seconds:,.1f}", f"{seconds / wall:.1%}")
     t.add_row("[bold]wall time", f"[bold]{summary['wall_s']:,.1f}", "")
+    return t
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """The line under the table (a table caption would wrap to the table's width)."""
     goodput = summary["goodput"]
-    t.caption = (f"goodput {goodput:.1%}" if goodput is not None else "no time recorded") + (
+    return (f"goodput {goodput:.1%}" if goodput is not None else "no time recorded") + (
         f" over {summary['sessions']} session(s) to step {summary['steps']}; "
         f"{summary['recomputed_steps']} step(s) computed again; "
         f"{summary['between_sessions_s']:,.0f} s between sessions (not counted)")
-    return t

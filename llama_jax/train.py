@@ -321,7 +321,10 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
 def _print_goodput(run_dir: epath.Path) -> None:
     from rich.console import Console
 
-    Console().print(goodput.table(goodput.report(run_dir), f"goodput of {run_dir}"))
+    summary = goodput.report(run_dir)
+    console = Console()
+    console.print(goodput.table(summary, f"goodput of {run_dir}"))
+    console.print(goodput.headline(summary), highlight=False, soft_wrap=True)
 
 
 def _stats(row: dict[str, Any]) -> str:
