@@ -46,7 +46,7 @@ class Clock:
     """One session's phases. `enter(phase)` closes the current phase and opens another."""
 
     def __init__(self, session: int, first_step: int, started: float):
-        self.session, self.first_step, self.step = session, first_step, first_step
+        self.session, self.first_step = session, first_step
         self.started = started
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.recomputed = 0  # steps undone by rollbacks in this session
@@ -69,7 +69,6 @@ class Clock:
     def row(self, step: int, status: str) -> dict[str, Any]:
         """The session's account so far (the current phase closed at this moment)."""
         self.enter(self.phase)
-        self.step = step
         return {"kind": KIND, "session": self.session, "status": status,
                 "started": self.started, "updated": time.time(), "first_step": self.first_step,
                 "step": step, "recomputed_steps": self.recomputed,

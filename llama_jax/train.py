@@ -163,7 +163,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     clock.enter("restore")
     dog.doing(0, "restoring or initialising the state")
     state, first_step = _initial_state(cfg, setup, ckpt, source)
-    clock.first_step = clock.step = first_step
+    clock.first_step = first_step
     clock.enter("startup")
     if is_main:
         if applied:
