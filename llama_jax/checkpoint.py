@@ -105,8 +105,12 @@ def fingerprint_numpy(x: np.ndarray) -> int:
 def _fingerprint_host(state: dict[str, PyTree]) -> dict[str, list[int]]:
     """Per top-level entry ("params", "opt_state", "step"), so a partial restore can be
     verified too."""
-    return {key: [int(v) for v in jax.device_get(fingerprint(value))]
-            for key, value in state.items()}
+    sums = [int(v) for v in jax.device_get(fingerprint(state))]  # one program, not one per key
+    by_key, start = {}, 0
+    for key in sorted(state):  # the order of a dict's leaves
+        count = len(jax.tree.leaves(state[key]))
+        by_key[key], start = sums[start:start + count], start + count
+    return by_key
 
 
 def _options(cfg: Config, read_only: bool = False) -> ocp.CheckpointManagerOptions:

@@ -177,6 +177,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from llama_jax import api
+    from llama_jax.harness import MeshLM, evaluate_tasks, scores, table, task_manager
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise LlamaJaxError("--tasks: name at least one task (T1,T2)")
+    manager = task_manager(tasks, args.include_path)  # before the model is loaded
+    _join_from_environment()
+    model = api.load(args.path, args.overrides, step=args.step)
+    loaded = model.loaded
+    lm = MeshLM(loaded.graphdef, loaded.params, loaded.setup, loaded.tokenizer,
+                batch_size=args.batch_size)
+    results = evaluate_tasks(lm, tasks, args.num_fewshot, args.limit, manager=manager)
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
+    print(json.dumps(scores(results)) if args.json else table(results))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from llama_jax.evaluate import load_for_inference
     from llama_jax.generate import SamplingConfig, generate_ids
@@ -329,6 +351,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train (or resume) a model as the config says"),
     "eval": (cmd_eval, "loss, perplexity and bits per byte of a checkpoint on a split"),
     "generate": (cmd_generate, "sample from a checkpoint with a KV cache"),
+    "lm-eval": (cmd_lm_eval, "lm-evaluation-harness tasks on a checkpoint or an HF folder, on "
+                             "the mesh (needs the eval extra)"),
     "bench": (cmd_bench, "compile time, step time, tokens/s, MFU and memory of the train step"),
     "convert": (cmd_convert, "HuggingFace LLaMA / GPT-NeoX <-> llama_jax checkpoints; "
                              "GPT-NeoX YAML configs -> ours"),
@@ -381,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run_dir", help="a run directory")
             p.add_argument("--json", action="store_true", help="print one JSON object")
             continue
-        if name in ("eval", "generate"):
-            p.add_argument("path", help="a run directory or one checkpoint step directory")
+        if name in ("eval", "generate", "lm-eval"):
+            p.add_argument("path", help="a run directory or one checkpoint step directory" +
+                           (", or an HF LLaMA / GPT-NeoX folder" if name == "lm-eval" else ""))
             p.add_argument("overrides", nargs="*", help="a.b=value (e.g. a mesh layout)")
             p.add_argument("--step", type=int, default=None, help="checkpoint step (default: "
                            "the latest)")
@@ -414,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seconds one layout may take before it is recorded as failed")
         if name in ("info", "eval", "bench"):
             p.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "lm-eval":
+            p.add_argument("--tasks", required=True, help="task or group names, T1,T2")
+            p.add_argument("--num-fewshot", type=_bounded(int, 0), default=None,
+                           help="examples in each prompt (default: each task's own)")
+            p.add_argument("--limit", type=_bounded(int, 1), default=None,
+                           help="documents per task (default: all)")
+            p.add_argument("--include-path", default="",
+                           help="a folder of local task definitions (YAML + data files)")
+            p.add_argument("--batch-size", type=_bounded(int, 1), default=16,
+                           help="rows per forward (rounded up to the mesh's batch shards)")
+            p.add_argument("--json", action="store_true",
+                           help="print one JSON object {task: {metric: value}}")
         if name == "eval":
             p.add_argument("--split", default="validation", choices=SPLITS)
             p.add_argument("--batches", type=_bounded(int, 0), default=0,

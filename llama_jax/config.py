@@ -213,6 +213,13 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batches: int = 4
+    # lm-evaluation-harness tasks run on the live parameters (harness.py; the eval extra),
+    # every `eval_tasks_every` steps (0: at the end only), `eval_tasks_limit` documents each
+    # (0: all), local task definitions from `eval_tasks_include_path`.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_every: int = 0
+    eval_tasks_limit: int = 0
+    eval_tasks_include_path: str = ""
     z_loss: float = 0.0
     fused_loss: bool = True  # the LM head and the loss as one custom VJP (loss.py)
     # Loss scaling (precision.py): auto is dynamic under float16 compute, none otherwise; a
@@ -433,7 +440,8 @@ _NON_NEGATIVE = (
     "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
     "train.eval_every", "train.z_loss", "train.profile_steps", "checkpoint.every",
     "data.tokenizer_vocab_size", "data.prefetch", "data.num_workers",
-    "checkpoint.keep_every", "model.init_std", "train.max_rollbacks",
+    "checkpoint.keep_every", "model.init_std", "train.max_rollbacks", "train.eval_tasks_every",
+    "train.eval_tasks_limit",
 )
 
 

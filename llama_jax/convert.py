@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -29,6 +29,9 @@ from llama_jax.config import (
 )
 from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import is_remote
+
+if TYPE_CHECKING:
+    from llama_jax.data.tokenizer import Tokenizer
 
 
 class ConversionError(LlamaJaxError):
@@ -492,7 +495,22 @@ def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) 
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if loaded.tokenizer is not None:  # the run's own, local or on an object store
             (tmp / "tokenizer.model").write_bytes(loaded.tokenizer.path.read_bytes())
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(hf_tokenizer_config(loaded.tokenizer), indent=2))
     return out_dir
+
+
+def hf_tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What transformers needs to tokenize as training did: the special pieces, and BOS
+    before each text (without this file it adds none). No tokenizer class is named:
+    transformers' generic sentencepiece conversion encodes exactly as sentencepiece does,
+    while its `LlamaTokenizer` treats leading spaces differently."""
+    sp = tokenizer.sp
+    special = {name: sp.id_to_piece(i) for name, i in
+               (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())) if i >= 0}
+    return {"add_bos_token": tokenizer.add_bos and sp.bos_id() >= 0, "add_eos_token": False,
+            **special}
 
 
 def is_hf_folder(path: Path) -> bool:

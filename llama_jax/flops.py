@@ -12,17 +12,22 @@ plus the LM head 2 * D * V once. Embedding lookups, norms, RoPE and softmax are 
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from llama_jax.config import Config, ModelConfig
 from llama_jax.model import abstract_model
 from llama_jax.optim import decay_mask, make_optimizer
+from llama_jax.storage import replace_text
 
 # Dense bf16 peak per chip, FLOP/s (vendor datasheets). Matched against `device_kind`.
 PEAK_FLOPS = {
@@ -113,19 +118,49 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def platform_peak_flops(devices: list[jax.Device] | None = None) -> tuple[float, str]:
+def platform_peak_flops(devices: list[jax.Device] | None = None, keep_in: str = ""
+                        ) -> tuple[float, str]:
     """Total peak FLOP/s of the devices in use, and where the figure comes from.
 
     Accelerators: datasheet dense bf16 peak per chip x chips. CPU: one matmul measured in this
-    process, for the whole host (simulated CPU devices share the same cores).
+    process, for the whole host (simulated CPU devices share the same cores); with `keep_in`
+    (a folder: `train`'s compilation cache), measured once per host and read back after, as
+    the measurement costs each start a second.
     """
     devices = devices or jax.devices()
     peak = chip_peak_flops(devices[0])
     if peak is not None:
         return peak * len(devices), f"{devices[0].device_kind} datasheet x {len(devices)}"
     if devices[0].platform == "cpu":
-        return measured_matmul_flops(), "measured float32 2048^3 matmul on this host"
+        source = "measured float32 2048^3 matmul on this host"
+        if keep_in:
+            return _kept_measurement(epath.Path(keep_in) / PEAK_FILE), f"{source} (kept)"
+        return measured_matmul_flops(), source
     return float("nan"), f"unknown peak for {devices[0].device_kind}"
+
+
+PEAK_FILE = "llama_jax-cpu-peak-flops.json"  # beside JAX's entries, which end in -cache
+
+
+def _kept_measurement(path: epath.Path) -> float:
+    """`measured_matmul_flops` of this host, from `path` (one figure per host, CPU count,
+    XLA flags and JAX version) or measured and added to it. The file is only a convenience:
+    unreadable, it is measured again; unwritable, the figure is not kept."""
+    key = (f"{socket.gethostname()} cpus={os.cpu_count()} jax={jax.__version__} "
+           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+    kept: dict[str, float] = {}
+    try:
+        loaded = json.loads(path.read_text())
+        kept = loaded if isinstance(loaded, dict) else {}
+        return float(kept[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    peak = measured_matmul_flops()
+    try:
+        replace_text(path, json.dumps({**kept, key: peak}, indent=1))
+    except OSError:
+        pass
+    return peak
 
 
 def mfu(tokens_per_sec: float, flops_token: float, peak: float) -> float:

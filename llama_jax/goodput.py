@@ -52,7 +52,8 @@ class Clock:
         self.recomputed = 0  # steps undone by rollbacks in this session
         self.phase, self.since = "startup", started
         self.compiles = CompileLog.get()
-        self.first_step_s: float | None = None
+        self.first_step_s: float | None = None  # its end, seconds after the start
+        self.ready_s: float | None = None  # its beginning: compiled (or loaded), batch at hand
 
     def enter(self, phase: str) -> None:
         now = time.time()
@@ -62,9 +63,11 @@ class Clock:
         self.seconds["compile"] += compiling
         self.phase, self.since = phase, now
 
-    def first_step_done(self) -> None:
+    def first_step_done(self, ready_at: float) -> None:
+        """The session's first step ended now; it could begin at `ready_at` (a time.time())."""
         if self.first_step_s is None:
             self.first_step_s = time.time() - self.started
+            self.ready_s = ready_at - self.started
 
     def row(self, step: int, status: str) -> dict[str, Any]:
         """The session's account so far (the current phase closed at this moment)."""
@@ -72,7 +75,7 @@ class Clock:
         return {"kind": KIND, "session": self.session, "status": status,
                 "started": self.started, "updated": time.time(), "first_step": self.first_step,
                 "step": step, "recomputed_steps": self.recomputed,
-                "first_step_s": self.first_step_s,
+                "first_step_s": self.first_step_s, "ready_s": self.ready_s,
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 

@@ -15,13 +15,33 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from llama_jax import flops, goodput, host_memory
 from llama_jax.config import Config
 from llama_jax.errors import LlamaJaxError
 from llama_jax.precision import NonFiniteStep, first_unabsorbed, on_nonfinite
 from llama_jax.storage import Appender, is_remote, replace_text, upload_tree
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's `SummaryWriter`, imported without torch.
+
+    tensorboardX imports torch whenever it is installed (only to accept torch tensors as
+    images), which costs every start 2 s on a host with torch: a fifth of a warm restart of
+    the default run. Scalars never need it, so torch is hidden for that one import; a torch
+    already imported is left as it is, and a later `import torch` works as usual."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _summary_writer_class()
 
 
 class MetricsWriter:

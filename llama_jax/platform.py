@@ -55,5 +55,6 @@ def synchronous_on_cpu(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         return jax.block_until_ready(fn(*args, **kwargs))
 
-    wrapped.lower = fn.lower  # type: ignore[attr-defined]  # AOT compile stays available
+    if hasattr(fn, "lower"):  # AOT compile stays available
+        wrapped.lower = fn.lower  # type: ignore[attr-defined]
     return wrapped

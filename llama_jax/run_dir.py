@@ -35,6 +35,8 @@ HEARTBEAT_S = 30.0
 # on, not what the saved state is. Prefixes end with a dot.
 RESUMABLE = (
     "run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.eval_tasks", "train.eval_tasks_every", "train.eval_tasks_limit",
+    "train.eval_tasks_include_path",
     "train.profile_start", "train.profile_steps", "train.microbatches", "train.fused_loss",
     "train.z_loss", "train.loss_scale", "train.loss_scale_init", "train.loss_scale_window",
     "train.loss_scale_hysteresis", "train.loss_scale_min", "train.on_nonfinite",

@@ -81,12 +81,20 @@ def create_exclusive(path: epath.Path, data: bytes) -> bool:
 def replace_text(path: epath.Path, text: str) -> None:
     """Replace a small file whole: a rename over it locally, one object write remotely (object
     writes are atomic already)."""
+    replace_bytes(path, text.encode())
+
+
+def replace_bytes(path: epath.Path, data: bytes) -> None:
+    """`replace_text` for bytes: readers see the old file or the new one, never a part."""
     if is_remote(path):
-        path.write_text(text)
+        path.write_bytes(data)
         return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Appender:

@@ -19,9 +19,9 @@ from jax.sharding import Mesh
 
 from llama_jax import flops, goodput
 from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore_latest_good
-from llama_jax.compile_cache import CompileLog, describe, persistent_cache
+from llama_jax.compile_cache import CompileLog, KeptStep, describe, persistent_cache
 from llama_jax.config import Config, save_config
-from llama_jax.data.feed import global_batches, make_source, prepare
+from llama_jax.data.feed import global_batches, make_source, prepare, source_kind
 from llama_jax.errors import LlamaJaxError
 from llama_jax.evaluate import Evaluator, with_run_tokenizer
 from llama_jax.goodput import Clock
@@ -135,6 +135,7 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False,
     started = started or time.time()
     run_dir = as_path(cfg.run_dir)
     is_main = jax.process_index() == 0
+    tasks = _task_manager(cfg)  # a missing extra or a wrong task name: before anything is written
     if is_main:
         ensure_dir(run_dir)
     session = goodput.next_session(run_dir / "metrics.jsonl") if is_main else 0
@@ -142,11 +143,23 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False,
             persistent_cache(cfg.train.compilation_cache_dir, is_main) as cache_dir, \
             Watchdog(run_dir, jax.process_index(), cfg.train.step_timeout_s) as dog:
         return _train_locked(cfg, run_dir, mesh, quiet, Clock(session, 0, started), dog,
-                             cache_dir)
+                             cache_dir, tasks)
+
+
+def _task_manager(cfg: Config) -> Any:
+    """lm-eval's task index when `train.eval_tasks` names tasks (harness.py), else None."""
+    if not cfg.train.eval_tasks:
+        return None
+    if not source_kind(cfg).text:
+        raise LlamaJaxError("train.eval_tasks: this run reads token ids, not text, and "
+                            "lm-eval's tasks are text")
+    from llama_jax.harness import task_manager
+
+    return task_manager(list(cfg.train.eval_tasks), cfg.train.eval_tasks_include_path)
 
 
 def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bool,
-                  clock: Clock, dog: Watchdog, cache_dir: str) -> TrainResult:
+                  clock: Clock, dog: Watchdog, cache_dir: str, task_index: Any) -> TrainResult:
     """The loop only sequences; each collaborator decides for itself when it acts: the step
     log when to fetch and write a row, the evaluator when to run, the checkpointer when a save
     is due (the last step and a stop signal always save). `dog.doing` and `clock.enter` mark
@@ -173,16 +186,21 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         from llama_jax.data.pipeline import copy_tokenizer
 
         copy_tokenizer(data, run_dir)
-    train_step = make_train_step(setup)
+    train_step = KeptStep(make_train_step(setup), cfg, setup.mesh, cache_dir, CompileLog.get())
     batches = global_batches(setup, source, rows)
     total = cfg.train.steps
     progress = _progress(quiet or not is_main)
     task = progress.add_task("train", total=total, completed=first_step, stats="compiling")
     writer = MetricsWriter(run_dir, resume_step=first_step)
     log = StepLog(cfg, writer, first_step, flops.platform_peak_flops(
-        list(setup.mesh.devices.flat))[0], getattr(source, "report", None))
-    evaluator = Evaluator(setup, data, writer, None if quiet or not is_main
-                          else progress.console.print)
+        list(setup.mesh.devices.flat), keep_in=cache_dir)[0], getattr(source, "report", None))
+    say = None if quiet or not is_main else progress.console.print
+    evaluator = Evaluator(setup, data, writer, say)
+    tasks = None
+    if task_index is not None:
+        from llama_jax.harness import TaskEvaluator
+
+        tasks = TaskEvaluator(setup, data.tokenizer, writer, say, task_index)
     saved_step = first_step if first_step in ckpt.steps() else -1
     policy, rollbacks = on_nonfinite(cfg), 0
 
@@ -203,6 +221,12 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         dog.doing(step, "evaluation", compiling=not evaluated_once)
         evaluator.run(step, state["params"])
         evaluated_once = True
+        clock.enter("step")
+
+    def evaluate_tasks(step: int) -> None:
+        clock.enter("evaluation")
+        dog.doing(step, "lm-eval tasks", compiling=not tasks.results)
+        tasks.run(step, state["params"])
         clock.enter("step")
 
     def account(step: int, status: str) -> None:
@@ -268,11 +292,13 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                 try:
                     row = log.add(step, state, metrics, waited)
                     if first:
-                        clock.first_step_done()
+                        clock.first_step_done(train_step.ready_at)
                         if is_main and not quiet:
                             progress.console.print(
-                                f"step {step}: train step {describe(*compiled, cache_dir)}; "
-                                f"first step {clock.first_step_s:.1f} s after start",
+                                f"step {step}: train step "
+                                f"{describe(*compiled, cache_dir, train_step.kept)}; the first "
+                                f"step began {clock.ready_s:.1f} s after start and ended "
+                                f"{clock.first_step_s:.1f} s after",
                                 highlight=False, soft_wrap=True)
                     if ckpt.due(step) or step == total or stop.raised:
                         save(step)
@@ -291,10 +317,14 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                     raise stop.stopped(step, ckpt.directory / str(step))
                 if evaluator.due(step) and step != total:
                     evaluate(step)
+                if tasks is not None and tasks.due(step) and step != total:
+                    evaluate_tasks(step)
             profiler.close()
             if saved_step != total:  # a run resumed at its last step, saved before it ended
                 save(total)
             evaluate(total)
+            if tasks is not None:
+                evaluate_tasks(total)
     except BaseException as e:
         # The error already on its way out is the one to report; a save that also fails
         # while closing adds nothing.

@@ -4,6 +4,7 @@ restarts, and host memory that stays flat through checkpoint saves."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from helpers import ROOT, metrics_rows, run_cli
 
 from llama_jax import goodput
+from llama_jax.compile_cache import KEPT_PREFIX, step_key
 from llama_jax.watchdog import HANG_EXIT_CODE
 
 TINY = ["train", "configs/tiny.yaml"]
@@ -112,20 +114,70 @@ def test_a_stopped_peer_ends_the_run_with_a_hang_report(tmp_path):
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["step"] == saved[-1]
 
 
-def test_a_restart_loads_the_step_from_the_compilation_cache(tmp_path):
+def test_a_restart_loads_the_step_whole_and_goes_on_exactly(tmp_path):
+    """A first run compiles its step and keeps it; a copy of that run set back to step 2
+    (as after a crash) loads the step whole and computes steps 3-4 bit for bit as the first
+    run did. A torn kept file is removed with a note, and the step loaded from JAX's own
+    entries."""
     cache = tmp_path / "xla"
-    args = [*TINY, "train.steps=2", f"train.compilation_cache_dir={cache}",
-            "train.eval_every=0"]
-    cold = run_cli(*args, f"run_dir={tmp_path / 'cold'}")
-    assert cold.returncode == 0, cold.stderr
-    assert "step 1: train step compiled in" in cold.stdout
-    assert any(cache.iterdir())
-    warm = run_cli(*args, f"run_dir={tmp_path / 'warm'}")
+    args = [*TINY, "train.steps=4", "train.log_every=1", "train.eval_every=0",
+            "checkpoint.every=2", f"train.compilation_cache_dir={cache}"]
+    first = run_cli(*args, f"run_dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr
+    assert "step 1: train step compiled in" in first.stdout
+    kept = list(cache.glob(f"{KEPT_PREFIX}*.bin"))
+    assert len(kept) == 1
+
+    def resumed_copy(name: str) -> subprocess.CompletedProcess:
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "4")
+        return run_cli(*args, f"run_dir={tmp_path / name}")
+
+    def fingerprint(name: str) -> dict:
+        meta = tmp_path / name / "checkpoints" / "4" / "meta" / "metadata"
+        return json.loads(meta.read_text())["fingerprint"]
+
+    warm = resumed_copy("b")
     assert warm.returncode == 0, warm.stderr
-    assert "step 1: train step loaded from the compilation cache" in warm.stdout
-    firsts = [goodput.sessions(_accounts(tmp_path / r))[0]["first_step_s"] for r in
-              ("cold", "warm")]
-    assert all(f > 0 for f in firsts)
+    assert "step 3: train step loaded whole from the compilation cache" in warm.stdout
+    assert _computed(tmp_path / "b") == _computed(tmp_path / "a")
+    assert fingerprint("b") == fingerprint("a")
+    account = _accounts(tmp_path / "b")[-1]
+    assert 0 < account["ready_s"] < account["first_step_s"]
+
+    kept[0].write_bytes(kept[0].read_bytes()[:1000])  # torn
+    torn = resumed_copy("c")
+    assert torn.returncode == 0, torn.stderr
+    assert f"{kept[0]} could not be loaded" in torn.stderr
+    assert "step 3: train step loaded from the compilation cache" in torn.stdout  # JAX's
+    assert fingerprint("c") == fingerprint("a")
+    assert not kept[0].exists()  # removed; only a fresh compile is kept (KeptStep)
+
+
+def _computed(run: Path) -> list[tuple]:
+    """What steps 3-4 computed, as logged (not their times or memory)."""
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in metrics_rows(run)
+            if r["step"] > 2 and "grad_norm" in r]
+
+
+def test_the_kept_step_key_follows_what_makes_the_program():
+    import jax.numpy as jnp
+
+    from llama_jax.config import load_config
+    from llama_jax.sharding import make_mesh
+
+    cfg = load_config("tiny", [])
+    mesh = make_mesh(cfg)
+    args = ({"x": jnp.zeros((2, 3))},)
+    key = step_key(cfg, mesh, args)
+    elsewhere = load_config("tiny", ["run_dir=/elsewhere", "checkpoint.every=7",
+                                     "distributed.coordinator=10.0.0.1:1234"])
+    assert step_key(elsewhere, mesh, args) == key
+    wider = load_config("tiny", ["model.hidden_size=96"])
+    assert step_key(wider, mesh, args) != key
+    assert step_key(cfg, mesh, ({"x": jnp.zeros((2, 4))},)) != key
+    assert step_key(cfg, mesh, ({"x": jnp.zeros((2, 3), jnp.bfloat16)},)) != key
+    assert step_key(cfg, mesh, ({"y": jnp.zeros((2, 3))},)) != key
 
 
 def test_an_empty_cache_setting_turns_the_cache_off(tmp_path):

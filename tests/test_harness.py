@@ -1,0 +1,213 @@
+"""lm-evaluation-harness on the mesh (harness.py): our scores against lm-eval's own `hf` model
+on the same weights exported to HF, across two mesh layouts, from the CLI, in the training
+loop, and the one-line refusals. Everything is offline: the tasks are defined here, over
+local JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, metrics_rows, run_cli
+
+pytest.importorskip("lm_eval")
+
+TASKS = ["next_words_choice", "next_words"]
+LIMIT = 12
+
+
+def _task_folder(folder: Path) -> Path:
+    """Two local tasks over sentences of the python_docs corpus: pick the true next four
+    words among three others' (multiple choice), and write the next two words (generation,
+    stopped at a newline or a full stop)."""
+    corpus = ROOT / "data_cache" / "corpus"
+    text = "\n".join(json.loads(line)["text"] for line in
+                     next(corpus.glob("python_docs-*.jsonl")).read_text().splitlines()[:100])
+    sentences = [" ".join(p.split()) for p in text.split("\n") if len(p.split()) >= 12][:60]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "choice.jsonl", "w") as f:
+        for i, s in enumerate(sentences[:30]):
+            words = s.split(" ")
+            others = [" " + " ".join(sentences[(i * 7 + 11 * k + 3) % len(sentences)]
+                                     .split(" ")[8:12]) for k in range(1, 4)]
+            label = i % 4
+            choices = others[:label] + [" " + " ".join(words[8:12])] + others[label:]
+            f.write(json.dumps({"context": " ".join(words[:8]), "choices": choices,
+                                "label": label}) + "\n")
+    with open(folder / "words.jsonl", "w") as f:
+        for s in sentences[30:]:
+            words = s.split(" ")
+            f.write(json.dumps({"prompt": " ".join(words[:6]),
+                                "answer": " " + " ".join(words[6:8])}) + "\n")
+    (folder / "choice.yaml").write_text(f"""task: next_words_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'choice.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""")
+    (folder / "words.yaml").write_text(f"""task: next_words
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'words.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny float32 model trained briefly on python_docs, its HF export, and the tasks."""
+    base = tmp_path_factory.mktemp("harness")
+    run = base / "run"
+    done = run_cli("train", "configs/tiny.yaml", f"run_dir={run}", "data.dataset=python_docs",
+                   "train.steps=30", "train.eval_every=0", "train.log_every=10")
+    assert done.returncode == 0, done.stderr
+    hf = base / "hf"
+    done = run_cli("convert", "orbax-to-hf", str(run), str(hf))
+    assert done.returncode == 0, done.stderr
+    return {"run": run, "hf": hf, "tasks": _task_folder(base / "tasks")}
+
+
+def _ours(trained: dict[str, Path], overrides: list[str]) -> dict:
+    from llama_jax import api
+    from llama_jax.harness import MeshLM, evaluate_tasks
+
+    model = api.load(trained["run"], overrides)
+    lm = MeshLM(model.loaded.graphdef, model.loaded.params, model.loaded.setup,
+                model.loaded.tokenizer, batch_size=8)
+    return evaluate_tasks(lm, TASKS, limit=LIMIT, include_path=str(trained["tasks"]),
+                          log_samples=True, bootstrap_iters=0)
+
+
+@pytest.fixture(scope="module")
+def ours_fsdp(trained) -> dict:
+    return _ours(trained, ["mesh.fsdp=8"])
+
+
+def _responses(results: dict, task: str) -> list:
+    return [r for sample in results["samples"][task] for r in sample["resps"]]
+
+
+def _assert_same(a: dict, b: dict, tolerance: float) -> None:
+    """Accuracy exactly; each log-likelihood within `tolerance`, its greedy flag equal;
+    each generated text equal."""
+    from llama_jax.harness import scores
+
+    assert scores(a) == scores(b)
+    for (logprob, greedy), (their_logprob, their_greedy) in zip(
+            (r[0] for r in _responses(a, TASKS[0])), (r[0] for r in _responses(b, TASKS[0])),
+            strict=True):
+        assert abs(logprob - their_logprob) <= tolerance
+        assert greedy == their_greedy
+    assert [r[0] for r in _responses(a, TASKS[1])] == [r[0] for r in _responses(b, TASKS[1])]
+    assert len(_responses(a, TASKS[0])) == 4 * LIMIT
+
+
+def test_scores_equal_lm_evals_own_hf_model_on_the_exported_weights(trained, ours_fsdp):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    reference = HFLM(pretrained=str(trained["hf"]), dtype="float32", batch_size=8,
+                     device="cpu")
+    theirs = simple_evaluate(model=reference, tasks=TASKS, limit=LIMIT, log_samples=True,
+                             task_manager=TaskManager(include_path=str(trained["tasks"])),
+                             bootstrap_iters=0)
+    _assert_same(ours_fsdp, theirs, 1e-4)
+    # the texts were generated, not empty: the comparison compared something
+    assert any(r[0].strip() for r in _responses(theirs, TASKS[1]))
+
+
+def test_the_same_scores_on_another_mesh_layout(trained, ours_fsdp):
+    _assert_same(_ours(trained, ["mesh.data=4", "mesh.tensor=2"]), ours_fsdp, 1e-4)
+
+
+def test_the_cli_prints_lm_evals_table_and_json_for_a_run_and_its_hf_export(trained,
+                                                                           ours_fsdp):
+    from llama_jax.harness import scores
+
+    args = ["--tasks", ",".join(TASKS), "--limit", str(LIMIT), "--include-path",
+            str(trained["tasks"]), "--batch-size", "4"]
+    as_json = run_cli("lm-eval", str(trained["run"]), *args, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    printed = json.loads(as_json.stdout.strip().splitlines()[-1])
+    assert printed == scores(ours_fsdp)
+    from_hf = run_cli("lm-eval", str(trained["hf"]), *args)  # converted on the fly
+    assert from_hf.returncode == 0, from_hf.stderr
+    assert "|next_words_choice|" in from_hf.stdout.replace(" ", "")
+    assert f"{printed['next_words_choice']['acc']:.4f}" in from_hf.stdout
+
+
+def test_tasks_run_in_the_training_loop_at_the_configured_steps(trained, tmp_path):
+    done = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}",
+                   "data.dataset=python_docs", "train.steps=4", "train.eval_every=0",
+                   f"train.eval_tasks=[{TASKS[0]}]", "train.eval_tasks_every=3",
+                   "train.eval_tasks_limit=4",
+                   f"train.eval_tasks_include_path={trained['tasks']}")
+    assert done.returncode == 0, done.stderr
+    rows = [r for r in metrics_rows(tmp_path) if "lm_eval" in r]
+    assert [r["step"] for r in rows] == [3, 4]
+    assert all(set(r["lm_eval"]) == {f"{TASKS[0]}/acc", f"{TASKS[0]}/acc_norm"} and
+               0 <= r["lm_eval"][f"{TASKS[0]}/acc"] <= 1 for r in rows)
+    assert f"step 3: lm-eval {TASKS[0]}/acc" in done.stdout
+
+
+def test_refusals_are_one_line(trained, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in (
+            (["--tasks", "no_such_task_anywhere"], "unknown task 'no_such_task_anywhere'"),
+            (["--tasks", "x", "--include-path", "/no/such/folder"],
+             "--include-path /no/such/folder: no such folder"),
+            (["--tasks", "x", "--include-path", str(empty)],
+             f"--include-path {empty}: holds no task definitions")):
+        done = run_cli("lm-eval", str(trained["run"]), *args)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr
+        assert message in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_missing_extra_is_one_line(trained, tmp_path):
+    """lm_eval made unimportable (a package of that name that raises as a missing one)."""
+    shadow = tmp_path / "lm_eval"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'lm_eval'\", name='lm_eval')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for args in (["lm-eval", str(trained["run"]), "--tasks", TASKS[0]],
+                 ["train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}",
+                  "data.dataset=python_docs", f"train.eval_tasks=[{TASKS[0]}]"]):
+        done = subprocess.run([sys.executable, "-m", "llama_jax.cli", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr
+        assert "pip install 'llama_jax[eval]'" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
