@@ -157,9 +157,8 @@ class MeshLM(TemplateLM):
                            [-room:] for i in chunk]
                 continuations = generate_ids(self.graphdef, self.params, prompts, sampling,
                                              mesh=self.mesh, rules=self.rules)
-                for i, prompt, ids in zip(chunk, prompts, continuations, strict=True):
-                    text = self.tok_decode([t for t in ids[len(prompt):]
-                                            if t != self.eot_token_id])
+                for i, ids in zip(chunk, continuations, strict=True):  # new tokens only
+                    text = self.tok_decode([t for t in ids if t != self.eot_token_id])
                     for stop in until:
                         text = text.split(stop)[0] if stop else text
                     out[i] = text

@@ -15,6 +15,8 @@ import pytest
 from helpers import ROOT, metrics_rows, run_cli
 
 pytest.importorskip("lm_eval")
+sys.path.insert(0, str(ROOT / "scripts"))
+from python_docs_tasks import multiple_choice_yaml  # noqa: E402
 
 TASKS = ["next_words_choice", "next_words"]
 LIMIT = 12
@@ -23,7 +25,8 @@ LIMIT = 12
 def _task_folder(folder: Path) -> Path:
     """Two local tasks over sentences of the python_docs corpus: pick the true next four
     words among three others' (multiple choice), and write the next two words (generation,
-    stopped at a newline or a full stop)."""
+    six tokens: a briefly trained model's are mostly newlines, which a stop string would
+    cut to nothing, leaving nothing compared)."""
     corpus = ROOT / "data_cache" / "corpus"
     text = "\n".join(json.loads(line)["text"] for line in
                      next(corpus.glob("python_docs-*.jsonl")).read_text().splitlines()[:100])
@@ -32,10 +35,10 @@ def _task_folder(folder: Path) -> Path:
     with open(folder / "choice.jsonl", "w") as f:
         for i, s in enumerate(sentences[:30]):
             words = s.split(" ")
-            others = [" " + " ".join(sentences[(i * 7 + 11 * k + 3) % len(sentences)]
-                                     .split(" ")[8:12]) for k in range(1, 4)]
+            others = [" ".join(sentences[(i * 7 + 11 * k + 3) % len(sentences)]
+                               .split(" ")[8:12]) for k in range(1, 4)]
             label = i % 4
-            choices = others[:label] + [" " + " ".join(words[8:12])] + others[label:]
+            choices = others[:label] + [" ".join(words[8:12])] + others[label:]
             f.write(json.dumps({"context": " ".join(words[:8]), "choices": choices,
                                 "label": label}) + "\n")
     with open(folder / "words.jsonl", "w") as f:
@@ -43,24 +46,7 @@ def _task_folder(folder: Path) -> Path:
             words = s.split(" ")
             f.write(json.dumps({"prompt": " ".join(words[:6]),
                                 "answer": " " + " ".join(words[6:8])}) + "\n")
-    (folder / "choice.yaml").write_text(f"""task: next_words_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'choice.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
+    (folder / "choice.yaml").write_text(multiple_choice_yaml(TASKS[0], folder / "choice.jsonl"))
     (folder / "words.yaml").write_text(f"""task: next_words
 dataset_path: json
 dataset_kwargs:
@@ -71,7 +57,7 @@ output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
-  until: ["\\n", "."]
+  until: ["@@@"]
   max_gen_toks: 6
   do_sample: false
 metric_list:
@@ -143,7 +129,7 @@ def test_scores_equal_lm_evals_own_hf_model_on_the_exported_weights(trained, our
                              bootstrap_iters=0)
     _assert_same(ours_fsdp, theirs, 1e-4)
     # the texts were generated, not empty: the comparison compared something
-    assert any(r[0].strip() for r in _responses(theirs, TASKS[1]))
+    assert all(r[0] for r in _responses(theirs, TASKS[1]))
 
 
 def test_the_same_scores_on_another_mesh_layout(trained, ours_fsdp):
@@ -211,3 +197,20 @@ def test_a_missing_extra_is_one_line(trained, tmp_path):
         assert "Traceback" not in done.stderr
         assert "pip install 'llama_jax[eval]'" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_documented_python_docs_task_builds_and_runs(trained, tmp_path):
+    """docs/evaluation.md's two commands: the script writes the task, lm-eval runs it."""
+    built = subprocess.run([sys.executable, "scripts/python_docs_tasks.py", str(tmp_path),
+                            "--documents", "40"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr
+    questions = [json.loads(line) for line in
+                 (tmp_path / "python_docs_next_sentence.jsonl").read_text().splitlines()]
+    assert len(questions) > 20
+    assert all(len(q["choices"]) == 4 and q["context"] not in q["choices"] for q in questions)
+    done = run_cli("lm-eval", str(trained["run"]), "--tasks", "python_docs_next_sentence",
+                   "--include-path", str(tmp_path), "--limit", "8", "--json")
+    assert done.returncode == 0, done.stderr
+    acc = json.loads(done.stdout.strip().splitlines()[-1])["python_docs_next_sentence"]["acc"]
+    assert acc in {i / 8 for i in range(9)}
