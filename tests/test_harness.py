@@ -18,18 +18,21 @@ pytest.importorskip("lm_eval")
 sys.path.insert(0, str(ROOT / "scripts"))
 from python_docs_tasks import multiple_choice_yaml  # noqa: E402
 
-TASKS = ["next_words_choice", "next_words"]
+TASKS = ["next_words_choice", "next_words", "docs_rolling"]
 LIMIT = 12
 
 
 def _task_folder(folder: Path) -> Path:
-    """Two local tasks over sentences of the python_docs corpus: pick the true next four
-    words among three others' (multiple choice), and write the next two words (generation,
+    """Three local tasks over the python_docs corpus: the log-likelihood of whole documents
+    longer than the model's 512 positions (rolling windows), pick the true next four words
+    of a sentence among three others' (multiple choice), and write the next two words
+    (generation,
     six tokens: a briefly trained model's are mostly newlines, which a stop string would
     cut to nothing, leaving nothing compared)."""
     corpus = ROOT / "data_cache" / "corpus"
-    text = "\n".join(json.loads(line)["text"] for line in
-                     next(corpus.glob("python_docs-*.jsonl")).read_text().splitlines()[:100])
+    documents = [json.loads(line)["text"] for line in
+                 next(corpus.glob("python_docs-*.jsonl")).read_text().splitlines()[:100]]
+    text = "\n".join(documents)
     sentences = [" ".join(p.split()) for p in text.split("\n") if len(p.split()) >= 12][:60]
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "choice.jsonl", "w") as f:
@@ -47,6 +50,23 @@ def _task_folder(folder: Path) -> Path:
             f.write(json.dumps({"prompt": " ".join(words[:6]),
                                 "answer": " " + " ".join(words[6:8])}) + "\n")
     (folder / "choice.yaml").write_text(multiple_choice_yaml(TASKS[0], folder / "choice.jsonl"))
+    long_documents = [json.dumps({"text": d[:2500]}) + "\n" for d in documents
+                      if len(d) > 2500][:4]
+    (folder / "docs.jsonl").write_text("".join(long_documents))
+    (folder / "docs.yaml").write_text(f"""task: docs_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'docs.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""")
     (folder / "words.yaml").write_text(f"""task: next_words
 dataset_path: json
 dataset_kwargs:
@@ -102,18 +122,31 @@ def _responses(results: dict, task: str) -> list:
     return [r for sample in results["samples"][task] for r in sample["resps"]]
 
 
+def _same_scores(a: dict, b: dict) -> None:
+    """Accuracies exactly; perplexities (float sums over thousands of tokens) to 1e-6."""
+    for task, metrics in a.items():
+        assert metrics.keys() == b[task].keys()
+        if task == TASKS[2]:
+            assert metrics == pytest.approx(b[task], rel=1e-6)
+        else:
+            assert metrics == b[task]
+
+
 def _assert_same(a: dict, b: dict, tolerance: float) -> None:
-    """Accuracy exactly; each log-likelihood within `tolerance`, its greedy flag equal;
-    each generated text equal."""
+    """The scores; each choice's log-likelihood within `tolerance`, its greedy flag equal;
+    each generated text equal; each document's rolling log-likelihood within 1e-6 of it."""
     from llama_jax.harness import scores
 
-    assert scores(a) == scores(b)
+    _same_scores(scores(a), scores(b))
     for (logprob, greedy), (their_logprob, their_greedy) in zip(
             (r[0] for r in _responses(a, TASKS[0])), (r[0] for r in _responses(b, TASKS[0])),
             strict=True):
         assert abs(logprob - their_logprob) <= tolerance
         assert greedy == their_greedy
     assert [r[0] for r in _responses(a, TASKS[1])] == [r[0] for r in _responses(b, TASKS[1])]
+    rolling = [(r[0], t[0]) for r, t in zip(_responses(a, TASKS[2]), _responses(b, TASKS[2]),
+                                            strict=True)]
+    assert len(rolling) == 4 and all(x == pytest.approx(y, rel=1e-6) for x, y in rolling)
     assert len(_responses(a, TASKS[0])) == 4 * LIMIT
 
 
@@ -145,7 +178,7 @@ def test_the_cli_prints_lm_evals_table_and_json_for_a_run_and_its_hf_export(trai
     as_json = run_cli("lm-eval", str(trained["run"]), *args, "--json")
     assert as_json.returncode == 0, as_json.stderr
     printed = json.loads(as_json.stdout.strip().splitlines()[-1])
-    assert printed == scores(ours_fsdp)
+    _same_scores(printed, scores(ours_fsdp))
     from_hf = run_cli("lm-eval", str(trained["hf"]), *args)  # converted on the fly
     assert from_hf.returncode == 0, from_hf.stderr
     assert "|next_words_choice|" in from_hf.stdout.replace(" ", "")
