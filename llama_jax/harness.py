@@ -179,7 +179,8 @@ class MeshLM(TemplateLM):
         for i, (row_in, row_target, count) in enumerate(rows):
             inputs[i, :len(row_in)] = row_in
             targets[i, :len(row_target)] = row_target
-            scored[i, len(row_in) - count:len(row_in)] = True
+            # a continuation longer than the window: the part in the window
+            scored[i, max(0, len(row_in) - count):len(row_in)] = True
         placed = [self._placed(a) for a in (inputs, targets, scored)]
         logprob, greedy = jax.device_get(self._score(self.params, *placed))
         return [(float(logprob[i]), bool(greedy[i])) for i in range(len(rows))]
