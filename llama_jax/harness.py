@@ -261,6 +261,7 @@ class TaskEvaluator:
         self.tasks, self.every, self.limit = list(t.eval_tasks), t.eval_tasks_every, \
             t.eval_tasks_limit or None
         self.manager = manager
+        self.lm: MeshLM | None = None
         self.results: list[dict[str, Any]] = []
         # the loop has its own progress line: lm-eval's warnings and bars would break it up
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -273,9 +274,11 @@ class TaskEvaluator:
         return bool(self.every) and step % self.every == 0
 
     def run(self, step: int, params: PyTree) -> dict[str, Any]:
-        lm = MeshLM(self.setup.graphdef, params, self.setup, self.tokenizer,
-                    batch_size=self.setup.cfg.train.global_batch_size)
-        found = scores(evaluate_tasks(lm, self.tasks, limit=self.limit, bootstrap_iters=0,
+        if self.lm is None:  # one model, so its scoring programs are traced once
+            self.lm = MeshLM(self.setup.graphdef, params, self.setup, self.tokenizer,
+                             batch_size=self.setup.cfg.train.global_batch_size)
+        self.lm.params = params
+        found = scores(evaluate_tasks(self.lm, self.tasks, limit=self.limit, bootstrap_iters=0,
                                       manager=self.manager))
         row = {"step": step, "lm_eval": {f"{task}/{metric}": value
                                          for task, metrics in found.items()
