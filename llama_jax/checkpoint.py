@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
-from llama_jax import host_memory
+from llama_jax import host_memory, tensorstore_leaks
 from llama_jax.config import Config, config_from_yaml_text, to_yaml
 from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import PathLike, absolute, as_path, is_remote
@@ -38,6 +38,7 @@ absl_logging.set_verbosity(absl_logging.FATAL)
 # Its other write tasks of a failed save end with the same error, which asyncio would log at
 # exit as "Task exception was never retrieved".
 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+tensorstore_leaks.stop_json_leaks()
 
 
 class CheckpointError(LlamaJaxError):
@@ -127,6 +128,7 @@ class Checkpointer:
     def __init__(self, cfg: Config, directory: PathLike, read_only: bool = False):
         self.cfg = cfg
         self.directory = absolute(directory)
+        host_memory.fix_mmap_threshold()
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         self.manager = ocp.CheckpointManager(self.directory, options=_options(cfg, read_only),

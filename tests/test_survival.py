@@ -278,17 +278,11 @@ def test_goodput_of_a_folder_without_accounts_is_one_line(tmp_path):
     assert str(tmp_path) in line and "no goodput rows" in line
 
 
-@pytest.mark.slow  # and failing since session 11: see the docstring
 def test_host_memory_stays_flat_through_checkpoint_saves(tmp_path):
     """300 steps with a save every 5: resident memory around step 50 and around step 300
     within 5% (medians of the five rows up to each: a save in flight moves one reading by a
-    few tens of MB).
-
-    Measured 2026-11-30 (session 11): +5.3%. Each save still adds about 0.3 MB (Orbax and
-    TensorStore: `ts.open` specs, KvStore spec JSON, TensorStore's metric collection, and
-    native memory); what moved it over 5% is the smaller base, 100-150 MB less since torch
-    is no longer imported at start. Slow-marked so that CI reports the rest; run it with
-    `pytest -m slow -k host_memory` until the per-save growth is found (docs/performance.md)."""
+    few tens of MB). Measured 2026-11-30: +5.3% before glibc's mmap threshold was fixed
+    (`host_memory.fix_mmap_threshold`), +1.0 to +2.0% since (five runs)."""
     done = run_cli(*TINY, f"run_dir={tmp_path}", "train.steps=300", "checkpoint.every=5",
                    "train.log_every=3", "train.eval_every=0")
     assert done.returncode == 0, done.stderr
