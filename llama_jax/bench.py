@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax import flops
+from llama_jax import flops, hlo_cost
 from llama_jax.config import Config, apply_overrides
 from llama_jax.data.batch import one_document_rows, to_global
 from llama_jax.data.feed import make_source, prepare
@@ -78,6 +78,7 @@ def compiled_figures(devices: list[jax.Device], compiled: Any,
     if "peak_bytes_in_use" in stats:
         out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     text = compiled.as_text() or ""
+    out.update(predicted_figures(devices, text))
     out["custom_calls"] = dict(collections.Counter(
         re.findall(r'custom_call_target="([^"]+)"', text)))
     # Matmuls (XLA dots or library GEMMs) with an fp8 operand: where model.quantization=fp8
@@ -86,6 +87,25 @@ def compiled_figures(devices: list[jax.Device], compiled: Any,
                              if ("dot(" in line or "custom-call(" in line)
                              and ("f8e4m3" in line or "f8e5m2" in line))
     out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def predicted_figures(devices: list[jax.Device], hlo_text: str) -> dict[str, Any]:
+    """One device's matmul FLOPs, memory traffic and collective bytes read from the compiled
+    program (loops counted as often as they run), and the roofline step time they predict."""
+    if not hlo_text:
+        return {}
+    cost = hlo_cost.program_cost(hlo_text, len(devices),
+                                 [getattr(d, "slice_index", 0) or 0 for d in devices])
+    out: dict[str, Any] = {"hlo_flops_per_device": cost.flops,
+                           "hlo_bytes_per_device": cost.bytes,
+                           "ici_bytes_per_device": cost.ici_bytes,
+                           "dcn_bytes_per_device": cost.dcn_bytes,
+                           "collective_bytes": cost.collectives}
+    limits = flops.roofline(devices)
+    if limits is not None:
+        out["predicted_step_s"] = limits.step_seconds(cost.flops, cost.bytes, cost.ici_bytes,
+                                                      cost.dcn_bytes)
     return out
 
 

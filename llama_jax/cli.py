@@ -345,6 +345,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0  # some layouts ran: which ones fail is a finding, not an error
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from llama_jax import plan
+
+    def numbers(text: str, what: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise LlamaJaxError(f"{what} {text!r}: expected positive integers, e.g. 4096,8192")
+        return values
+
+    opts = plan.PlanOptions(
+        config=args.config, overrides=args.overrides, topology=args.topology,
+        devices=args.devices, tokens_per_step=args.tokens_per_step,
+        seq_lens=numbers(args.seq_lens, "--seq-lens") if args.seq_lens else [],
+        remats=tuple(r.strip() for r in args.remat.split(",") if r.strip()),
+        budget_minutes=args.budget_minutes, jobs=args.jobs, measure=args.measure,
+        steps=args.steps, out=args.out)
+    result = plan.run_plan(opts, lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(args.out or f"plans/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    plan.print_table(result)
+    for path in plan.write_outputs(result, out, opts):
+        print(f"wrote {path}")
+    if not result["best_overrides"]:
+        print(f"llama-jax plan: error: no candidate compiled and fit (the reasons are in the "
+              f"table and {out / 'plan.csv'})", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "parameter count, FLOPs per token and state memory of a config"),
     "prepare-data": (cmd_prepare_data, "build the dataset and train or load the tokenizer"),
@@ -357,6 +391,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "convert": (cmd_convert, "HuggingFace LLaMA / GPT-NeoX <-> llama_jax checkpoints; "
                              "GPT-NeoX YAML configs -> ours"),
     "sweep": (cmd_sweep, "compile and measure every mesh layout of the devices (or a TPU slice)"),
+    "plan": (cmd_plan, "search layouts x per-device batch x remat for a model on a slice (or "
+                       "N devices): pruned, compiled, ranked by a roofline, best as plan.yaml"),
     "goodput": (cmd_goodput, "where a run's wall time went, over all its restarts"),
 }
 
@@ -437,6 +473,31 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: sweeps/<config>-<time>)")
             p.add_argument("--timeout", type=float, default=900.0,
                            help="seconds one layout may take before it is recorded as failed")
+        if name == "plan":
+            where = p.add_mutually_exclusive_group(required=True)
+            where.add_argument("--topology", default="",
+                               help="a TPU slice (v5p:2x2x2, v5p-16): compiled for, not run")
+            where.add_argument("--devices", type=_bounded(int, 1), default=None,
+                               help="this machine's devices (CPU: simulated), compiled and "
+                                    "the best measured")
+            p.add_argument("--tokens-per-step", type=_bounded(int, 1), default=None,
+                           help="tokens per optimizer step (default: the config's batch x "
+                                "sequence length)")
+            p.add_argument("--seq-lens", default="", help="sequence lengths to try, L1,L2 "
+                           "(default: the config's)")
+            p.add_argument("--remat", default=",".join(("none", "dots_with_no_batch_dims_"
+                                                         "saveable", "full")),
+                           help="remat policies to try")
+            p.add_argument("--budget-minutes", type=_bounded(float, 0.0, low_open=True),
+                           default=15.0, help="time for compiling candidates")
+            p.add_argument("--jobs", type=_bounded(int, 1), default=2,
+                           help="compiles at once, each its own process")
+            p.add_argument("--measure", type=_bounded(int, 0), default=3,
+                           help="the best predicted candidates to run (devices only)")
+            p.add_argument("--steps", type=_bounded(int, 1), default=3,
+                           help="timed steps of each measured candidate")
+            p.add_argument("--out", default="", help="folder for plan.json/csv/png/yaml "
+                           "(default: plans/<config>-<time>)")
         if name in ("info", "eval", "bench"):
             p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "lm-eval":

@@ -24,25 +24,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from llama_jax.chips import chip_of_kind
 from llama_jax.config import Config, ModelConfig
 from llama_jax.model import abstract_model
 from llama_jax.optim import decay_mask, make_optimizer
 from llama_jax.storage import replace_text
-
-# Dense bf16 peak per chip, FLOP/s (vendor datasheets). Matched against `device_kind`.
-PEAK_FLOPS = {
-    "h100": 989e12,
-    "h200": 989e12,
-    "gh200": 989e12,
-    "a100": 312e12,
-    "v5p": 459e12,
-    "v5 lite": 197e12,
-    "v5e": 197e12,
-    "v6 lite": 918e12,
-    "v6e": 918e12,
-    "v4": 275e12,
-    "v5": 459e12,  # v5p reports its kind as plain "TPU v5"
-}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -95,11 +81,9 @@ def state_bytes(cfg: Config) -> dict[str, int]:
 
 
 def chip_peak_flops(device: jax.Device) -> float | None:
-    kind = device.device_kind.lower()
-    for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-        if name in kind:
-            return peak
-    return None
+    """Dense bf16 datasheet peak of an accelerator chip (chips.py), None elsewhere."""
+    chip = chip_of_kind(device.device_kind) if device.platform != "cpu" else None
+    return chip.peak_flops if chip else None
 
 
 @functools.cache
@@ -161,6 +145,57 @@ def _kept_measurement(path: epath.Path) -> float:
     except OSError:
         pass
     return peak
+
+
+@functools.cache
+def measured_copy_bytes_per_s(n: int = 2**24, repeats: int = 5) -> float:
+    """Best rate of this host copying a 64 MiB float32 array through JAX (bytes read plus
+    written per second): the CPU's memory bandwidth for `plan`'s roofline."""
+    device = jax.local_devices(backend="cpu")[0]
+    a = jax.device_put(np.ones(n, np.float32), device)
+    copy = jax.jit(lambda x: x + 1.0)
+    copy(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4 * n / best
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Per device: what one device of this platform can do per second."""
+
+    peak_flops: float
+    memory_bytes_per_s: float
+    ici_bytes_per_s: float
+    dcn_bytes_per_s: float
+    source: str
+
+    def step_seconds(self, flops: float, memory_bytes: float, ici_bytes: float,
+                     dcn_bytes: float) -> float:
+        """Compute and memory traffic overlap (the slower bounds), collectives do not (they
+        are added): an XLA step waits for its gradient reductions and weight gathers in
+        large part, and a pessimistic collective term ranks layouts that avoid them first."""
+        return (max(flops / self.peak_flops, memory_bytes / self.memory_bytes_per_s)
+                + ici_bytes / self.ici_bytes_per_s + dcn_bytes / self.dcn_bytes_per_s)
+
+
+def roofline(devices: list[jax.Device]) -> Roofline | None:
+    """The chip table's figures for an accelerator; for CPU devices the host's measured matmul
+    rate and copy bandwidth shared among them (simulated devices run on the same cores, and
+    their collectives are copies in the same memory). None for an unknown chip."""
+    if devices[0].platform == "cpu":
+        n = len(devices)
+        copy = measured_copy_bytes_per_s()
+        return Roofline(measured_matmul_flops() / n, copy / n, copy / n, copy / n,
+                        f"measured on this host, shared by {n} CPU devices")
+    chip = chip_of_kind(devices[0].device_kind)
+    if chip is None:
+        return None
+    return Roofline(chip.peak_flops, chip.hbm_bytes_per_s, chip.ici_bytes_per_s,
+                    chip.dcn_bytes_per_s, f"{chip.name}: {chip.source}")
 
 
 def mfu(tokens_per_sec: float, flops_token: float, peak: float) -> float:

@@ -191,39 +191,47 @@ def _child_environment(devices: int, index: int, tpu: TpuSlice | None) -> dict[s
     return env
 
 
-def run_layout(opts: SweepOptions, layout: Layout, dcn: Layout, devices: int, index: int,
-               tpu: TpuSlice | None) -> Row:
-    command = [sys.executable, "-m", "llama_jax.cli", "bench", opts.config, *opts.overrides,
-               *layout_overrides(layout, dcn), "--json"]
-    if tpu is not None:
-        command += ["--topology", opts.topology]
-    elif opts.compile_only:
-        command += ["--compile-only"]
-    else:
-        command += ["--steps", str(opts.steps)]
-    full = with_dcn(layout, dcn)
+def run_bench(arguments: list[str], env: dict[str, str], timeout_s: float
+              ) -> tuple[str, str, dict[str, Any]]:
+    """One `llama-jax bench ... --json` in a process of its own: (status, reason, figures),
+    status ok or failed; a layout that does not fit is a failure with the memory it needs."""
+    command = [sys.executable, "-m", "llama_jax.cli", "bench", *arguments, "--json"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=opts.timeout_s,
-                              env=_child_environment(devices, index, tpu))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              env=env)
     except subprocess.TimeoutExpired:
-        return Row(full, "failed", f"timed out after {opts.timeout_s:.0f} s")
+        return "failed", f"timed out after {timeout_s:.0f} s", {}
     if done.returncode != 0:
         reason = _failure_reason(done.returncode, done.stderr)
         if m := _TPU_OOM.search(reason):  # the TPU compiler refuses what cannot fit
             what, need, have = m["what"], float(m["need"]), float(m["have"])
-            return Row(full, "failed", f"does not fit: {what} alone need {need:.1f} GiB of the "
-                       f"{have:.1f} GiB per chip ({need - have:.1f} GiB over)",
-                       {"required_gib": need, "device_memory_gib": have, "fits": False})
-        return Row(full, "failed", reason)
+            return "failed", (f"does not fit: {what} alone need {need:.1f} GiB of the "
+                              f"{have:.1f} GiB per chip ({need - have:.1f} GiB over)"), \
+                {"required_gib": need, "device_memory_gib": have, "fits": False}
+        return "failed", reason, {}
     try:
         figures = json.loads([x for x in done.stdout.splitlines() if x.startswith("{")][-1])
     except (IndexError, json.JSONDecodeError):
-        return Row(full, "failed", "no result printed: " + done.stdout.strip()[-200:])
+        return "failed", "no result printed: " + done.stdout.strip()[-200:], {}
     if figures.get("fits") is False:
         over = figures["compiled_per_device_gib"] - figures["device_memory_gib"]
-        return Row(full, "failed", f"does not fit: needs {over:.1f} GiB more than the "
-                   f"{figures['device_memory_gib']:.1f} GiB per device", figures)
-    return Row(full, "ok", "", figures)
+        return "failed", (f"does not fit: needs {over:.1f} GiB more than the "
+                          f"{figures['device_memory_gib']:.1f} GiB per device"), figures
+    return "ok", "", figures
+
+
+def run_layout(opts: SweepOptions, layout: Layout, dcn: Layout, devices: int, index: int,
+               tpu: TpuSlice | None) -> Row:
+    arguments = [opts.config, *opts.overrides, *layout_overrides(layout, dcn)]
+    if tpu is not None:
+        arguments += ["--topology", opts.topology]
+    elif opts.compile_only:
+        arguments += ["--compile-only"]
+    else:
+        arguments += ["--steps", str(opts.steps)]
+    status, reason, figures = run_bench(arguments, _child_environment(devices, index, tpu),
+                                        opts.timeout_s)
+    return Row(with_dcn(layout, dcn), status, reason, figures)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,15 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_jax.chips import Chip, chip_named
 from llama_jax.errors import ConfigError
 
-# Per chip: HBM (bytes), whether a chip is one "megacore" device (peak FLOP/s: flops.PEAK_FLOPS)
-# that the slice name counts as two TensorCores (v4, v5p), and its torus rank.
+# Per generation: whether a chip is one "megacore" device that the slice name counts as two
+# TensorCores (v4, v5p), and its torus rank. HBM, peak and bandwidths: chips.py.
 _GENERATIONS: dict[str, dict[str, Any]] = {
-    "v4": {"hbm": 32 * 2**30, "cores_per_chip": 2, "rank": 3},
-    "v5p": {"hbm": int(95.74 * 2**30), "cores_per_chip": 2, "rank": 3},
-    "v5e": {"hbm": 16 * 2**30, "cores_per_chip": 1, "rank": 2},
-    "v6e": {"hbm": 32 * 2**30, "cores_per_chip": 1, "rank": 2},
+    "v4": {"cores_per_chip": 2, "rank": 3},
+    "v5p": {"cores_per_chip": 2, "rank": 3},
+    "v5e": {"cores_per_chip": 1, "rank": 2},
+    "v6e": {"cores_per_chip": 1, "rank": 2},
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e"}
 
@@ -56,8 +57,12 @@ class TpuSlice:
         return f"{self.generation}:{'x'.join(map(str, self.shape))}"
 
     @property
+    def chip(self) -> Chip:
+        return chip_named(self.generation)
+
+    @property
     def hbm_bytes(self) -> int:
-        return _GENERATIONS[self.generation]["hbm"]
+        return self.chip.hbm_bytes
 
     def __str__(self) -> str:
         one = self.topology_name
