@@ -71,3 +71,15 @@ def test_bench_restart_times_cold_and_warm_starts(tmp_path):
     assert "warm restart said: step " in done.stdout
     assert "train step loaded from the compilation cache" in done.stdout
     assert done.stdout.count("x sooner with a warm cache") == 2
+
+
+@pytest.mark.slow  # a plan that measures every candidate it compiles
+def test_calibrate_plan_compares_prediction_with_measurement(tmp_path):
+    done = run_script("scripts/calibrate_plan.py", "--config", "configs/tiny.yaml",
+                      "--tokens-per-step", "1024", "--remat", "full", "--budget-minutes", "1",
+                      "--steps", "2", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "calibration.json").read_text())
+    assert result["candidates"] >= 2 and result["top_pick_over_best"] >= 1.0
+    assert result["min_ratio"] <= result["median_predicted_over_measured"] <= result["max_ratio"]
+    assert "from the best" in done.stdout
