@@ -253,6 +253,19 @@ def _sent_bytes(ins: Instruction, shapes: dict[str, str], group: int) -> float:
     return operand  # collective-permute
 
 
+def _counted_trips(condition: list[Instruction]) -> float:
+    """A loop's trip count from its condition `i < N` (N a constant; the counter starts at
+    0, as JAX's scans and fori_loops do) where XLA wrote no `known_trip_count` (the TPU
+    compiler does not); 1 when the condition is anything else."""
+    constants = {ins.name: ins.operands[0] for ins in condition if ins.op == "constant"}
+    for ins in condition:
+        if ins.op == "compare" and "direction=LT" in ins.attributes and len(ins.operands) == 2:
+            bound = constants.get(ins.operands[1], "")
+            if bound.lstrip("-").isdigit():
+                return float(max(int(bound), 1))
+    return 1.0
+
+
 def program_cost(text: str, devices: int, slice_of: Sequence[int] | None = None) -> Cost:
     """One device's cost of the compiled SPMD program `text` (`compiled.as_text()`) over
     `devices` devices; `slice_of[i]`: the slice of its i-th device (multi-slice TPU), for DCN."""
@@ -291,7 +304,9 @@ def program_cost(text: str, devices: int, slice_of: Sequence[int] | None = None)
             times = 1.0
             if ins.op == "while":
                 trip = _TRIP.search(ins.attributes)
-                times = float(trip.group(1)) if trip else 1.0
+                condition = re.search(r"\bcondition=%?([\w.\-]+)", ins.attributes)
+                times = float(trip.group(1)) if trip else _counted_trips(
+                    computations.get(condition.group(1), []) if condition else [])
             for callee in _CALLEE.findall(ins.attributes):
                 if ins.op in ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort",
                               "all-reduce", "all-reduce-start", "reduce-scatter", "map"):

@@ -109,7 +109,7 @@ def test_plan_on_simulated_cpu_devices(tmp_path):
     the best as plan.yaml trains as it is."""
     out = tmp_path / "plan"
     done = run_cli("plan", "configs/tiny.yaml", "--devices", "8", "--remat", "full",
-                   "--tokens-per-step", "1024", "--budget-minutes", "1", "--measure", "2",
+                   "--tokens-per-step", "1024", "--budget-minutes", "0.5", "--measure", "2",
                    "--steps", "2", "--out", str(out), timeout=900)
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "plan.json").read_text())
@@ -149,7 +149,7 @@ def test_plan_for_a_tpu_slice_gives_a_config_that_fits(tmp_path, libtpu_path):  
     out = tmp_path / "plan"
     env = {ENV_LIBTPU: str(libtpu_path)}
     done = run_cli("plan", "configs/tiny.yaml", "--topology", "v5p:2x2x2", "--remat", "full",
-                   "--budget-minutes", "1", "--out", str(out), env=env, timeout=900)
+                   "--budget-minutes", "0.5", "--out", str(out), env=env, timeout=900)
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "plan.json").read_text())
     assert result["roofline"]["peak_flops"] == 459e12 and not result["measured"]
