@@ -230,8 +230,19 @@ class Budget:
             self.durations.append(seconds)
 
 
+def predict(c: Candidate, limits: flops.Roofline) -> None:
+    """The step time from the compiled program's figures, with the plan's one roofline: each
+    `bench` process measures a CPU host's rates anew, and with compiles running beside it
+    those readings differ by up to 2x, which would rank noise."""
+    f = c.figures
+    if "hlo_bytes_per_device" in f:
+        f["predicted_step_s"] = limits.step_seconds(
+            max(f["hlo_flops_per_device"], f.get("model_flops_per_device") or 0.0),
+            f["hlo_bytes_per_device"], f["ici_bytes_per_device"], f["dcn_bytes_per_device"])
+
+
 def compile_candidates(opts: PlanOptions, todo: list[Candidate], devices: int,
-                       tpu: TpuSlice | None, budget: Budget,
+                       tpu: TpuSlice | None, budget: Budget, limits: flops.Roofline,
                        progress: Callable[[str], None]) -> None:
     """Compile `todo` in order, `opts.jobs` at a time, while the budget allows another."""
     lock = threading.Lock()
@@ -253,6 +264,7 @@ def compile_candidates(opts: PlanOptions, todo: list[Candidate], devices: int,
             c.status, c.reason, c.figures = run_bench(
                 arguments, _child_environment(devices, index, tpu), left)
             budget.done(time.monotonic() - start)
+            predict(c, limits)
             progress(f"compiled {describe(c)}: {c.status}"
                      + (f" ({c.reason})" if c.reason else ""))
 
@@ -349,7 +361,7 @@ def run_plan(opts: PlanOptions, progress: Callable[[str], None] = lambda _: None
     progress(f"{len(found)} candidates, {len(todo)} after arithmetic; compiling, "
              f"{opts.jobs} at a time, for at most {opts.budget_minutes:g} minutes")
     budget = Budget(opts.budget_minutes)
-    compile_candidates(opts, todo, devices, tpu, budget, progress)
+    compile_candidates(opts, todo, devices, tpu, budget, limits, progress)
     compiled = sorted((c for c in todo if c.status == "ok" and c.predicted_s()),
                       key=lambda c: c.tokens / c.predicted_s(), reverse=True)
     measured = tpu is None and opts.measure > 0
