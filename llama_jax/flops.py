@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -86,20 +87,24 @@ def chip_peak_flops(device: jax.Device) -> float | None:
     return chip.peak_flops if chip else None
 
 
+def _best_seconds(program: Any, argument: jax.Array, repeats: int) -> float:
+    """The fastest of `repeats` timed calls, after one untimed (compiling) call."""
+    program(argument).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        program(argument).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @functools.cache
 def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     """Best float32 matmul rate of this host through JAX: the CPU 'peak' for MFU."""
     device = jax.local_devices(backend="cpu")[0]
     host = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    a = jax.device_put(host, device)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 / _best_seconds(jax.jit(lambda x: x @ x), jax.device_put(host, device),
+                                    repeats)
 
 
 def platform_peak_flops(devices: list[jax.Device] | None = None, keep_in: str = ""
@@ -152,15 +157,8 @@ def measured_copy_bytes_per_s(n: int = 2**24, repeats: int = 5) -> float:
     """Best rate of this host copying a 64 MiB float32 array through JAX (bytes read plus
     written per second): the CPU's memory bandwidth for `plan`'s roofline."""
     device = jax.local_devices(backend="cpu")[0]
-    a = jax.device_put(np.ones(n, np.float32), device)
-    copy = jax.jit(lambda x: x + 1.0)
-    copy(a).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        copy(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * 4 * n / best
+    return 2 * 4 * n / _best_seconds(jax.jit(lambda x: x + 1.0),
+                                     jax.device_put(np.ones(n, np.float32), device), repeats)
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,8 @@ def compile_candidates(opts: PlanOptions, todo: list[Candidate], devices: int,
             c.status, c.reason, c.figures = run_bench(
                 arguments, _child_environment(devices, index, tpu), left)
             budget.done(time.monotonic() - start)
+            if c.status == "failed" and c.reason.startswith("timed out"):  # the deadline
+                c.status, c.reason = "skipped", "not compiled: the time budget ran out during it"
             predict(c, limits)
             progress(f"compiled {describe(c)}: {c.status}"
                      + (f" ({c.reason})" if c.reason else ""))
