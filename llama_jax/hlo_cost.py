@@ -232,7 +232,6 @@ def _dot_flops(ins: Instruction, shapes: dict[str, str]) -> float:
         lhs = dims_of(shapes.get(ins.operands[0], ""))
         found = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attributes)
         contracted = [int(d.strip(' "')) for d in found.group(1).split(",")] if found else []
-        out = math.prod(dims_of(ins.shape))  # a tuple's first array: the product
         return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
     return 0.0
 
