@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax import flops, hlo_cost
+from llama_jax import flops, hlo_cost, roofline
 from llama_jax.config import Config, apply_overrides
 from llama_jax.data.batch import one_document_rows, to_global
 from llama_jax.data.feed import make_source, prepare
@@ -105,25 +105,27 @@ def model_flops_per_device(cfg: Config, devices: int) -> float:
 def predicted_figures(devices: list[jax.Device], hlo_text: str,
                       model_flops: float = 0.0) -> dict[str, Any]:
     """One device's matmul FLOPs, memory traffic and collective bytes read from the compiled
-    program (loops counted as often as they run), and the roofline step time they predict.
-    The compute term is the larger of the program's matmul FLOPs and the model's
-    (`model_flops`, per device): the TPU compiler writes batched matmuls as convolutions
-    whose work the HLO text does not state plainly, and its count there falls short."""
+    program (loops counted as often as they run), its kernels binned by size, and, on an
+    accelerator in the chip table, the roofline step time they predict. CPU devices get none:
+    their rates are measured (roofline.py), which takes seconds and, beside other compiles,
+    reads noise; `plan` measures them once and predicts from these figures."""
     if not hlo_text:
         return {}
     cost = hlo_cost.program_cost(hlo_text, len(devices),
-                                 [getattr(d, "slice_index", 0) or 0 for d in devices])
+                                 [getattr(d, "slice_index", 0) or 0 for d in devices],
+                                 on_chip_space=1 if devices[0].platform == "tpu" else None)
     out: dict[str, Any] = {"hlo_flops_per_device": cost.flops,
                            "model_flops_per_device": model_flops,
                            "hlo_bytes_per_device": cost.bytes,
                            "ici_bytes_per_device": cost.ici_bytes,
                            "dcn_bytes_per_device": cost.dcn_bytes,
-                           "collective_bytes": cost.collectives}
-    limits = flops.roofline(devices)
+                           "collective_bytes": cost.collectives,
+                           "collective_ops": cost.collective_ops,
+                           "hlo_kernels": cost.kernels}
+    limits = roofline.chip_roofline(devices[0].device_kind) \
+        if devices[0].platform != "cpu" else None
     if limits is not None:
-        out["predicted_step_s"] = limits.step_seconds(max(cost.flops, model_flops),
-                                                      cost.bytes, cost.ici_bytes,
-                                                      cost.dcn_bytes)
+        out["predicted_step_s"] = limits.step_seconds(out)
     return out
 
 

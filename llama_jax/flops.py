@@ -87,7 +87,7 @@ def chip_peak_flops(device: jax.Device) -> float | None:
     return chip.peak_flops if chip else None
 
 
-def _best_seconds(program: Any, argument: jax.Array, repeats: int) -> float:
+def best_seconds(program: Any, argument: jax.Array, repeats: int) -> float:
     """The fastest of `repeats` timed calls, after one untimed (compiling) call."""
     program(argument).block_until_ready()
     best = math.inf
@@ -103,7 +103,7 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     """Best float32 matmul rate of this host through JAX: the CPU 'peak' for MFU."""
     device = jax.local_devices(backend="cpu")[0]
     host = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    return 2 * n**3 / _best_seconds(jax.jit(lambda x: x @ x), jax.device_put(host, device),
+    return 2 * n**3 / best_seconds(jax.jit(lambda x: x @ x), jax.device_put(host, device),
                                     repeats)
 
 
@@ -150,50 +150,6 @@ def _kept_measurement(path: epath.Path) -> float:
     except OSError:
         pass
     return peak
-
-
-@functools.cache
-def measured_copy_bytes_per_s(n: int = 2**24, repeats: int = 5) -> float:
-    """Best rate of this host copying a 64 MiB float32 array through JAX (bytes read plus
-    written per second): the CPU's memory bandwidth for `plan`'s roofline."""
-    device = jax.local_devices(backend="cpu")[0]
-    return 2 * 4 * n / _best_seconds(jax.jit(lambda x: x + 1.0),
-                                     jax.device_put(np.ones(n, np.float32), device), repeats)
-
-
-@dataclass(frozen=True)
-class Roofline:
-    """Per device: what one device of this platform can do per second."""
-
-    peak_flops: float
-    memory_bytes_per_s: float
-    ici_bytes_per_s: float
-    dcn_bytes_per_s: float
-    source: str
-
-    def step_seconds(self, flops: float, memory_bytes: float, ici_bytes: float,
-                     dcn_bytes: float) -> float:
-        """Compute and memory traffic overlap (the slower bounds), collectives do not (they
-        are added): an XLA step waits for its gradient reductions and weight gathers in
-        large part, and a pessimistic collective term ranks layouts that avoid them first."""
-        return (max(flops / self.peak_flops, memory_bytes / self.memory_bytes_per_s)
-                + ici_bytes / self.ici_bytes_per_s + dcn_bytes / self.dcn_bytes_per_s)
-
-
-def roofline(devices: list[jax.Device]) -> Roofline | None:
-    """The chip table's figures for an accelerator; for CPU devices the host's measured matmul
-    rate and copy bandwidth shared among them (simulated devices run on the same cores, and
-    their collectives are copies in the same memory). None for an unknown chip."""
-    if devices[0].platform == "cpu":
-        n = len(devices)
-        copy = measured_copy_bytes_per_s()
-        return Roofline(measured_matmul_flops() / n, copy / n, copy / n, copy / n,
-                        f"measured on this host, shared by {n} CPU devices")
-    chip = chip_of_kind(devices[0].device_kind)
-    if chip is None:
-        return None
-    return Roofline(chip.peak_flops, chip.hbm_bytes_per_s, chip.ici_bytes_per_s,
-                    chip.dcn_bytes_per_s, f"{chip.name}: {chip.source}")
 
 
 def mfu(tokens_per_sec: float, flops_token: float, peak: float) -> float:

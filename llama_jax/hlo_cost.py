@@ -10,9 +10,13 @@ predicted step time with the chip's peak FLOP/s, memory and interconnect bandwid
 
 What is counted:
 - FLOPs: `dot`, `convolution` and library GEMM custom calls (2 x output elements x contracted
-  size), wherever they sit (fusions included): the matmul work a roofline is about;
+  size; a convolution's window positions that fall on input, not padding or dilation holes),
+  wherever they sit (fusions included): the matmul work a roofline is about;
 - bytes: operands and results of each instruction outside fusions (a fusion's inside stays in
-  registers and caches), as XLA's "bytes accessed" does;
+  registers and caches), as XLA's "bytes accessed" does, and by its rules: a slice reads what
+  it takes, an update in place writes the update (also where a fusion slices an operand or
+  updates it as its result), so a loop over stacked weights reads one layer per trip;
+  optionally leaving out on-chip memory (TPU VMEM);
 - collectives: bytes each device sends, by kind and group size g: all-gather (g-1)/g of its
   result, reduce-scatter and all-to-all (g-1)/g of the operand, all-reduce twice that (a
   ring's reduce-scatter plus all-gather), collective-permute the whole operand. Groups whose
@@ -24,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,14 +44,23 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 _NO_TRAFFIC = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
     "call", "after-all", "partition-id", "replica-id", "iota", "copy-done", "send-done",
-    "recv-done", "async-done", "add-dependency", "opt-barrier", "domain",
-}
+    "recv-done", "async-start", "async-update", "async-done", "add-dependency", "opt-barrier",
+    "domain",
+}  # (an async-start's wrapped computation is costed where it is called)
 
-_SHAPE = re.compile(r"([a-z][a-z0-9]*)\[([\d,]*)\]")
+_SHAPE = re.compile(r"([a-z][a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{$")
 _CALLEE = re.compile(r"\b(?:calls|body|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def size_class(amount: float) -> int:
+    """The power of 4 nearest `amount`: kernels are binned by the size of their work, since
+    small matmuls and small passes over memory run below a CPU's large-size rates (or fit its
+    caches)."""
+    return 4 ** round(math.log(amount, 4)) if amount >= 1 else 1
 
 
 @dataclass
@@ -59,17 +72,27 @@ class Cost:
     ici_bytes: float = 0.0
     dcn_bytes: float = 0.0
     collectives: dict[str, float] = field(default_factory=dict)  # kind -> bytes sent
+    collective_ops: float = 0.0  # collectives run
+    # Kernels (instructions outside fusions, each fusion one) by the size classes of their
+    # FLOPs and bytes, `"flops_class:bytes_class" -> [FLOPs, bytes, kernels run]`: what a
+    # roofline applied per kernel needs, in a form that JSON keeps.
+    kernels: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, other: Cost, times: float = 1.0) -> None:
         self.flops += other.flops * times
         self.bytes += other.bytes * times
         self.ici_bytes += other.ici_bytes * times
         self.dcn_bytes += other.dcn_bytes * times
+        self.collective_ops += other.collective_ops * times
         for kind, sent in other.collectives.items():
             self.collectives[kind] = self.collectives.get(kind, 0.0) + sent * times
+        for key, amounts in other.kernels.items():
+            mine = self.kernels.setdefault(key, [0.0] * len(amounts))
+            for i, amount in enumerate(amounts):
+                mine[i] += amount * times
 
     def total(self) -> float:
-        return self.flops + self.bytes + self.ici_bytes + self.dcn_bytes
+        return self.flops + self.bytes + self.ici_bytes + self.dcn_bytes + self.collective_ops
 
 
 @dataclass
@@ -79,12 +102,15 @@ class Instruction:
     op: str
     operands: list[str]
     attributes: str
+    root: bool = False  # its computation's result
 
 
-def shape_bytes(text: str) -> float:
-    """Bytes of an array type or of every array in a tuple type."""
+def shape_bytes(text: str, skip_space: int | None = None) -> float:
+    """Bytes of an array type or of every array in a tuple type; with `skip_space`, leaving
+    out arrays that the layout places in that memory space (`{1,0:T(8,128)S(1)}`)."""
     return sum(math.prod(int(d) for d in dims.split(",") if d) * DTYPE_BYTES.get(dtype, 4)
-               for dtype, dims in _SHAPE.findall(text))
+               for dtype, dims, layout in _SHAPE.findall(text)
+               if skip_space is None or f"S({skip_space})" not in layout)
 
 
 def dims_of(text: str) -> list[int]:
@@ -107,8 +133,9 @@ def _closing(text: str, start: int) -> int:
 
 
 def parse_instruction(line: str) -> Instruction | None:
-    text = line.strip()
-    if text.startswith("ROOT "):
+    text = _COMMENT.sub("", line).strip()  # `/*index=5*/` before every fifth operand
+    root = text.startswith("ROOT ")
+    if root:
         text = text[5:]
     name, eq, rest = text.partition(" = ")
     if not eq or " " in name:
@@ -123,7 +150,7 @@ def parse_instruction(line: str) -> Instruction | None:
         return None
     end = _closing("(" + rest, 0) - 1
     operands = [o.strip().split(" ")[-1].lstrip("%") for o in _split_top(rest[:end]) if o.strip()]
-    return Instruction(name.lstrip("%"), shape, op.strip(), operands, rest[end + 1:])
+    return Instruction(name.lstrip("%"), shape, op.strip(), operands, rest[end + 1:], root)
 
 
 def _split_top(text: str) -> list[str]:
@@ -209,31 +236,190 @@ def _iota(dims_text: str, perm_text: str | None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Costing
+# FLOPs
 
 
 def _dot_flops(ins: Instruction, shapes: dict[str, str]) -> float:
     out = math.prod(dims_of(ins.shape))
     if ins.op == "dot":
-        lhs = dims_of(shapes.get(ins.operands[0], ""))
-        found = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attributes)
-        contracted = [int(d) for d in found.group(1).split(",") if d] if found else []
-        return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
+        return 2.0 * out * _contracted(shapes.get(ins.operands[0], ""),
+                                       re.search(r"lhs_contracting_dims=\{([\d,]*)\}",
+                                                 ins.attributes))
     if ins.op == "convolution":
-        rhs = dims_of(shapes.get(ins.operands[1], ""))
-        labels = re.search(r"dim_labels=\w*_(\w+)->", ins.attributes)
-        if not labels or len(labels.group(1)) != len(rhs):
-            return 0.0
-        kernel = labels.group(1)  # e.g. `io` or `01io`: input features and spatial sizes
-        return 2.0 * out * math.prod(size for size, label in zip(rhs, kernel, strict=True)
-                                     if label == "i" or label.isdigit())
+        return _convolution_flops(ins, shapes)
     if ins.op == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)',
                                              ins.attributes, re.IGNORECASE):
-        lhs = dims_of(shapes.get(ins.operands[0], ""))
-        found = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attributes)
-        contracted = [int(d.strip(' "')) for d in found.group(1).split(",")] if found else []
-        return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
+        return 2.0 * out * _contracted(shapes.get(ins.operands[0], ""),
+                                       re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]',
+                                                 ins.attributes))
     return 0.0
+
+
+def _contracted(lhs_shape: str, found: re.Match[str] | None) -> int:
+    lhs = dims_of(lhs_shape)
+    dims = [int(d.strip(' "')) for d in found.group(1).split(",") if d.strip(' "')] if found else []
+    return math.prod(lhs[d] for d in dims if d < len(lhs))
+
+
+def _convolution_flops(ins: Instruction, shapes: dict[str, str]) -> float:
+    """2 x multiply-adds that touch real input: per output element, the kernel's input features
+    times the window positions that land on an input element rather than on padding or on a
+    hole of `lhs_dilate`. The TPU compiler writes a batched matmul as such a convolution (the
+    batch as a spatial dimension, dilated so that one window position in `size` hits), where
+    output size x kernel size would count the batch `size` times over."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attributes)
+    if not labels or len(ins.operands) < 2:
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    lhs, rhs, out = (dims_of(shapes.get(ins.operands[0], "")),
+                     dims_of(shapes.get(ins.operands[1], "")), dims_of(ins.shape))
+    if (len(lhs), len(rhs), len(out)) != (len(lhs_labels), len(rhs_labels), len(out_labels)):
+        return 0.0
+    spatial = sorted(c for c in out_labels if c.isdigit())
+    window = _window(ins.attributes, len(spatial))
+    positions = 1
+    for d, label in enumerate(spatial):
+        size, stride, (low, _), lhs_dilate, rhs_dilate = (window[key][d] for key in (
+            "size", "stride", "pad", "lhs_dilate", "rhs_dilate"))
+        positions *= _hits(lhs[lhs_labels.index(label)], out[out_labels.index(label)],
+                           size or rhs[rhs_labels.index(label)], stride, low, lhs_dilate,
+                           rhs_dilate)
+    per_position = math.prod(out) // max(1, math.prod(out[out_labels.index(c)] for c in spatial))
+    return 2.0 * per_position * rhs[rhs_labels.index("i")] * positions
+
+
+def _window(attributes: str, rank: int) -> dict[str, list]:
+    """A convolution's `window={size=4x1 stride=3x1 pad=0_0x1_1 lhs_dilate=4x1 ...}`, each
+    field one entry per spatial dimension (its default where not written)."""
+    fields: dict[str, list] = {"size": [0] * rank, "stride": [1] * rank,
+                               "pad": [(0, 0)] * rank, "lhs_dilate": [1] * rank,
+                               "rhs_dilate": [1] * rank}
+    found = re.search(r"window=\{([^}]*)\}", attributes)
+    for key, value in re.findall(r"(\w+)=([\d_x]+)", found.group(1) if found else ""):
+        if key == "pad":
+            fields[key] = [tuple(int(v) for v in p.split("_")) for p in value.split("x")]
+        elif key in fields:
+            fields[key] = [int(v) for v in value.split("x")]
+    return fields
+
+
+@functools.cache
+def _hits(in_size: int, out_size: int, size: int, stride: int, low: int, lhs_dilate: int,
+          rhs_dilate: int) -> int:
+    """(output position, window position) pairs of one spatial dimension that read an input
+    element: the dilated input's position must be in range and not a dilation hole."""
+    extent = (in_size - 1) * lhs_dilate + 1
+    outer, inner = (range(out_size), np.arange(size) * rhs_dilate) if out_size <= size else (
+        range(size), np.arange(out_size) * stride)
+    step = stride if out_size <= size else rhs_dilate
+    hits = 0
+    for i in outer:
+        where = inner + i * step - low
+        hits += int(np.count_nonzero((where >= 0) & (where < extent) & (where % lhs_dilate == 0)))
+    return hits
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory traffic
+
+# Instructions that read only part of their first operand: what they read is their result.
+_PART_READERS = {"dynamic-slice", "slice", "gather"}
+
+
+class Traffic:
+    """Bytes an instruction outside fusions reads and writes in memory. As XLA's own analysis
+    does, a slice reads only the part it takes and an update in place writes only the update:
+    a loop over stacked layer weights reads one layer per trip, not the whole stack. A fusion
+    reads each operand whole, except one that its fused computation (nested fusions included)
+    only slices (the slices' bytes) or updates in place as its result (nothing read; only the
+    update written)."""
+
+    def __init__(self, computations: dict[str, list[Instruction]],
+                 size: Callable[[str], float] = shape_bytes) -> None:
+        self.computations = computations
+        self.size = size  # the bytes of a type in the memory counted
+        self._reads: dict[str, dict[int, float | None]] = {}
+
+    def of(self, ins: Instruction, shapes: dict[str, str]) -> float:
+        out = self.size(ins.shape)
+        operands = [self.size(shapes.get(o, "")) for o in ins.operands]
+        if ins.op in _PART_READERS:
+            return 2 * out + sum(operands[1:]) * (ins.op == "gather")
+        if ins.op == "dynamic-update-slice":
+            return 2 * operands[1]
+        if ins.op == "scatter":  # operands..., indices, updates...: reads and writes the updated
+            n = (len(operands) - 1) // 2
+            return 3 * sum(operands[n + 1:]) + operands[n]
+        if ins.op == "copy-start":  # its result is (destination, source, context): both sides
+            return out
+        callee = _CALLEE.search(ins.attributes) if ins.op == "fusion" else None
+        if callee and callee.group(1) in self.computations:
+            body = self.computations[callee.group(1)]
+            reads = self.parameter_reads(callee.group(1))
+            read = sum(whole if reads.get(i) is None else min(reads[i], whole)
+                       for i, whole in enumerate(operands))
+            return read + out - self._not_written(body)
+        return out + sum(operands)
+
+    def parameter_reads(self, name: str) -> dict[int, float | None]:
+        """Bytes the fused computation `name` reads of each parameter, by parameter number;
+        None where it reads the parameter whole."""
+        if name not in self._reads:
+            body = self.computations.get(name, [])
+            users: dict[str, list[tuple[Instruction, int]]] = {}
+            for ins in body:
+                for position, operand in enumerate(ins.operands):
+                    users.setdefault(operand, []).append((ins, position))
+            in_place = set(self._in_place(body))
+
+            def read(value: str) -> float | None:
+                total = 0.0
+                for user, position in users.get(value, []):
+                    part: float | None = None
+                    if user.op == "bitcast":
+                        part = read(user.name)
+                    elif user.op in _PART_READERS and position == 0:
+                        part = self.size(user.shape)
+                    elif user.op == "dynamic-update-slice" and position == 0:
+                        part = 0.0 if user.name in in_place else None
+                    elif user.op == "fusion" and (callee := _CALLEE.search(user.attributes)):
+                        part = self.parameter_reads(callee.group(1)).get(position)
+                    if part is None:
+                        return None
+                    total += part
+                return total
+
+            self._reads[name] = {int(ins.operands[0]): read(ins.name) for ins in body
+                                 if ins.op == "parameter" and ins.operands
+                                 and ins.operands[0].isdigit()}
+        return self._reads[name]
+
+    def _in_place(self, body: list[Instruction]) -> dict[str, Instruction]:
+        """The fusion's results (its root, or the root tuple's elements) that are a
+        dynamic-update-slice, seen through bitcasts: the buffer they update is their operand's,
+        so only the update is written."""
+        by_name = {ins.name: ins for ins in body}
+        root = next((ins for ins in reversed(body) if ins.root), body[-1] if body else None)
+        outputs = ([by_name.get(o) for o in root.operands] if root and root.op == "tuple"
+                   else [root])
+        found = {}
+        for output in outputs:
+            update = output
+            while update is not None and update.op == "bitcast" and update.operands:
+                update = by_name.get(update.operands[0])
+            if update is not None and update.op == "dynamic-update-slice":
+                found[update.name] = update
+        return found
+
+    def _not_written(self, body: list[Instruction]) -> float:
+        by_name = {ins.name: ins for ins in body}
+        return sum(self.size(update.shape) - self.size(by_name[update.operands[1]].shape)
+                   for update in self._in_place(body).values()
+                   if len(update.operands) > 1 and update.operands[1] in by_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
 
 
 def _sent_bytes(ins: Instruction, shapes: dict[str, str], group: int) -> float:
@@ -252,6 +438,18 @@ def _sent_bytes(ins: Instruction, shapes: dict[str, str], group: int) -> float:
     return operand  # collective-permute
 
 
+# ---------------------------------------------------------------------------------------------
+# The program: every instruction's cost, times how often it runs
+
+
+@dataclass
+class LineItem:
+    computation: str
+    instruction: Instruction
+    times: float  # executions per step
+    cost: Cost  # of one execution, its callees not included
+
+
 def _counted_trips(condition: list[Instruction]) -> float:
     """A loop's trip count from its condition `i < N` (N a constant; the counter starts at
     0, as JAX's scans and fori_loops do) where XLA wrote no `known_trip_count` (the TPU
@@ -265,53 +463,116 @@ def _counted_trips(condition: list[Instruction]) -> float:
     return 1.0
 
 
-def program_cost(text: str, devices: int, slice_of: Sequence[int] | None = None) -> Cost:
-    """One device's cost of the compiled SPMD program `text` (`compiled.as_text()`) over
-    `devices` devices; `slice_of[i]`: the slice of its i-th device (multi-slice TPU), for DCN."""
+# Callees run per element (a reduction's combiner), not as programs of their own.
+_COMBINING = {"reduce", "reduce-window", "scatter", "select-and-scatter", "sort", "all-reduce",
+              "all-reduce-start", "reduce-scatter", "map"}
+
+
+def program_items(text: str, devices: int, slice_of: Sequence[int] | None = None,
+                  on_chip_space: int | None = None) -> list[LineItem]:
+    """Every kernel and collective of the compiled SPMD program `text` (`compiled.as_text()`)
+    over `devices` devices, with how often one step runs it: a while body as often as its trip
+    count, a conditional's dearest branch once. A kernel is an instruction outside fusions (a
+    fusion is one, with the FLOPs of the matmuls fused into it). `slice_of[i]`: the slice of
+    the i-th device (multi-slice TPU), for DCN. `on_chip_space`: the memory space of on-chip
+    memory, whose reads and writes are not memory traffic (on TPU, 1: VMEM, where the
+    compiler's memory-space assignment prefetches operands; the prefetch itself is counted)."""
     computations, entry = parse_module(text)
-    fused = {callee for instructions in computations.values() for ins in instructions
-             if ins.op == "fusion" for callee in _CALLEE.findall(ins.attributes)}
+    traffic = Traffic(computations, functools.partial(shape_bytes, skip_space=on_chip_space))
 
     @functools.cache
-    def cost_of(name: str) -> Cost:
-        total = Cost()
+    def fused_flops(name: str) -> float:
         instructions = computations.get(name, [])
         shapes = {ins.name: ins.shape for ins in instructions}
+        return sum(_dot_flops(ins, shapes) + sum(fused_flops(c) for c in _CALLEE.findall(
+            ins.attributes) if ins.op not in _COMBINING) for ins in instructions)
+
+    def own_cost(ins: Instruction, shapes: dict[str, str]) -> Cost | None:
+        kind = ins.op.removesuffix("-start")
+        if kind in COLLECTIVES:
+            groups = replica_groups(ins.attributes, devices)
+            sent = _sent_bytes(ins, shapes, max(len(g) for g in groups))
+            crosses = slice_of is not None and any(
+                len({slice_of[i] for i in g if i < len(slice_of)}) > 1 for g in groups)
+            return Cost(ici_bytes=0.0 if crosses else sent, dcn_bytes=sent if crosses else 0.0,
+                        collectives={kind: sent}, collective_ops=1.0)
+        if ins.op in _NO_TRAFFIC or ins.op.endswith("-done"):
+            return None
+        callee = _CALLEE.search(ins.attributes) if ins.op == "fusion" else None
+        flops = fused_flops(callee.group(1)) if callee else _dot_flops(ins, shapes)
+        moved = traffic.of(ins, shapes)
+        return Cost(flops=flops, bytes=moved,
+                    kernels={f"{size_class(flops)}:{size_class(moved)}": [flops, moved, 1.0]})
+
+    @functools.cache
+    def own_items(name: str) -> tuple[list[LineItem], list[tuple[str, float]]]:
+        """This computation's own line items (run once) and the computations it runs, with how
+        often per run of it (a fusion's computation is part of its kernel)."""
+        instructions = computations.get(name, [])
+        shapes = {ins.name: ins.shape for ins in instructions}
+        items, calls = [], []
         for ins in instructions:
-            total.flops += _dot_flops(ins, shapes)
-            kind = ins.op.removesuffix("-start")
-            if kind in COLLECTIVES:
-                groups = replica_groups(ins.attributes, devices)
-                sent = _sent_bytes(ins, shapes, max(len(g) for g in groups))
-                total.collectives[kind] = total.collectives.get(kind, 0.0) + sent
-                crosses = slice_of is not None and any(
-                    len({slice_of[i] for i in g if i < len(slice_of)}) > 1 for g in groups)
-                if crosses:
-                    total.dcn_bytes += sent
-                else:
-                    total.ici_bytes += sent
-            elif name not in fused and ins.op not in _NO_TRAFFIC and not ins.op.endswith("-done"):
-                total.bytes += shape_bytes(ins.shape) + sum(
-                    shape_bytes(shapes.get(o, "")) for o in ins.operands)
+            cost = own_cost(ins, shapes)
+            if cost is not None:
+                items.append(LineItem(name, ins, 1.0, cost))
             if ins.op == "conditional":
                 branches = _BRANCHES.search(ins.attributes)
                 names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")]
                          if branches else _CALLEE.findall(ins.attributes))
-                dearest = max((cost_of(b) for b in names), key=Cost.total, default=Cost())
-                total.add(dearest)
+                names = [b for b in names if b in computations]
+                if names:
+                    calls.append((max(names, key=lambda b: total_of(b).total()), 1.0))
+                continue
+            if ins.op in _COMBINING or ins.op == "fusion":
                 continue
             times = 1.0
+            callees = _CALLEE.findall(ins.attributes)
             if ins.op == "while":
                 trip = _TRIP.search(ins.attributes)
                 condition = re.search(r"\bcondition=%?([\w.\-]+)", ins.attributes)
                 times = float(trip.group(1)) if trip else _counted_trips(
                     computations.get(condition.group(1), []) if condition else [])
-            for callee in _CALLEE.findall(ins.attributes):
-                if ins.op in ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort",
-                              "all-reduce", "all-reduce-start", "reduce-scatter", "map"):
-                    continue  # a per-element combiner, not a program
-                if callee in computations:
-                    total.add(cost_of(callee), times)
+                callees += [condition.group(1)] if condition else []
+            calls += [(callee, times) for callee in callees if callee in computations]
+        return items, calls
+
+    @functools.cache
+    def total_of(name: str) -> Cost:
+        total = Cost()
+        items, calls = own_items(name)
+        for item in items:
+            total.add(item.cost)
+        for callee, times in calls:
+            total.add(total_of(callee), times)
         return total
 
-    return cost_of(entry)
+    # How often each computation runs per step: callers before callees (the call graph has no
+    # cycles), each passing on its own count.
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for callee, _ in own_items(name)[1]:
+            visit(callee)
+        order.append(name)
+
+    visit(entry)
+    runs = {name: 0.0 for name in order}
+    runs[entry] = 1.0
+    for name in reversed(order):
+        for callee, times in own_items(name)[1]:
+            runs[callee] += runs[name] * times
+    return [LineItem(item.computation, item.instruction, runs[name], item.cost)
+            for name in order for item in own_items(name)[0] if runs[name] > 0]
+
+
+def program_cost(text: str, devices: int, slice_of: Sequence[int] | None = None,
+                 on_chip_space: int | None = None) -> Cost:
+    """One device's cost per step of the compiled SPMD program `text`: see `program_items`."""
+    total = Cost()
+    for item in program_items(text, devices, slice_of, on_chip_space):
+        total.add(item.cost, item.times)
+    return total

@@ -24,6 +24,8 @@ import datetime
 import json
 import math
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_jax import flops
+from llama_jax import flops, roofline
 from llama_jax.config import Config, apply_overrides, load_config, to_yaml
 from llama_jax.errors import ConfigError
 from llama_jax.sweep import (
@@ -187,7 +189,7 @@ def estimated_bytes(cfg: Config, c: Candidate, state_total: int) -> float:
     return state + kept + working + logits
 
 
-def arithmetic_seconds(cfg: Config, c: Candidate, limits: flops.Roofline,
+def arithmetic_seconds(cfg: Config, c: Candidate, limits: roofline.Roofline,
                        param_bytes: float) -> float:
     """A step's time from the model alone: FLOPs (with remat's recompute) over the peak, plus
     FSDP's gathers and reduce-scatters, the data axis's all-reduce and tensor parallelism's
@@ -230,19 +232,14 @@ class Budget:
             self.durations.append(seconds)
 
 
-def predict(c: Candidate, limits: flops.Roofline) -> None:
-    """The step time from the compiled program's figures, with the plan's one roofline: each
-    `bench` process measures a CPU host's rates anew, and with compiles running beside it
-    those readings differ by up to 2x, which would rank noise."""
-    f = c.figures
-    if "hlo_bytes_per_device" in f:
-        f["predicted_step_s"] = limits.step_seconds(
-            max(f["hlo_flops_per_device"], f.get("model_flops_per_device") or 0.0),
-            f["hlo_bytes_per_device"], f["ici_bytes_per_device"], f["dcn_bytes_per_device"])
+def predict(c: Candidate, limits: roofline.Roofline) -> None:
+    """The step time from the compiled program's figures, with the plan's one roofline."""
+    if "hlo_kernels" in c.figures:
+        c.figures["predicted_step_s"] = limits.step_seconds(c.figures)
 
 
 def compile_candidates(opts: PlanOptions, todo: list[Candidate], devices: int,
-                       tpu: TpuSlice | None, budget: Budget, limits: flops.Roofline,
+                       tpu: TpuSlice | None, budget: Budget, limits: roofline.Roofline,
                        progress: Callable[[str], None]) -> None:
     """Compile `todo` in order, `opts.jobs` at a time, while the budget allows another."""
     lock = threading.Lock()
@@ -296,20 +293,28 @@ def describe(c: Candidate) -> str:
 # The plan
 
 
-def _roofline_for(tpu: TpuSlice | None, devices: int) -> flops.Roofline:
+def _roofline_for(tpu: TpuSlice | None, devices: int) -> roofline.Roofline:
+    """The chip table's for a slice or a local accelerator; for CPU devices, measured once in
+    a process of its own where the `devices` simulated devices exist, before any compile runs
+    beside it."""
     if tpu is not None:
-        chip = tpu.chip
-        return flops.Roofline(chip.peak_flops, chip.hbm_bytes_per_s, chip.ici_bytes_per_s,
-                              chip.dcn_bytes_per_s, f"{chip.name}: {chip.source}")
+        return roofline.of_chip(tpu.chip)
     import jax
 
-    found = flops.roofline(jax.devices()[:1])
-    if found is None or jax.devices()[0].platform == "cpu":  # shared by the simulated devices
-        copy = flops.measured_copy_bytes_per_s()
-        return flops.Roofline(flops.measured_matmul_flops() / devices, copy / devices,
-                              copy / devices, copy / devices,
-                              f"measured on this host, shared by {devices} CPU devices")
-    return found
+    if jax.devices()[0].platform != "cpu":
+        found = roofline.chip_roofline(jax.devices()[0].device_kind)
+        if found is None:
+            raise ConfigError(f"plan: no roofline for {jax.devices()[0].device_kind} "
+                              "(llama_jax/chips.py lists the chips it knows)")
+        return found
+    command = [sys.executable, "-m", "llama_jax.roofline", str(devices)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env=_child_environment(devices, 0, None))
+    try:
+        return roofline.Roofline.from_json(json.loads(done.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError, TypeError):
+        why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"plan: measuring {devices} CPU devices failed: {why}") from None
 
 
 def _device_memory(tpu: TpuSlice | None) -> float | None:
@@ -378,10 +383,7 @@ def run_plan(opts: PlanOptions, progress: Callable[[str], None] = lambda _: None
     return {
         "config": opts.config, "overrides": opts.overrides,
         "topology": str(tpu) if tpu else None, "devices": devices, "tokens_per_step": tokens,
-        "roofline": {"peak_flops": limits.peak_flops,
-                     "memory_bytes_per_s": limits.memory_bytes_per_s,
-                     "ici_bytes_per_s": limits.ici_bytes_per_s,
-                     "dcn_bytes_per_s": limits.dcn_bytes_per_s, "source": limits.source},
+        "roofline": limits.to_json(),
         "budget_minutes": opts.budget_minutes, "measured": measured,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "best_overrides": best.overrides() if best else None,
@@ -459,8 +461,6 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def print_table(result: dict[str, Any], shown: int = 15) -> None:
-    import sys
-
     from rich.console import Console
     from rich.table import Table
 

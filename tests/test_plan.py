@@ -16,6 +16,7 @@ from llama_jax.bench import compiled_random_step
 from llama_jax.chips import chip_of_kind
 from llama_jax.config import load_config
 from llama_jax.plan import Candidate, candidates, estimated_bytes
+from llama_jax.roofline import Roofline, chip_roofline
 from llama_jax.step import make_setup
 from llama_jax.topology import ENV_LIBTPU, parse_topology
 
@@ -77,6 +78,154 @@ ENTRY %main (p: f32[8,4]) -> f32[32,8] {
     assert cost.flops == 2 * 32 * 8 * 4
 
 
+def _xla_cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, list | tuple) else cost
+
+
+@pytest.mark.parametrize("case", ["batched matmul as a dilated convolution", "padded",
+                                  "strided and dilated 2-D", "grouped"])
+def test_convolution_flops_are_xlas(case):
+    """XLA's own count is exact where there is no loop: the reference. The TPU compiler writes
+    batched matmuls as the first kind; output x kernel size counts those 4 times over."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    conv, lhs, rhs = {
+        "batched matmul as a dilated convolution": (
+            lambda a, b: lax.conv_general_dilated(a, b, (3, 1), [(0, 0), (0, 0)],
+                                                  lhs_dilation=(4, 1),
+                                                  dimension_numbers=("HWNC", "HWIO", "HWNC")),
+            (4, 2, 64, 32), (4, 1, 32, 64)),
+        "padded": (lambda a, b: lax.conv_general_dilated(
+            a, b, (1, 1), [(0, 0), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")),
+            (4, 64, 2, 32), (1, 2, 32, 32)),
+        "strided and dilated 2-D": (lambda a, b: lax.conv_general_dilated(
+            a, b, (2, 2), [(1, 2), (0, 1)], rhs_dilation=(1, 2),
+            dimension_numbers=("NHWC", "HWIO", "NHWC")), (2, 17, 13, 8), (3, 3, 8, 16)),
+        "grouped": (lambda a, b: lax.conv_general_dilated(
+            a, b, (1,), [(2, 2)], feature_group_count=4, dimension_numbers=("NWC", "WIO", "NWC")),
+            (2, 33, 16), (5, 4, 32)),
+    }[case]
+    compiled = jax.jit(conv).lower(jnp.ones(lhs), jnp.ones(rhs)).compile()
+    assert "convolution(" in compiled.as_text()
+    assert hlo_cost.program_cost(compiled.as_text(), 1).flops == _xla_cost(compiled)["flops"]
+
+
+def test_slices_and_updates_in_place_are_charged_their_part():
+    """A fusion that reads one layer of a stack, and an update in place of one layer: the
+    bytes are XLA's own (exact without loops), a slice's, not the stack's. A scan over the
+    stack costs what the same loop unrolled does, where XLA's count sees one trip."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    stack, x, i = jnp.ones((16, 256, 256)), jnp.ones((256, 256)), jnp.int32(3)
+    read = jax.jit(lambda s, i, x: jnp.tanh(lax.dynamic_index_in_dim(s, i, keepdims=False) * x))
+    write = jax.jit(lambda s, i, x: lax.dynamic_update_index_in_dim(s, jnp.tanh(x), i, 0),
+                    donate_argnums=0)
+    for step in (read, write):
+        compiled = step.lower(stack, i, x).compile()
+        ours = hlo_cost.program_cost(compiled.as_text(), 1).bytes
+        assert ours == _xla_cost(compiled)["bytes accessed"] < stack.nbytes
+
+    def layers(s, x, unroll):
+        return lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, s, unroll=unroll)[0]
+
+    looped, unrolled = (jax.jit(layers, static_argnums=2).lower(stack, x, n).compile()
+                        for n in (1, 16))
+    assert hlo_cost.program_cost(looped.as_text(), 1).bytes == pytest.approx(
+        _xla_cost(unrolled)["bytes accessed"], rel=0.05)
+    assert _xla_cost(looped)["bytes accessed"] < 0.2 * _xla_cost(unrolled)["bytes accessed"]
+
+
+def test_nested_fusions_index_comments_and_on_chip_memory():
+    """What the TPU compiler writes: a fusion slicing its operand inside a nested fusion, a
+    `/*index=5*/` comment before every fifth operand, arrays in on-chip memory (`S(1)`)."""
+    text = """HloModule m
+
+%inner (q.0: f32[64,128], i.0: s32[]) -> f32[8,128] {
+  %q.0 = f32[64,128]{1,0} parameter(0)
+  %i.0 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[8,128]{1,0} dynamic-slice(%q.0, %i.0, %z), dynamic_slice_sizes={8,128}
+}
+
+%outer (p.0: f32[4], p.1: f32[4], p.2: f32[4], p.3: f32[4], p.4: f32[4], p.5: f32[64,128], p.6: s32[], p.7: f32[8,128]) -> f32[8,128] {
+  %p.0 = f32[4]{0} parameter(0)
+  %p.1 = f32[4]{0} parameter(1)
+  %p.2 = f32[4]{0} parameter(2)
+  %p.3 = f32[4]{0} parameter(3)
+  %p.4 = f32[4]{0} parameter(4)
+  %p.5 = f32[64,128]{1,0} parameter(5)
+  %p.6 = s32[] parameter(6)
+  %p.7 = f32[8,128]{1,0:S(1)} parameter(7)
+  %f = f32[8,128]{1,0} fusion(%p.5, %p.6), kind=kLoop, calls=%inner
+  ROOT %m = f32[8,128]{1,0} multiply(%f, %p.7)
+}
+
+ENTRY %main (a: f32[64,128], b: s32[], c: f32[8,128], d: f32[4]) -> f32[8,128] {
+  %a = f32[64,128]{1,0} parameter(0)
+  %b = s32[] parameter(1)
+  %c = f32[8,128]{1,0:S(1)} parameter(2)
+  %d = f32[4]{0} parameter(3)
+  ROOT %r = f32[8,128]{1,0} fusion(%d, %d, %d, %d, %d, /*index=5*/%a, %b, %c), kind=kLoop, calls=%outer
+}
+"""
+    slice_bytes = 8 * 128 * 4
+    assert hlo_cost.program_cost(text, 1).bytes == 3 * slice_bytes + 4  # the slice, c, result
+    assert hlo_cost.program_cost(text, 1, on_chip_space=1).bytes == 2 * slice_bytes + 4
+
+
+def test_roofline_is_per_kernel_at_each_size_rate():
+    """Kernels binned by the size classes of their FLOPs and bytes: each bin bound by the
+    slower of the two at the rates measured nearest its sizes (log scale), the bins summed;
+    collectives add their bytes and their latency; the model's FLOPs at peak are the floor.
+    Figures as `bench` prints them (JSON)."""
+    limits = Roofline(peak_flops=100.0, memory_bytes_per_s=10.0, ici_bytes_per_s=5.0,
+                      dcn_bytes_per_s=1.0, source="test",
+                      matmul_rates=((16, 50.0), (4096, 100.0)),
+                      memory_rates=((1024, 40.0), (2**20, 10.0)), collective_latency_s=0.5)
+    figures = {"hlo_kernels": {"64:4096": [100.0, 40.0, 3],  # 100/50 = 2 s > 40/40 = 1 s
+                               "1024:262144": [200.0, 30.0, 1],  # 2 s < 30/10 = 3 s
+                               "1:4096": [0.0, 80.0, 5]},  # no matmul: 80/40 = 2 s
+               "ici_bytes_per_device": 10.0, "dcn_bytes_per_device": 1.0,
+               "collective_ops": 2, "model_flops_per_device": 0.0}
+    figures = json.loads(json.dumps(figures))
+    assert limits.kernel_seconds(figures["hlo_kernels"]) == 2 + 3 + 2
+    assert limits.step_seconds(figures) == 7 + 10 / 5 + 1 / 1 + 2 * 0.5
+    assert limits.step_seconds({**figures, "model_flops_per_device": 1000.0}) == 10 + 4.0
+    chip = chip_roofline("TPU v5")  # one rate at every size
+    assert chip.kernel_seconds({"16:1": [459e12, 0, 1], "4:4": [459e12, 0, 1]}) == 2.0
+    assert Roofline.from_json(json.loads(json.dumps(limits.to_json()))) == limits
+    assert [hlo_cost.size_class(x) for x in (0, 1, 3, 10, 2**20, 3 * 2**20)] == [
+        1, 1, 4, 16, 2**20, 4 * 2**20]
+
+
+def test_kernels_are_fusions_with_their_matmuls():
+    text = """HloModule m
+
+%fused (a.0: f32[8,4], b.0: f32[4,16]) -> f32[8,16] {
+  %a.0 = f32[8,4]{1,0} parameter(0)
+  %b.0 = f32[4,16]{1,0} parameter(1)
+  %d = f32[8,16]{1,0} dot(%a.0, %b.0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = f32[8,16]{1,0} tanh(%d)
+}
+
+ENTRY %main (a: f32[8,4], b: f32[4,16]) -> f32[8,16] {
+  %a = f32[8,4]{1,0} parameter(0)
+  %b = f32[4,16]{1,0} parameter(1)
+  %f = f32[8,16]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused
+  ROOT %n = f32[8,16]{1,0} negate(%f)
+}
+"""
+    cost = hlo_cost.program_cost(text, 1)
+    matmul, moved = 2 * 8 * 16 * 4, 4 * (8 * 4 + 4 * 16 + 8 * 16)
+    key = f"{hlo_cost.size_class(matmul)}:{hlo_cost.size_class(moved)}"
+    assert cost.kernels == {key: [matmul, moved, 1.0], "1:1024": [0.0, 2 * 4 * 8 * 16, 1.0]}
+
+
 def test_chip_table_matches_device_kinds():
     assert chip_of_kind("TPU v5 lite").name == "v5e"
     assert chip_of_kind("TPU v5").name == "v5p"
@@ -119,6 +268,9 @@ def test_plan_on_simulated_cpu_devices(tmp_path):
     assert ranked[0]["measured_step_s"] and ranked[1]["measured_step_s"]  # measured first
     assert ranked[0]["measured_step_s"] <= ranked[1]["measured_step_s"]
     assert all(r["predicted_step_s"] > 0 and r["compiled_gib"] > 0 for r in ranked)
+    limits = result["roofline"]  # measured with the 8 simulated devices running at once
+    assert len(limits["matmul_rates"]) == 3 and len(limits["memory_rates"]) == 3
+    assert limits["collective_latency_s"] > 0 and "8 CPU devices at once" in limits["source"]
     pruned = [r for r in rows if r["status"] == "pruned"]
     assert pruned and all(r["reason"] for r in pruned)  # tensor=8 cannot split 2 KV heads
     assert all(r["status"] in ("ok", "pruned", "skipped") for r in rows)
@@ -161,3 +313,7 @@ def test_plan_for_a_tpu_slice_gives_a_config_that_fits(tmp_path, libtpu_path):  
     figures = json.loads(bench.stdout.strip().splitlines()[-1])
     assert figures["fits"] is True
     assert figures["predicted_step_s"] == pytest.approx(best["predicted_step_s"], rel=1e-6)
+    # The TPU compiler's convolutions counted for the work they do: near the model's FLOPs
+    # (which count causal attention as half), not several times over.
+    model = figures["model_flops_per_device"]
+    assert model <= figures["hlo_flops_per_device"] <= 1.3 * model

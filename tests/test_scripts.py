@@ -77,9 +77,13 @@ def test_bench_restart_times_cold_and_warm_starts(tmp_path):
 def test_calibrate_plan_compares_prediction_with_measurement(tmp_path):
     done = run_script("scripts/calibrate_plan.py", "--config", "configs/tiny.yaml",
                       "--tokens-per-step", "1024", "--remat", "full", "--budget-minutes", "1",
-                      "--steps", "2", "--out", str(tmp_path))
+                      "--steps", "2", "--repeats", "2", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((tmp_path / "calibration.json").read_text())
     assert result["candidates"] >= 2 and result["top_pick_over_best"] >= 1.0
     assert result["min_ratio"] <= result["median_predicted_over_measured"] <= result["max_ratio"]
-    assert "from the best" in done.stdout
+    assert 1.0 <= result["top3_over_best"] <= result["top_pick_over_best"]
+    assert -1.0 <= result["rank_correlation"] <= 1.0
+    assert all(len(runs) == 2 for runs in result["runs_s"].values())
+    assert result["run_spread_median"] >= 0 and "times: the slowest run" in done.stdout
+    assert "from the best" in done.stdout and "rank correlation" in done.stdout
