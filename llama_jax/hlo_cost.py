@@ -5,8 +5,9 @@ run.
 XLA's own `cost_analysis()` counts a while loop's body once, so for a model whose layers are a
 `scan` it reports a fraction of the FLOPs (tiny model, 4 layers: 38%). Here every computation
 is costed once and multiplied by how often its callers run it: a while body by its
-`known_trip_count`, a conditional by its dearest branch. `plan` turns the three figures into a
-predicted step time with the chip's peak FLOP/s, memory and interconnect bandwidths.
+`known_trip_count` (or its condition's `i < N`), a conditional by its dearest branch. The work
+is kept per kernel (an instruction outside fusions; a fusion is one, with its matmuls), binned
+by size, for roofline.py's per-kernel step time.
 
 What is counted:
 - FLOPs: `dot`, `convolution` and library GEMM custom calls (2 x output elements x contracted
@@ -57,9 +58,8 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 def size_class(amount: float) -> int:
-    """The power of 4 nearest `amount`: kernels are binned by the size of their work, since
-    small matmuls and small passes over memory run below a CPU's large-size rates (or fit its
-    caches)."""
+    """The power of 4 nearest `amount`: kernels are binned by the size of their work, since a
+    small pass over memory runs faster on a CPU (its caches) than a large one."""
     return 4 ** round(math.log(amount, 4)) if amount >= 1 else 1
 
 
@@ -75,7 +75,9 @@ class Cost:
     collective_ops: float = 0.0  # collectives run
     # Kernels (instructions outside fusions, each fusion one) by the size classes of their
     # FLOPs and bytes, `"flops_class:bytes_class" -> [FLOPs, bytes, kernels run]`: what a
-    # roofline applied per kernel needs, in a form that JSON keeps.
+    # roofline applied per kernel needs, in a form that JSON keeps. Kernels share a bin only
+    # where both their FLOPs and their bytes are alike, so the bin's max(compute, memory) is
+    # close to the sum of its kernels' own.
     kernels: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, other: Cost, times: float = 1.0) -> None:

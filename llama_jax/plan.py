@@ -369,6 +369,10 @@ def run_plan(opts: PlanOptions, progress: Callable[[str], None] = lambda _: None
              f"{opts.jobs} at a time, for at most {opts.budget_minutes:g} minutes")
     budget = Budget(opts.budget_minutes)
     compile_candidates(opts, todo, devices, tpu, budget, limits, progress)
+    if limits.measured:  # again, minutes later: a busy moment of the host is not its rate
+        limits = limits.best_of(_roofline_for(tpu, devices))
+        for c in todo:
+            predict(c, limits)
     compiled = sorted((c for c in todo if c.status == "ok" and c.predicted_s()),
                       key=lambda c: c.tokens / c.predicted_s(), reverse=True)
     measured = tpu is None and opts.measure > 0

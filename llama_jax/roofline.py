@@ -41,21 +41,19 @@ class Roofline:
     ici_bytes_per_s: float
     dcn_bytes_per_s: float
     source: str
-    matmul_rates: Rates = ()  # by FLOPs per kernel; none: the peak at every size
     memory_rates: Rates = ()  # by bytes per kernel; none: memory_bytes_per_s
     collective_latency_s: float = 0.0  # per collective, beyond its bytes (CPU: measured)
 
     def kernel_seconds(self, kernels: Mapping[str, Sequence[float]]) -> float:
         """The roofline per kernel, summed: kernels run one after another, each bound by its
-        matmul work or its memory traffic, whichever is slower at its size.
+        matmul work or its memory traffic, whichever is slower (memory at its size's rate).
         `kernels`: `hlo_cost.Cost.kernels`, `"flops_class:bytes_class" -> [FLOPs, bytes,
         kernels run]`."""
         total = 0.0
         for key, (flops, moved, _) in kernels.items():
-            flops_class, bytes_class = (float(x) for x in key.split(":"))
-            total += max(flops / _rate(self.matmul_rates, flops_class, self.peak_flops),
-                         moved / _rate(self.memory_rates, bytes_class,
-                                       self.memory_bytes_per_s))
+            bytes_class = float(key.split(":")[1])
+            total += max(flops / self.peak_flops,
+                         moved / _rate(self.memory_rates, bytes_class, self.memory_bytes_per_s))
         return total
 
     def step_seconds(self, figures: Mapping[str, Any]) -> float:
@@ -71,14 +69,31 @@ class Roofline:
                 + figures.get("dcn_bytes_per_device", 0.0) / self.dcn_bytes_per_s
                 + figures.get("collective_ops", 0.0) * self.collective_latency_s)
 
+    @property
+    def measured(self) -> bool:
+        return bool(self.memory_rates)
+
+    def best_of(self, other: Roofline) -> Roofline:
+        """The faster of two measurements of the same devices, figure by figure: on a shared
+        host one measurement read half the matmul rate of another taken an hour before."""
+        rates = dict(self.memory_rates)
+        for size, rate in other.memory_rates:
+            rates[size] = max(rate, rates.get(size, 0.0))
+        return Roofline(
+            max(self.peak_flops, other.peak_flops),
+            max(self.memory_bytes_per_s, other.memory_bytes_per_s),
+            max(self.ici_bytes_per_s, other.ici_bytes_per_s),
+            max(self.dcn_bytes_per_s, other.dcn_bytes_per_s), self.source + " (best of two)",
+            tuple(sorted(rates.items())),
+            min(self.collective_latency_s, other.collective_latency_s))
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Roofline:
-        rates = {k: tuple(tuple(r) for r in data.get(k, ())) for k in ("matmul_rates",
-                                                                        "memory_rates")}
-        return Roofline(**{**data, **rates})
+        return Roofline(**{**data, "memory_rates": tuple(tuple(r) for r in
+                                                          data.get("memory_rates", ()))})
 
 
 def _rate(rates: Rates, size: float, default: float) -> float:

@@ -152,7 +152,7 @@ def test_nested_fusions_index_comments_and_on_chip_memory():
   ROOT %ds = f32[8,128]{1,0} dynamic-slice(%q.0, %i.0, %z), dynamic_slice_sizes={8,128}
 }
 
-%outer (p.0: f32[4], p.1: f32[4], p.2: f32[4], p.3: f32[4], p.4: f32[4], p.5: f32[64,128], p.6: s32[], p.7: f32[8,128]) -> f32[8,128] {
+%outer (p.0: f32[4], p.5: f32[64,128]) -> f32[8,128] {
   %p.0 = f32[4]{0} parameter(0)
   %p.1 = f32[4]{0} parameter(1)
   %p.2 = f32[4]{0} parameter(2)
@@ -170,7 +170,7 @@ ENTRY %main (a: f32[64,128], b: s32[], c: f32[8,128], d: f32[4]) -> f32[8,128] {
   %b = s32[] parameter(1)
   %c = f32[8,128]{1,0:S(1)} parameter(2)
   %d = f32[4]{0} parameter(3)
-  ROOT %r = f32[8,128]{1,0} fusion(%d, %d, %d, %d, %d, /*index=5*/%a, %b, %c), kind=kLoop, calls=%outer
+  ROOT %r = f32[8,128]{1,0} fusion(%d, %d, %d, %d, %d, /*index=5*/%a, %b, %c), calls=%outer
 }
 """
     slice_bytes = 8 * 128 * 4
@@ -180,14 +180,13 @@ ENTRY %main (a: f32[64,128], b: s32[], c: f32[8,128], d: f32[4]) -> f32[8,128] {
 
 def test_roofline_is_per_kernel_at_each_size_rate():
     """Kernels binned by the size classes of their FLOPs and bytes: each bin bound by the
-    slower of the two at the rates measured nearest its sizes (log scale), the bins summed;
-    collectives add their bytes and their latency; the model's FLOPs at peak are the floor.
-    Figures as `bench` prints them (JSON)."""
+    slower of its matmuls at peak and its memory traffic at the rate measured nearest its size
+    (log scale), the bins summed; collectives add their bytes and their latency; the model's
+    FLOPs at peak are the floor. Figures as `bench` prints them (JSON)."""
     limits = Roofline(peak_flops=100.0, memory_bytes_per_s=10.0, ici_bytes_per_s=5.0,
                       dcn_bytes_per_s=1.0, source="test",
-                      matmul_rates=((16, 50.0), (4096, 100.0)),
                       memory_rates=((1024, 40.0), (2**20, 10.0)), collective_latency_s=0.5)
-    figures = {"hlo_kernels": {"64:4096": [100.0, 40.0, 3],  # 100/50 = 2 s > 40/40 = 1 s
+    figures = {"hlo_kernels": {"64:4096": [200.0, 40.0, 3],  # 200/100 = 2 s > 40/40 = 1 s
                                "1024:262144": [200.0, 30.0, 1],  # 2 s < 30/10 = 3 s
                                "1:4096": [0.0, 80.0, 5]},  # no matmul: 80/40 = 2 s
                "ici_bytes_per_device": 10.0, "dcn_bytes_per_device": 1.0,
@@ -199,6 +198,11 @@ def test_roofline_is_per_kernel_at_each_size_rate():
     chip = chip_roofline("TPU v5")  # one rate at every size
     assert chip.kernel_seconds({"16:1": [459e12, 0, 1], "4:4": [459e12, 0, 1]}) == 2.0
     assert Roofline.from_json(json.loads(json.dumps(limits.to_json()))) == limits
+    slower = Roofline(50.0, 10.0, 6.0, 1.0, "test", ((1024, 30.0), (2**20, 12.0)), 0.25)
+    best = limits.best_of(slower)  # figure by figure, the faster
+    assert (best.peak_flops, best.ici_bytes_per_s, best.collective_latency_s) == (100, 6, 0.25)
+    assert best.memory_rates == ((1024, 40.0), (2**20, 12.0)) and best.measured
+    assert not chip.measured
     assert [hlo_cost.size_class(x) for x in (0, 1, 3, 10, 2**20, 3 * 2**20)] == [
         1, 1, 4, 16, 2**20, 4 * 2**20]
 
@@ -269,7 +273,7 @@ def test_plan_on_simulated_cpu_devices(tmp_path):
     assert ranked[0]["measured_step_s"] <= ranked[1]["measured_step_s"]
     assert all(r["predicted_step_s"] > 0 and r["compiled_gib"] > 0 for r in ranked)
     limits = result["roofline"]  # measured with the 8 simulated devices running at once
-    assert len(limits["matmul_rates"]) == 3 and len(limits["memory_rates"]) == 3
+    assert len(limits["memory_rates"]) == 3 and "best of two" in limits["source"]
     assert limits["collective_latency_s"] > 0 and "8 CPU devices at once" in limits["source"]
     pruned = [r for r in rows if r["status"] == "pruned"]
     assert pruned and all(r["reason"] for r in pruned)  # tensor=8 cannot split 2 KV heads
@@ -314,6 +318,7 @@ def test_plan_for_a_tpu_slice_gives_a_config_that_fits(tmp_path, libtpu_path):  
     assert figures["fits"] is True
     assert figures["predicted_step_s"] == pytest.approx(best["predicted_step_s"], rel=1e-6)
     # The TPU compiler's convolutions counted for the work they do: near the model's FLOPs
-    # (which count causal attention as half), not several times over.
+    # (which count causal attention as half, and full remat as 4/3 of the step), not several
+    # times over.
     model = figures["model_flops_per_device"]
-    assert model <= figures["hlo_flops_per_device"] <= 1.3 * model
+    assert 0.85 * model <= figures["hlo_flops_per_device"] <= 1.3 * model
