@@ -35,7 +35,7 @@ from typing import Any
 
 from llama_jax import flops, roofline
 from llama_jax.config import Config, apply_overrides, load_config, to_yaml
-from llama_jax.errors import ConfigError
+from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.sweep import (
     Layout,
     _child_environment,
@@ -294,8 +294,8 @@ def describe(c: Candidate) -> str:
 
 
 def _roofline_for(tpu: TpuSlice | None, devices: int) -> roofline.Roofline:
-    """The chip table's for a slice or a local accelerator; for CPU devices, measured once in
-    a process of its own where the `devices` simulated devices exist, before any compile runs
+    """The chip table's for a slice or a local accelerator; for CPU devices, measured in a
+    process of its own where the `devices` simulated devices exist, while no compile runs
     beside it."""
     if tpu is not None:
         return roofline.of_chip(tpu.chip)
@@ -314,7 +314,7 @@ def _roofline_for(tpu: TpuSlice | None, devices: int) -> roofline.Roofline:
         return roofline.Roofline.from_json(json.loads(done.stdout.strip().splitlines()[-1]))
     except (IndexError, ValueError, TypeError):
         why = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"plan: measuring {devices} CPU devices failed: {why}") from None
+        raise LlamaJaxError(f"plan: measuring {devices} CPU devices failed: {why}") from None
 
 
 def _device_memory(tpu: TpuSlice | None) -> float | None:
