@@ -24,7 +24,7 @@ from llama_jax.data.batch import one_document_rows, to_global
 from llama_jax.data.feed import make_source, prepare
 from llama_jax.errors import LlamaJaxError
 from llama_jax.sharding import make_mesh
-from llama_jax.step import Setup, init_state, make_setup, make_train_step
+from llama_jax.step import Setup, init_state, make_fp8_calibration, make_setup, make_train_step
 from llama_jax.topology import TpuSlice, parse_topology, topology_devices
 
 
@@ -135,6 +135,9 @@ def compiled_random_step(setup: Setup) -> tuple[Any, dict[str, jax.Array], Any, 
     cfg = setup.cfg
     state = init_state(setup)
     batch = to_global(random_batch(cfg), setup.mesh, setup.rules, cfg.train.global_batch_size)
+    calibrate = make_fp8_calibration(setup)  # delayed fp8: amax histories begun, as train does
+    if calibrate is not None:
+        state = calibrate(state, batch)
     start = time.perf_counter()
     compiled = make_train_step(setup).lower(state, batch).compile()
     return state, batch, compiled, time.perf_counter() - start

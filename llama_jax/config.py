@@ -42,6 +42,7 @@ ContextParallel = Literal["all_gather", "ring"]
 Quantization = Literal["none", "fp8"]
 Fp8Gradients = Literal["e4m3", "e5m2"]
 Fp8WeightGradient = Literal["fp8", "bf16"]
+Fp8Scaling = Literal["current", "delayed"]
 Schedule = Literal["constant", "cosine", "linear", "wsd"]
 Enabled = Literal["auto", "true", "false"]
 NonFinitePolicy = Literal["auto", "skip", "stop", "rollback"]
@@ -115,6 +116,10 @@ class ModelConfig:
     quantization: Quantization = "none"  # fp8: the block's projections (fp8.py)
     fp8_gradients: Fp8Gradients = "e4m3"  # the output gradients' format
     fp8_weight_gradient: Fp8WeightGradient = "fp8"  # the weight gradient's product
+    # current: each operand scaled by its own amax in the same step; delayed: by the largest
+    # amax of the last `fp8_amax_history` steps, kept in the train state (fp8.py)
+    fp8_scaling: Fp8Scaling = "current"
+    fp8_amax_history: int = 16
 
     @property
     def kv_heads(self) -> int:
@@ -435,6 +440,7 @@ _POSITIVE = (
     "data.seq_len", "train.steps", "train.global_batch_size", "train.microbatches",
     "train.log_every", "train.eval_batches", "train.loss_scale_init", "train.loss_scale_window",
     "train.loss_scale_hysteresis", "train.loss_scale_min", "data.read_threads",
+    "model.fp8_amax_history",
 )
 _NON_NEGATIVE = (
     "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
@@ -494,6 +500,9 @@ def validate(cfg: Config) -> None:
     if m.loss_chunks > 1 and not cfg.train.fused_loss:
         raise ConfigError(f"model.loss_chunks={m.loss_chunks} needs train.fused_loss=true (the "
                           f"chunked loss is the fused LM head's)")
+    if m.fp8_scaling == "delayed" and m.quantization != "fp8":
+        raise ConfigError("model.fp8_scaling=delayed needs model.quantization=fp8 (it scales "
+                          "the fp8 matmuls' operands)")
     if m.attention_block < 0:
         raise ConfigError(f"model.attention_block={m.attention_block} must be >= 0 (0: off)")
     if not 0.0 < m.rotary_pct <= 1.0:

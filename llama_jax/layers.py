@@ -18,6 +18,7 @@ from flax import nnx
 
 from llama_jax import context_parallel
 from llama_jax.config import ModelConfig
+from llama_jax.fp8 import LayerScales, operand
 from llama_jax.ops import (
     activation_down,
     attention,
@@ -146,15 +147,19 @@ class Attention(nnx.Module):
             self.v_bias = bias((k, h), ("kv_heads", "head_dim"), pdtype)
             self.o_bias = bias((d,), ("embed",), pdtype)
 
-    def project_qkv(self, x_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array, Array]:
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def project_qkv(self, x_BxTxD: Array, positions_BxT: Array,
+                    fp8: LayerScales | None = None) -> tuple[Array, Array, Array]:
         cd, matmul = x_BxTxD.dtype, projection_matmul(self.cfg)
 
-        def project(w_DxNxH: Array) -> Array:
+        def project(name: str, w_DxNxH: Array) -> Array:
             d, n, h = w_DxNxH.shape
-            y = matmul(x_BxTxD, w_DxNxH.astype(cd).reshape(d, n * h))
+            y = matmul(x_BxTxD, operand(fp8, name, w_DxNxH.astype(cd).reshape(d, n * h)))
             return y.reshape(*y.shape[:-1], n, h)
 
-        q, k, v = project(self.q_proj[...]), project(self.k_proj[...]), project(self.v_proj[...])
+        q, k, v = (project("q_proj", self.q_proj[...]), project("k_proj", self.k_proj[...]),
+                   project("v_proj", self.v_proj[...]))
         if self.cfg.attention_bias:
             q, k, v = (q + self.q_bias[...].astype(cd), k + self.k_bias[...].astype(cd),
                        v + self.v_bias[...].astype(cd))
@@ -179,19 +184,21 @@ class Attention(nnx.Module):
         return attention(q, k, v, segment_ids_BxT, impl=self.cfg.attention, scale=scale,
                          block=self.cfg.attention_block)
 
-    def project_out(self, out_BxTxNxH: Array) -> Array:
+    def project_out(self, out_BxTxNxH: Array, fp8: LayerScales | None = None) -> Array:
         n, h, d = self.o_proj.shape
         flat = out_BxTxNxH.reshape(*out_BxTxNxH.shape[:-2], n * h)
         matmul = projection_matmul(self.cfg)
-        y = matmul(flat, self.o_proj[...].astype(flat.dtype).reshape(n * h, d))
+        y = matmul(flat, operand(fp8, "o_proj",
+                                 self.o_proj[...].astype(flat.dtype).reshape(n * h, d)))
         if self.cfg.attention_bias:
             y = y + self.o_bias[...].astype(y.dtype)
         return y
 
-    def __call__(self, x_BxTxD: Array, positions_BxT: Array,
-                 segment_ids_BxT: Array | None) -> Array:
-        q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
-        return self.project_out(self.attend(q, k, v, positions_BxT, segment_ids_BxT))
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None,
+                 fp8: LayerScales | None = None) -> Array:
+        """`fp8`: this layer's delayed fp8 scales (model.fp8_scaling=delayed), else None."""
+        q, k, v = self.project_qkv(x_BxTxD, positions_BxT, fp8)
+        return self.project_out(self.attend(q, k, v, positions_BxT, segment_ids_BxT), fp8)
 
     def cached(self, x_BxTxD: Array, positions_BxT: Array, cache: LayerCache
                ) -> tuple[Array, LayerCache]:
@@ -227,18 +234,24 @@ class MLP(nnx.Module):
             self.up_bias = bias((f,), ("mlp",), pdtype)
             self.down_bias = bias((d,), ("embed",), pdtype)
 
-    def __call__(self, x_BxTxD: Array) -> Array:
+    @staticmethod
+    def projections(cfg: ModelConfig) -> tuple[str, ...]:
+        return ("gate_proj", "up_proj", "down_proj") if cfg.activation == "swiglu" else (
+            "up_proj", "down_proj")
+
+    def __call__(self, x_BxTxD: Array, fp8: LayerScales | None = None) -> Array:
         cd = x_BxTxD.dtype
         matmul = projection_matmul(self.cfg)
-        up = matmul(x_BxTxD, self.up_proj[...].astype(cd))
+        up = matmul(x_BxTxD, operand(fp8, "up_proj", self.up_proj[...].astype(cd)))
         if self.use_bias:
             up = up + self.up_bias[...].astype(cd)
         gate = None
         if self.activation == "swiglu":
-            gate = matmul(x_BxTxD, self.gate_proj[...].astype(cd))
+            gate = matmul(x_BxTxD, operand(fp8, "gate_proj", self.gate_proj[...].astype(cd)))
             if self.use_bias:
                 gate = gate + self.gate_bias[...].astype(cd)
-        y = activation_down(self.activation, matmul, up, gate, self.down_proj[...].astype(cd))
+        y = activation_down(self.activation, matmul, up, gate,
+                            operand(fp8, "down_proj", self.down_proj[...].astype(cd)))
         if self.use_bias:
             y = y + self.down_bias[...].astype(cd)
         return y

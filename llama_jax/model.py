@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.config import ModelConfig
+from llama_jax.fp8 import LayerScales
 from llama_jax.layers import MLP, Attention, LayerCache, Norm, dtype_of, param
 from llama_jax.ops import ATTENTION_LSE, ATTENTION_OUT, dense_to_f32
 from llama_jax.sharding import constrain
@@ -69,22 +70,24 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD: Array, positions_BxT: Array,
-                 segment_ids_BxT: Array | None) -> Array:
-        attn_out = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
-        return self._residual(x_BxTxD, attn_out)
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None,
+                 fp8: LayerScales | None = None) -> Array:
+        attn_out = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT,
+                             None if fp8 is None else fp8.of("attn"))
+        return self._residual(x_BxTxD, attn_out, None if fp8 is None else fp8.of("mlp"))
 
     def cached(self, x_BxTxD: Array, positions_BxT: Array, cache: LayerCache
                ) -> tuple[Array, LayerCache]:
         attn_out, cache = self.attn.cached(self.attn_norm(x_BxTxD), positions_BxT, cache)
         return self._residual(x_BxTxD, attn_out), cache
 
-    def _residual(self, x_BxTxD: Array, attn_out: Array) -> Array:
+    def _residual(self, x_BxTxD: Array, attn_out: Array, fp8: LayerScales | None = None
+                  ) -> Array:
         if self.parallel_residual:
-            y = x_BxTxD + attn_out + self.mlp(self.mlp_norm(x_BxTxD))
+            y = x_BxTxD + attn_out + self.mlp(self.mlp_norm(x_BxTxD), fp8)
         else:
             h = x_BxTxD + attn_out
-            y = h + self.mlp(self.mlp_norm(h))
+            y = h + self.mlp(self.mlp_norm(h), fp8)
         return constrain(y, ("batch", "length", "embed"))
 
 
@@ -117,9 +120,10 @@ class Transformer(nnx.Module):
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                  std, pdtype, embedding=True)
 
-    def _block_fn(self) -> Callable[[Block, Array, Array, Array | None], Array]:
-        def run(block: Block, x: Array, positions: Array, segment_ids: Array | None) -> Array:
-            return block(x, positions, segment_ids)
+    def _block_fn(self) -> Callable[..., Array]:
+        def run(block: Block, x: Array, positions: Array, segment_ids: Array | None,
+                fp8: LayerScales | None) -> Array:
+            return block(x, positions, segment_ids, fp8)
 
         policy = self.cfg.remat
         if policy == "none":
@@ -149,14 +153,17 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
     def hidden_states(self, tokens_BxT: Array, positions_BxT: Array | None = None,
-                      segment_ids_BxT: Array | None = None) -> Array:
-        """The last block's output (before the final norm)."""
+                      segment_ids_BxT: Array | None = None, fp8: LayerScales | None = None
+                      ) -> Array:
+        """The last block's output (before the final norm). `fp8`: every layer's delayed
+        fp8 scales, stacked on a leading layer dimension (model.fp8_scaling=delayed)."""
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x = self.embed_tokens(tokens_BxT, positions_BxT)
         block_fn = self._block_fn()
         x, _ = self.over_layers(
-            lambda block, x, _: (block_fn(block, x, positions_BxT, segment_ids_BxT), None), x, None)
+            lambda block, x, mine: (block_fn(block, x, positions_BxT, segment_ids_BxT, mine),
+                                    None), x, fp8)
         return x
 
     def over_layers(self, fn: Callable[[Block, Array, Any], tuple[Array, Any]], x: Array,
@@ -179,8 +186,15 @@ class Transformer(nnx.Module):
         return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
-                 segment_ids_BxT: Array | None = None) -> Array:
-        return self.logits(self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT))
+                 segment_ids_BxT: Array | None = None, fp8: LayerScales | None = None
+                 ) -> Array:
+        return self.logits(self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT, fp8))
+
+
+def fp8_projections(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """The weights of each block that go through fp8 matmuls, by sub-module: what the amax
+    histories of delayed scaling are kept for."""
+    return {"attn": Attention.PROJECTIONS, "mlp": MLP.projections(cfg)}
 
 
 @flax.struct.dataclass

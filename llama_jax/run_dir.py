@@ -46,7 +46,7 @@ RESUMABLE = (
     "data.tfds_data_dir", "model.remat", "model.attention",
     "model.attention_block", "model.loss_chunks", "model.context_parallel",
     "model.compute_dtype", "model.quantization", "model.fp8_gradients",
-    "model.fp8_weight_gradient", "optimizer.lr", "optimizer.schedule",
+    "model.fp8_weight_gradient", "model.fp8_scaling", "optimizer.lr", "optimizer.schedule",
     "optimizer.warmup_steps", "optimizer.min_lr_ratio", "optimizer.decay_fraction",
     "optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.weight_decay",
 )

@@ -1,9 +1,10 @@
 """The train state and its shardings, the loss and its gradients, the compiled train and eval
 steps.
 
-The state is a plain pytree {"step", "params", "opt_state", "loss_scale", "nonfinite"} of pure
-dicts (no NNX objects), so jit, Orbax and HF conversion all see ordinary arrays. The NNX graph
-is split once; each traced step merges it with the params, which costs nothing at run time.
+The state is a plain pytree {"step", "params", "opt_state", "loss_scale", "nonfinite"} (and
+"fp8", the amax histories, under delayed fp8 scaling) of pure dicts (no NNX objects), so jit,
+Orbax and HF conversion all see ordinary arrays. The NNX graph is split once; each traced step
+merges it with the params, which costs nothing at run time.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax import context_parallel, platform, sharding
+from llama_jax import context_parallel, fp8, platform, sharding
 from llama_jax.config import Config
 from llama_jax.data.batch import BATCH_KEYS
 from llama_jax.data.feed import source_kind
 from llama_jax.errors import ConfigError
 from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
-from llama_jax.model import OFFLOAD_POLICIES, Transformer
+from llama_jax.model import OFFLOAD_POLICIES, Transformer, fp8_projections
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 from llama_jax.precision import NEVER, LossScale
 
@@ -112,11 +113,16 @@ def init_state(setup: Setup) -> PyTree:
 
 def fresh_entries(cfg: Config) -> dict[str, PyTree]:
     """The state's entries beside step, params and opt_state: the loss scale and the counters
-    of skipped steps (optax.apply_if_finite's), as a run starts them."""
-    return {"loss_scale": LossScale.from_config(cfg).initial(),
-            "nonfinite": {"notfinite_count": jnp.zeros((), jnp.int32),
-                          "last_finite": jnp.ones((), jnp.bool_),
-                          "total_notfinite": jnp.zeros((), jnp.int32)}}
+    of skipped steps (optax.apply_if_finite's), as a run starts them; under delayed fp8
+    scaling, empty amax histories."""
+    entries = {"loss_scale": LossScale.from_config(cfg).initial(),
+               "nonfinite": {"notfinite_count": jnp.zeros((), jnp.int32),
+                             "last_finite": jnp.ones((), jnp.bool_),
+                             "total_notfinite": jnp.zeros((), jnp.int32)}}
+    if cfg.model.fp8_scaling == "delayed":
+        entries["fp8"] = fp8.empty_history(fp8_projections(cfg.model), cfg.model.num_layers,
+                                           cfg.model.fp8_amax_history)
+    return entries
 
 
 def completed(setup: Setup, restored: PyTree) -> PyTree:
@@ -150,16 +156,18 @@ def _joined(inner: PyTree, counters: dict[str, Any]) -> optax.ApplyIfFiniteState
 # Steps
 
 
-def _forward_sums(setup: Setup, params: PyTree, batch: Batch) -> tuple[jax.Array, dict]:
-    loss_of, batch = _forward(setup, params, batch)
+def _forward_sums(setup: Setup, params: PyTree, batch: Batch,
+                  scales: fp8.LayerScales | None = None) -> tuple[jax.Array, dict]:
+    loss_of, batch = _forward(setup, params, batch, scales)
     return loss_of(batch["weights"])
 
 
-def _forward(setup: Setup, params: PyTree, batch: Batch
+def _forward(setup: Setup, params: PyTree, batch: Batch, scales: fp8.LayerScales | None = None
              ) -> tuple[Callable[[jax.Array], tuple[jax.Array, dict]], Batch]:
     """The model's forward pass, and the loss sums it gives for any token weights (so
     evaluation can weigh the same forward pass several ways); the batch in the order the
-    model saw it."""
+    model saw it. `scales`: delayed fp8 scales of every layer (without them fp8 matmuls scale
+    by current amaxes, as evaluation does)."""
     model = nnx.merge(setup.graphdef, params)
     cfg = setup.cfg
     shards = context_parallel.sequence_shards(setup.mesh, setup.rules)
@@ -171,9 +179,9 @@ def _forward(setup: Setup, params: PyTree, batch: Batch
     args = (batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None)
     targets, z_loss = batch["targets"], cfg.train.z_loss
     if not cfg.train.fused_loss:
-        logits = model(*args)
+        logits = model(*args, fp8=scales)
         return (lambda weights: loss_sums(logits, targets, weights, z_loss)), batch
-    x = model.final_norm(model.hidden_states(*args))
+    x = model.final_norm(model.hidden_states(*args, fp8=scales))
     w = model.head_weight(x.dtype)
     chunks = loss_chunks(setup, x.shape[0])
     if chunks == 1:
@@ -205,8 +213,8 @@ def _split_microbatches(batch: Batch, k: int) -> Batch:
             for key, x in batch.items()}
 
 
-def gradients(setup: Setup, params: PyTree, batch: Batch, loss_scale: jax.Array | float = 1.0
-              ) -> tuple[PyTree, dict]:
+def gradients(setup: Setup, params: PyTree, batch: Batch, loss_scale: jax.Array | float = 1.0,
+              scales: fp8.LayerScales | None = None) -> tuple[PyTree, dict]:
     """Gradients of the token-mean loss, accumulated over `train.microbatches` in a scan.
 
     The backward starts from `loss_scale / tokens` (tokens counted over the whole batch before
@@ -215,35 +223,42 @@ def gradients(setup: Setup, params: PyTree, batch: Batch, loss_scale: jax.Array 
     Summed losses make k microbatches of b rows give exactly the gradient of one batch of k*b
     rows, however the padding falls. When the loss is not finite the gradients are NaN too, so
     one finiteness check of the gradients covers both.
+
+    With delayed fp8 `scales`, the amaxes the step observed come back as `fp8_amax` (the
+    scales' "gradient", fp8.py), the largest over the microbatches.
     """
     k = setup.cfg.train.microbatches
     tokens = jnp.maximum(batch["weights"].sum(), 1.0)
     seed = (loss_scale / tokens).astype(jnp.float32)
 
-    def scaled(p: PyTree, b: Batch) -> tuple[jax.Array, dict]:
-        total, aux = _forward_sums(setup, p, b)
+    def scaled(p: PyTree, s: fp8.LayerScales | None, b: Batch) -> tuple[jax.Array, dict]:
+        total, aux = _forward_sums(setup, p, b, s)
         return total * seed, {**aux, "total": total}
 
-    grad_fn = jax.value_and_grad(scaled, has_aux=True)
+    grad_fn = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)
     with sharding.activation_sharding(setup.mesh, setup.rules):
         if k == 1:
-            (_, aux), grads = grad_fn(params, batch)
+            (_, aux), (grads, amax) = grad_fn(params, scales, batch)
         else:
             def micro(carry: tuple, mb: Batch) -> tuple[tuple, None]:
-                g_acc, aux_acc = carry
+                g_acc, amax_acc, aux_acc = carry
                 mb = {key: sharding.constrain(x, ("batch", "length")) for key, x in mb.items()}
-                (_, aux), g = grad_fn(params, mb)
-                return (jax.tree.map(jnp.add, g_acc, g),
+                (_, aux), (g, amax) = grad_fn(params, scales, mb)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.maximum, amax_acc, amax),
                         jax.tree.map(jnp.add, aux_acc, aux)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
+            zeros = jax.tree.map(jnp.zeros_like, (params, scales))
             aux0 = {key: jnp.zeros((), jnp.float32) for key in ("ce_sum", "tokens", "total")}
-            (grads, aux), _ = jax.lax.scan(micro, (zeros, aux0), _split_microbatches(batch, k))
+            (grads, amax, aux), _ = jax.lax.scan(micro, (*zeros, aux0),
+                                                 _split_microbatches(batch, k))
     loss = aux["ce_sum"] / tokens
     unscale = jnp.where(jnp.isfinite(loss), 1.0 / loss_scale, jnp.nan).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g * unscale.astype(g.dtype), grads)
-    return grads, {"ce_sum": aux["ce_sum"], "tokens": aux["tokens"], "loss": loss,
-                   "z_loss": (aux["total"] - aux["ce_sum"]) / tokens}
+    out = {"ce_sum": aux["ce_sum"], "tokens": aux["tokens"], "loss": loss,
+           "z_loss": (aux["total"] - aux["ce_sum"]) / tokens}
+    if scales is not None:
+        out["fp8_amax"] = amax.values
+    return grads, out
 
 
 def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dict]]:
@@ -257,7 +272,9 @@ def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dic
 
     def step(state: PyTree, batch: Batch) -> tuple[PyTree, dict]:
         params, scale_state = state["params"], state["loss_scale"]
-        grads, aux = gradients(setup, params, batch, scale_state["scale"])
+        history = state.get("fp8")
+        scales = None if history is None else fp8.scales_from(history, cfg.model.fp8_gradients)
+        grads, aux = gradients(setup, params, batch, scale_state["scale"], scales)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, new_opt = setup.tx.update(
             grads, _joined(state["opt_state"], state["nonfinite"]), params)
@@ -266,6 +283,10 @@ def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dic
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": inner, "nonfinite": counters,
                      "loss_scale": scaler.update(scale_state, finite)}
+        if history is not None:  # a skipped step leaves the histories as they were
+            observed = fp8.recorded(history, aux["fp8_amax"])
+            new_state["fp8"] = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                            observed, history)
         metrics = {
             "loss": aux["loss"], "grad_norm": grad_norm, "tokens": aux["tokens"],
             "z_loss": aux["z_loss"],
@@ -284,6 +305,31 @@ def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dic
         donate_argnums=(0,),
         compiler_options=platform.compiler_options(setup.mesh),
     )
+    return platform.synchronous_on_cpu(compiled, setup.mesh)
+
+
+def make_fp8_calibration(setup: Setup) -> Callable[[PyTree, Batch], PyTree] | None:
+    """Under delayed fp8 scaling, the state with its amax histories begun from one batch
+    measured with current scaling (nothing else changes); None otherwise.
+
+    Why: an empty history has no scale to give. Scale 1 would flush the output gradients
+    (about 1e-6 after the token mean) to zero in fp8 and make the first update meaningless;
+    the first batch's own amaxes are the scales current scaling would have used. The train
+    loop calls it for a state whose histories are empty (`fp8.is_empty`): a fresh start, a
+    rollback to it, or a resume from a checkpoint written without delayed scaling.
+    """
+    if "fp8" not in setup.abstract_state:
+        return None
+    cfg = setup.cfg
+
+    def calibrate(state: PyTree, batch: Batch) -> PyTree:
+        scales = fp8.scales_from(state["fp8"], cfg.model.fp8_gradients, current=True)
+        _, aux = gradients(setup, state["params"], batch, state["loss_scale"]["scale"], scales)
+        return {**state, "fp8": fp8.recorded(state["fp8"], aux["fp8_amax"])}
+
+    compiled = jax.jit(calibrate, in_shardings=(setup.state_shardings, setup.batch_shardings()),
+                       out_shardings=setup.state_shardings, donate_argnums=(0,),
+                       compiler_options=platform.compiler_options(setup.mesh))
     return platform.synchronous_on_cpu(compiled, setup.mesh)
 
 

@@ -17,7 +17,7 @@ import jax
 from etils import epath
 from jax.sharding import Mesh
 
-from llama_jax import flops, goodput
+from llama_jax import flops, fp8, goodput
 from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore_latest_good
 from llama_jax.compile_cache import CompileLog, KeptStep, describe, persistent_cache
 from llama_jax.config import Config, save_config
@@ -33,6 +33,7 @@ from llama_jax.step import (
     Setup,
     completed,
     init_state,
+    make_fp8_calibration,
     make_setup,
     make_train_step,
 )
@@ -187,6 +188,9 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
 
         copy_tokenizer(data, run_dir)
     train_step = KeptStep(make_train_step(setup), cfg, setup.mesh, cache_dir, CompileLog.get())
+    calibrate = make_fp8_calibration(setup)
+    # Delayed fp8 scaling with no amax recorded yet: the next batch is measured first.
+    calibrating = calibrate is not None and fp8.is_empty(state["fp8"])
     batches = global_batches(setup, source, rows)
     total = cfg.train.steps
     progress = _progress(quiet or not is_main)
@@ -236,7 +240,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         """Stop in one line, or under `train.on_nonfinite=rollback` (at most
         `train.max_rollbacks` times) PaLM's recipe: back to the newest checkpoint (or the
         start), with the data going on past the batches that led to `bad`."""
-        nonlocal rollbacks, saved_step
+        nonlocal rollbacks, saved_step, calibrating
         ckpt.wait()
         newest = ckpt.steps()
         before = f"the newest checkpoint is step {newest[-1]}" if newest else \
@@ -253,6 +257,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         clock.enter("restore")
         dog.doing(bad.step, "rolling back")
         restored, back_to = _initial_state(cfg, setup, ckpt, source, announce=False)
+        calibrating = calibrate is not None and fp8.is_empty(restored["fp8"])
         clock.enter("step")
         clock.recomputed += max(0, step - back_to)
         if position is not None:
@@ -283,6 +288,10 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                 waited = time.perf_counter() - asked
                 clock.enter("step")
                 first = clock.first_step_s is None  # this session's first: it compiles
+                if calibrating:
+                    dog.doing(step, "measuring fp8 amaxes for delayed scaling", compiling=True)
+                    state = calibrate(state, batch)
+                    calibrating = False
                 dog.doing(step, "train step", compiling=first)
                 before = (compiles.hits, compiles.misses, time.time())
                 state, metrics = train_step(state, batch)
