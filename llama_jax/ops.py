@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import ModelConfig
-from llama_jax.fp8 import fp8_matmul
+from llama_jax.fp8 import Fp8Weight, fp8_matmul
 from llama_jax.sharding import constrain, is_sharded
 
 Array = jax.Array
@@ -84,7 +84,8 @@ def _dense_to_f32_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
 dense_to_f32.defvjp(_dense_to_f32_fwd, dense_bwd)
 
 
-Matmul = Callable[[Array, Array], Array]
+# The weight is an `Fp8Weight` (with its delayed scales) only for the fp8 product.
+Matmul = Callable[[Array, Array | Fp8Weight], Array]
 
 
 def projection_matmul(cfg: ModelConfig) -> Matmul:
