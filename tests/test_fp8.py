@@ -146,6 +146,9 @@ def _amaxes(overrides, batch, params):
     return jax.jit(lambda p: gradients(setup, p, batch, 1.0, scales))(params)
 
 
+# slow (make test-all): five compiles of the model; the state, the resume and the matmul
+# stay in CI
+@pytest.mark.slow
 def test_delayed_gradients_close_to_bf16_and_amaxes_same_over_layouts_and_microbatches(
         tiny_overrides):
     """The model with delayed scales (begun from one measured batch) keeps every parameter

@@ -278,6 +278,9 @@ def test_goodput_of_a_folder_without_accounts_is_one_line(tmp_path):
     assert str(tmp_path) in line and "no goodput rows" in line
 
 
+# slow (make test-all): a 300-step soak; what leaked per save is checked in CI by
+# test_checkpoint.py::test_saves_keep_no_python_objects
+@pytest.mark.slow
 def test_host_memory_stays_flat_through_checkpoint_saves(tmp_path):
     """300 steps with a save every 5: resident memory around step 50 and around step 300
     within 5% (medians of the five rows up to each: a save in flight moves one reading by a
