@@ -116,6 +116,7 @@ class ModelConfig:
     quantization: Quantization = "none"  # fp8: the block's projections (fp8.py)
     fp8_gradients: Fp8Gradients = "e4m3"  # the output gradients' format
     fp8_weight_gradient: Fp8WeightGradient = "fp8"  # the weight gradient's product
+    fp8_head: bool = False  # the LM head's products in fp8 too (current scaling)
     # current: each operand scaled by its own amax in the same step; delayed: by the largest
     # amax of the last `fp8_amax_history` steps, kept in the train state (fp8.py)
     fp8_scaling: Fp8Scaling = "current"
@@ -503,6 +504,9 @@ def validate(cfg: Config) -> None:
     if m.fp8_scaling == "delayed" and m.quantization != "fp8":
         raise ConfigError("model.fp8_scaling=delayed needs model.quantization=fp8 (it scales "
                           "the fp8 matmuls' operands)")
+    if m.fp8_head and m.quantization != "fp8":
+        raise ConfigError("model.fp8_head=true needs model.quantization=fp8 (it extends the "
+                          "block's fp8 recipe to the LM head)")
     if m.attention_block < 0:
         raise ConfigError(f"model.attention_block={m.attention_block} must be >= 0 (0: off)")
     if not 0.0 < m.rotary_pct <= 1.0:

@@ -84,25 +84,51 @@ def operand(scales: LayerScales | None, name: str, w: Array) -> Array | Fp8Weigh
     return w if scales is None else scales.weight(name, w)
 
 
-def _quantize(x: Array, fp8_dtype: jnp.dtype, scale: Array | None
-              ) -> tuple[Array, Array, Array]:
+@flax.struct.dataclass
+class Scaled:
+    """An operand in fp8 with the float32 scale that multiplies it back, and the dtype it had
+    (that of its gradient)."""
+
+    values: Array
+    scale: Array
+    dtype: Any = flax.struct.field(pytree_node=False)
+
+
+def quantized(x: Array, fp8_dtype: jnp.dtype, scale: Array | None = None
+              ) -> tuple[Scaled, Array]:
     """x in `fp8_dtype`, divided by `scale` (clipped to the format's range), or when `scale`
-    is None by x's own amax over the format's largest finite value; the scale (float32) that
-    multiplies it back; x's amax."""
+    is None by x's own amax over the format's largest finite value; and x's amax."""
     amax = jnp.max(jnp.abs(x)).astype(F32)
     if scale is None:
         fp8_max = fp8_ops.get_fp8_max(fp8_dtype, F32)
         scale = jnp.where(amax > 0, amax / fp8_max, 1.0)
     # Divided in float32 (inside the fused cast on a GPU): in bf16 the quotient would be
     # rounded twice, to bf16 and then to fp8.
-    return fp8_ops.quantize(x.astype(F32), fp8_dtype, scale, F32), scale, amax
+    values = fp8_ops.quantize(x.astype(F32), fp8_dtype, scale, F32)
+    return Scaled(values, scale, x.dtype), amax
 
 
-def _scaled_dot(a: Array, a_scale: Array, b: Array, b_scale: Array,
-                contract: tuple[int, int], out_dtype: jnp.dtype) -> Array:
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    y = jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
-    return fp8_ops.dequantize(y, out_dtype, a_scale * b_scale)
+def scaled_dot(a: Scaled, b: Scaled, contract: tuple[tuple[int, ...], tuple[int, ...]],
+                out_dtype: jnp.dtype) -> Array:
+    y = jax.lax.dot_general(a.values, b.values, (contract, ((), ())),
+                            preferred_element_type=out_dtype)
+    return fp8_ops.dequantize(y, out_dtype, a.scale * b.scale)
+
+
+def gradient_products(x: Scaled, w: Scaled, g: Scaled, dy: Array, wgrad_fp8: bool
+                      ) -> tuple[Array, Array]:
+    """The input and weight gradients of `x @ w` (x [..., D], w [D, F]) from the quantised
+    operands and output gradient `g` (`dy` quantised), in the operands' own dtypes; the
+    weight gradient's product in `dy`'s dtype, on fp8-rounded activations, unless
+    `wgrad_fp8`. Contracting
+    every leading axis in place (not merged into one) keeps a batch and a length split over
+    different mesh axes split (as `ops.dense_bwd` does)."""
+    lead = tuple(range(dy.ndim - 1))
+    dx = scaled_dot(g, w, ((dy.ndim - 1,), (1,)), x.dtype)
+    if wgrad_fp8:
+        return dx, scaled_dot(x, g, (lead, lead), w.dtype)
+    x_rounded = fp8_ops.dequantize(x.values, dy.dtype, x.scale)
+    return dx, jax.lax.dot_general(x_rounded, dy, ((lead, lead), ((), ()))).astype(w.dtype)
 
 
 @functools.cache
@@ -137,23 +163,18 @@ def _fp8_matmul(x_NxD: Array, w_DxF: Array, scales: Array, grad_dtype: jnp.dtype
 
 
 def _fp8_matmul_fwd(x: Array, w: Array, scales: Array, grad_dtype: jnp.dtype, wgrad_fp8: bool,
-                    delayed: bool) -> tuple[Array, tuple[Array, ...]]:
-    qx, sx, ax = _quantize(x, E4M3, scales[0] if delayed else None)
-    qw, sw, aw = _quantize(w, E4M3, scales[1] if delayed else None)
+                    delayed: bool) -> tuple[Array, tuple[Any, ...]]:
+    x8, ax = quantized(x, E4M3, scales[0] if delayed else None)
+    w8, aw = quantized(w, E4M3, scales[1] if delayed else None)
     # The fp8 operands are what the backward needs: half the bytes of bf16 residuals.
-    return _scaled_dot(qx, sx, qw, sw, (1, 0), x.dtype), (qx, sx, qw, sw, ax, aw, scales)
+    return scaled_dot(x8, w8, ((1,), (0,)), x.dtype), (x8, w8, ax, aw, scales)
 
 
 def _fp8_matmul_bwd(grad_dtype: jnp.dtype, wgrad_fp8: bool, delayed: bool,
-                    residuals: tuple[Array, ...], dy: Array) -> tuple[Array, Array, Array]:
-    qx, sx, qw, sw, ax, aw, scales = residuals
-    qg, sg, ag = _quantize(dy, grad_dtype, scales[2] if delayed else None)
-    dx = _scaled_dot(qg, sg, qw, sw, (1, 1), dy.dtype)
-    if wgrad_fp8:
-        dw = _scaled_dot(qx, sx, qg, sg, (0, 0), dy.dtype)
-    else:
-        x = fp8_ops.dequantize(qx, dy.dtype, sx)
-        dw = jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
+                    residuals: tuple[Any, ...], dy: Array) -> tuple[Array, Array, Array]:
+    x, w, ax, aw, scales = residuals
+    g8, ag = quantized(dy, grad_dtype, scales[2] if delayed else None)
+    dx, dw = gradient_products(x, w, g8, dy, wgrad_fp8)
     # The scales' "gradient": what this step observed, for the history (see the module's doc).
     return dx, dw, jnp.stack([ax, aw, ag])
 

@@ -7,11 +7,13 @@ exactly; the caller divides by the token count once.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from llama_jax.ops import dense_bwd
+from llama_jax.fp8 import Scaled
+from llama_jax.ops import HEAD_IN_COMPUTE_DTYPE, HeadProduct
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -36,7 +38,8 @@ def loss_sums(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array,
 
 
 def head_loss_sums(x_BxTxD: Array, w_DxV: Array, targets_BxT: Array, weights_BxT: Array,
-                   z_loss: float) -> tuple[Array, dict[str, Array]]:
+                   z_loss: float, product: HeadProduct = HEAD_IN_COMPUTE_DTYPE
+                   ) -> tuple[Array, dict[str, Array]]:
     """`loss_sums(x @ w)`, the LM head and the loss as one custom VJP.
 
     Why: autodiff of the pair makes several passes over the float32 [B, T, V] logits in the
@@ -44,33 +47,34 @@ def head_loss_sums(x_BxTxD: Array, w_DxV: Array, targets_BxT: Array, weights_BxT
     cast to the compute dtype for the head's gradient products), the largest tensors of a
     128k-vocabulary model (16.8 GB at batch 16 x 2048). Here the backward makes one: the
     logits gradient `w * ((1 + 2 z log_z) p - onehot)` is formed and written in the compute
-    dtype in one fused loop, then the two products run as in `ops.dense`. Same numbers as
-    autodiff up to float rounding (tests/test_model.py).
+    dtype in one fused loop, then the two products run as `product` says (`ops.head_matmul`'s).
+    Same numbers as autodiff up to float rounding (tests/test_fast_paths.py).
     """
-    total, ce = _head_loss(x_BxTxD, w_DxV, targets_BxT, weights_BxT, z_loss)
+    total, ce = _head_loss(x_BxTxD, w_DxV, targets_BxT, weights_BxT, z_loss, product)
     return total, {"ce_sum": ce, "tokens": weights_BxT.sum()}
 
 
-def _logits(x_BxTxD: Array, w_DxV: Array) -> Array:
-    logits = jnp.matmul(x_BxTxD, w_DxV, preferred_element_type=F32)
-    return constrain(logits, ("batch", "length", "vocab"))
+def _logits(x_BxTxD: Any, w_DxV: Any, product: HeadProduct) -> Array:
+    """float32 logits of operands from `product.operand`."""
+    return constrain(product.logits(x_BxTxD, w_DxV), ("batch", "length", "vocab"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _head_loss(x: Array, w: Array, targets: Array, weights: Array, z_loss: float
-               ) -> tuple[Array, Array]:
-    return _sums(_logits(x, w), targets, weights, z_loss)[:2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_loss(x: Array, w: Array, targets: Array, weights: Array, z_loss: float,
+               product: HeadProduct) -> tuple[Array, Array]:
+    return _head_loss_fwd(x, w, targets, weights, z_loss, product)[0]
 
 
-def _head_loss_fwd(x: Array, w: Array, targets: Array, weights: Array, z_loss: float
-                   ) -> tuple[tuple[Array, Array], tuple[Array, ...]]:
-    logits = _logits(x, w)
+def _head_loss_fwd(x: Array, w: Array, targets: Array, weights: Array, z_loss: float,
+                   product: HeadProduct) -> tuple[tuple[Array, Array], tuple[Any, ...]]:
+    x_op, w_op = product.operand(x), product.operand(w)
+    logits = _logits(x_op, w_op, product)
     total, ce, log_z = _sums(logits, targets, weights, z_loss)
-    return (total, ce), (x, w, logits, log_z, targets, weights)
+    return (total, ce), (x_op, w_op, logits, log_z, targets, weights)
 
 
-def _head_loss_bwd(z_loss: float, residuals: tuple[Array, ...], cotangents: tuple[Array, Array]
-                   ) -> tuple[Array, Array, None, None]:
+def _head_loss_bwd(z_loss: float, product: HeadProduct, residuals: tuple[Any, ...],
+                   cotangents: tuple[Array, Array]) -> tuple[Array, Array, None, None]:
     x, w, logits, log_z, targets, weights = residuals
     d_total, d_ce = cotangents
     # d total / d logits = w (1 + 2 z log_z) p - w onehot; d ce / d logits = w (p - onehot).
@@ -81,7 +85,7 @@ def _head_loss_bwd(z_loss: float, residuals: tuple[Array, ...], cotangents: tupl
     d_logits = (p_scale[..., None] * probs
                 - jnp.where(vocab == targets[..., None], onehot_scale[..., None], 0.0))
     d_logits = constrain(d_logits.astype(x.dtype), ("batch", "length", "vocab"))
-    dx, dw = dense_bwd((x, w), d_logits)
+    dx, dw = product.gradients(x, w, d_logits)
     return dx, dw, None, None
 
 
@@ -89,7 +93,8 @@ _head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
 
 
 def chunked_head_loss_sums(x_BxTxD: Array, w_DxV: Array, targets_BxT: Array,
-                           weights_BxT: Array, z_loss: float, chunks: int
+                           weights_BxT: Array, z_loss: float, chunks: int,
+                           product: HeadProduct = HEAD_IN_COMPUTE_DTYPE
                            ) -> tuple[Array, dict[str, Array]]:
     """`head_loss_sums` over `chunks` slices of the positions, so at most one slice's float32
     logits [B, T/chunks, V] exist at a time, in the forward and in the backward.
@@ -101,8 +106,11 @@ def chunked_head_loss_sums(x_BxTxD: Array, w_DxV: Array, targets_BxT: Array,
     (the size of x and of w), and the backward only scales them. No logits are recomputed,
     so the FLOPs equal the fused path's. Slice c holds positions c, c + chunks, ...: strided
     rather than contiguous, so a sequence split over devices stays split in every slice.
+    In fp8 (`product`) the input and the weight are quantised once, each slice's logits
+    gradient by its own amax.
     """
-    total, ce = _chunked_head_loss(x_BxTxD, w_DxV, targets_BxT, weights_BxT, z_loss, chunks)
+    total, ce = _chunked_head_loss(x_BxTxD, w_DxV, targets_BxT, weights_BxT, z_loss, chunks,
+                                   product)
     return total, {"ce_sum": ce, "tokens": weights_BxT.sum()}
 
 
@@ -134,15 +142,20 @@ def _unstrided(a: Array) -> Array:
 
 
 def _chunk_grads(x: Array, w: Array, targets: Array, weights: Array, z_loss: float,
-                 chunks: int, with_grads: bool) -> tuple[Array, ...]:
+                 chunks: int, product: HeadProduct, with_grads: bool) -> tuple[Array, ...]:
     """Sums over the slices; with `with_grads` also d total and d ce with respect to x and w
     (one pair when z_loss is 0, where the two are equal)."""
     pairs = 2 if z_loss else 1
+    w_op, x_op = product.operand(w), product.operand(x)
+    # An fp8 input is quantised whole, so its slices share one scale: the logits, and so
+    # the loss, do not depend on the number of slices.
+    x_values = x_op.values if isinstance(x_op, Scaled) else x_op
 
     def one(carry: tuple[Array, ...], xs: tuple[Array, Array, Array]
             ) -> tuple[tuple[Array, ...], Array | None]:
         x_c, t_c, wt_c = xs
-        logits = _logits(x_c, w)
+        x_c = x_op.replace(values=x_c) if isinstance(x_op, Scaled) else x_c
+        logits = _logits(x_c, w_op, product)
         total, ce, log_z = _sums(logits, t_c, wt_c, z_loss)
         sums = (carry[0] + total, carry[1] + ce)
         if not with_grads:
@@ -155,7 +168,7 @@ def _chunk_grads(x: Array, w: Array, targets: Array, weights: Array, z_loss: flo
             p_scale = wt_c * (1.0 + 2.0 * z_loss * log_z) if kind == 0 else wt_c
             d_logits = p_scale[..., None] * probs - jnp.where(onehot, wt_c[..., None], 0.0)
             d_logits = constrain(d_logits.astype(x.dtype), ("batch", "length", "vocab"))
-            dx_c, dw_c = dense_bwd((x_c, w), d_logits)
+            dx_c, dw_c = product.gradients(x_c, w_op, d_logits)
             dxs.append(dx_c)
             dws.append(carry[2 + kind] + dw_c.astype(F32))
         return (*sums, *dws), jnp.stack(dxs)
@@ -163,7 +176,7 @@ def _chunk_grads(x: Array, w: Array, targets: Array, weights: Array, z_loss: flo
     zero = jnp.zeros((), F32)
     dw0 = (jnp.zeros(w.shape, F32),) * pairs if with_grads else ()
     carry, dx = jax.lax.scan(one, (zero, zero, *dw0),
-                             (_strided(x, chunks), _strided(targets, chunks),
+                             (_strided(x_values, chunks), _strided(targets, chunks),
                               _strided(weights, chunks)))
     if not with_grads:
         return carry[0], carry[1]
@@ -172,19 +185,22 @@ def _chunk_grads(x: Array, w: Array, targets: Array, weights: Array, z_loss: flo
     return carry[0], carry[1], *dxs, *dws
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _chunked_head_loss(x: Array, w: Array, targets: Array, weights: Array, z_loss: float,
-                       chunks: int) -> tuple[Array, Array]:
-    return _chunk_grads(x, w, targets, weights, z_loss, chunks, with_grads=False)
+                       chunks: int, product: HeadProduct) -> tuple[Array, Array]:
+    return _chunk_grads(x, w, targets, weights, z_loss, chunks, product, with_grads=False)
 
 
 def _chunked_head_loss_fwd(x: Array, w: Array, targets: Array, weights: Array, z_loss: float,
-                           chunks: int) -> tuple[tuple[Array, Array], tuple[Array, ...]]:
-    total, ce, *grads = _chunk_grads(x, w, targets, weights, z_loss, chunks, with_grads=True)
+                           chunks: int, product: HeadProduct
+                           ) -> tuple[tuple[Array, Array], tuple[Array, ...]]:
+    total, ce, *grads = _chunk_grads(x, w, targets, weights, z_loss, chunks, product,
+                                     with_grads=True)
     return (total, ce), tuple(grads)
 
 
-def _chunked_head_loss_bwd(z_loss: float, chunks: int, grads: tuple[Array, ...],
+def _chunked_head_loss_bwd(z_loss: float, chunks: int, product: HeadProduct,
+                           grads: tuple[Array, ...],
                            cotangents: tuple[Array, Array]) -> tuple[Array, Array, None, None]:
     """The gradients were formed in the forward for cotangent 1; scale and add them."""
     d_total, d_ce = cotangents

@@ -17,7 +17,7 @@ from flax import nnx
 from llama_jax.config import ModelConfig
 from llama_jax.fp8 import LayerScales
 from llama_jax.layers import MLP, Attention, LayerCache, Norm, dtype_of, param
-from llama_jax.ops import ATTENTION_LSE, ATTENTION_OUT, dense_to_f32
+from llama_jax.ops import ATTENTION_LSE, ATTENTION_OUT, HeadProduct, head_matmul
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -149,7 +149,7 @@ class Transformer(nnx.Module):
     def logits(self, x_BxTxD: Array) -> Array:
         """float32 logits: the LM head accumulates in fp32 whatever the compute dtype."""
         x = self.final_norm(x_BxTxD)
-        logits = dense_to_f32(x, self.head_weight(x.dtype))
+        logits = head_matmul(x, self.head_weight(x.dtype), HeadProduct.of(self.cfg))
         return constrain(logits, ("batch", "length", "vocab"))
 
     def hidden_states(self, tokens_BxT: Array, positions_BxT: Array | None = None,

@@ -1,5 +1,5 @@
 """The kernels with hand-written gradients, behind plain functions: projections (`dense`,
-`dense_to_f32`), attention (one `attention` dispatcher over our masked and causal-block kernels
+`head_matmul`), attention (one `attention` dispatcher over our masked and causal-block kernels
 and the fused ones), and the MLP's activation fused with its down projection.
 
 Tensor names carry their shape as in `layers.py`. Each custom VJP exists because autodiff's
@@ -9,6 +9,7 @@ autodiff of the plain formula.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -17,7 +18,16 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import ModelConfig
-from llama_jax.fp8 import Fp8Weight, fp8_matmul
+from llama_jax.fp8 import (
+    E4M3,
+    GRADIENT_FORMATS,
+    Fp8Weight,
+    Scaled,
+    fp8_matmul,
+    gradient_products,
+    quantized,
+    scaled_dot,
+)
 from llama_jax.sharding import constrain, is_sharded
 
 Array = jax.Array
@@ -49,7 +59,7 @@ def _dense_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def dense_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
     x, w = residuals
-    dy = dy.astype(x.dtype)  # `dense_to_f32`'s float32 output gradient, to the compute dtype
+    dy = dy.astype(x.dtype)  # the LM head's float32 output gradient, to the compute dtype
     if is_sharded("length"):
         # Merging a batch split over one mesh axis and a length split over another into one
         # token axis makes XLA's partitioner gather the whole output gradient (for the LM
@@ -63,10 +73,55 @@ def dense_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
 dense.defvjp(_dense_fwd, dense_bwd)
 
 
-@jax.custom_vjp
-def dense_to_f32(x: Array, w: Array) -> Array:
-    """`dense`, accumulated and returned in float32 whatever the operands' dtype (the LM
-    head), with `dense`'s gradients taken in the operands' dtype.
+@dataclasses.dataclass(frozen=True)
+class HeadProduct:
+    """How the LM head's products run ([..., D] x [D, V] -> float32 logits, and its two
+    gradient products): in the compute dtype, or with `model.fp8_head` in fp8, each operand
+    in E4M3 (the logits gradient in `model.fp8_gradients`) scaled by its current amax.
+    Hashable: a static argument of the head's and the fused loss's custom VJPs.
+
+    Why current scaling even under `model.fp8_scaling=delayed`: the head is one product per
+    step, outside the layer stack, so a stale scale would buy little fusion, while the
+    logits gradient's range follows the model's confidence, which moves fast early on.
+    """
+
+    fp8: bool = False
+    gradient_format: str = "e4m3"
+    weight_gradient: str = "fp8"
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> HeadProduct:
+        return cls(True, cfg.fp8_gradients, cfg.fp8_weight_gradient) if cfg.fp8_head else cls()
+
+    def operand(self, a: Array) -> Array | Scaled:
+        """x or w as the products take it: itself, or quantised once for the forward and the
+        backward (the fp8 values are the residuals: half the bytes of bf16)."""
+        return quantized(a, E4M3)[0] if self.fp8 else a
+
+    def logits(self, x: Array | Scaled, w: Array | Scaled) -> Array:
+        """float32 logits of operands from `operand`."""
+        if isinstance(x, Scaled):
+            return scaled_dot(x, w, ((x.values.ndim - 1,), (0,)), F32)
+        return jnp.matmul(x, w, preferred_element_type=F32)
+
+    def gradients(self, x: Array | Scaled, w: Array | Scaled, d_logits: Array
+                  ) -> tuple[Array, Array]:
+        """The input's and the weight's gradients for a logits gradient in the compute
+        dtype."""
+        if isinstance(x, Scaled):
+            g, _ = quantized(d_logits, GRADIENT_FORMATS[self.gradient_format])
+            return gradient_products(x, w, g, d_logits, self.weight_gradient == "fp8")
+        return dense_bwd((x, w), d_logits)
+
+
+HEAD_IN_COMPUTE_DTYPE = HeadProduct()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_matmul(x: Array, w: Array, product: HeadProduct) -> Array:
+    """The LM head `x @ w` (`w` [D, V]), accumulated and returned in float32 whatever the
+    operands' dtype, with the gradient products taken in the operands' dtype (or in fp8, as
+    `product` says).
 
     Why: autodiff of a bf16 x bf16 -> f32 product differentiates in f32 (the f32 output
     gradient meets the operands upcast to f32), so both gradient products of the LM head,
@@ -74,14 +129,22 @@ def dense_to_f32(x: Array, w: Array) -> Array:
     Casting the output gradient to the compute dtype first keeps them on the bf16 units, as
     the forward is (the usual mixed-precision recipe). In float32 it is `dense` exactly.
     """
-    return jnp.matmul(x, w, preferred_element_type=F32)
+    return product.logits(product.operand(x), product.operand(w))
 
 
-def _dense_to_f32_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-    return dense_to_f32(x, w), (x, w)
+def _head_matmul_fwd(x: Array, w: Array, product: HeadProduct
+                     ) -> tuple[Array, tuple[Array | Scaled, Array | Scaled]]:
+    operands = product.operand(x), product.operand(w)
+    return product.logits(*operands), operands
 
 
-dense_to_f32.defvjp(_dense_to_f32_fwd, dense_bwd)
+def _head_matmul_bwd(product: HeadProduct, operands: tuple[Array | Scaled, Array | Scaled],
+                     dy: Array) -> tuple[Array, Array]:
+    x, w = operands
+    return product.gradients(x, w, dy.astype(x.dtype))
+
+
+head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
 
 
 # The weight is an `Fp8Weight` (with its delayed scales) only for the fp8 product.
@@ -90,8 +153,8 @@ Matmul = Callable[[Array, Array | Fp8Weight], Array]
 
 def projection_matmul(cfg: ModelConfig) -> Matmul:
     """The product the block's projections use: `dense`, or an fp8 one with
-    `model.quantization=fp8` (the LM head and attention stay in the compute dtype, as
-    torchtitan's float8 recipes keep them)."""
+    `model.quantization=fp8` (attention stays in the compute dtype, and the LM head too
+    unless `model.fp8_head`, as torchtitan's float8 recipes keep them)."""
     if cfg.quantization == "fp8":
         return fp8_matmul(cfg.fp8_gradients, cfg.fp8_weight_gradient)
     return dense

@@ -29,6 +29,7 @@ from llama_jax.data.feed import source_kind
 from llama_jax.errors import ConfigError
 from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
 from llama_jax.model import OFFLOAD_POLICIES, Transformer, fp8_projections
+from llama_jax.ops import HeadProduct
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 from llama_jax.precision import NEVER, LossScale
 
@@ -182,12 +183,12 @@ def _forward(setup: Setup, params: PyTree, batch: Batch, scales: fp8.LayerScales
         logits = model(*args, fp8=scales)
         return (lambda weights: loss_sums(logits, targets, weights, z_loss)), batch
     x = model.final_norm(model.hidden_states(*args, fp8=scales))
-    w = model.head_weight(x.dtype)
+    w, product = model.head_weight(x.dtype), HeadProduct.of(cfg.model)
     chunks = loss_chunks(setup, x.shape[0])
     if chunks == 1:
-        return (lambda weights: head_loss_sums(x, w, targets, weights, z_loss)), batch
-    return (lambda weights: chunked_head_loss_sums(x, w, targets, weights, z_loss, chunks)
-            ), batch
+        return (lambda weights: head_loss_sums(x, w, targets, weights, z_loss, product)), batch
+    return (lambda weights: chunked_head_loss_sums(x, w, targets, weights, z_loss, chunks,
+                                                   product)), batch
 
 
 def loss_chunks(setup: Setup, rows: int) -> int:

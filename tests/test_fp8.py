@@ -133,6 +133,8 @@ def test_delayed_scaling_config_is_checked():
         load_config(CONFIGS / "tiny.yaml", ["model.fp8_scaling=delayed"])
     with pytest.raises(ConfigError, match="model.fp8_amax_history=0 must be positive"):
         load_config(CONFIGS / "tiny.yaml", [*DELAYED, "model.fp8_amax_history=0"])
+    with pytest.raises(ConfigError, match="model.fp8_head=true needs model.quantization=fp8"):
+        load_config(CONFIGS / "tiny.yaml", ["model.fp8_head=true"])
 
 
 def _empty_history(setup):
