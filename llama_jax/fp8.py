@@ -109,7 +109,8 @@ def quantized(x: Array, fp8_dtype: jnp.dtype, scale: Array | None = None
 
 
 def scaled_dot(a: Scaled, b: Scaled, contract: tuple[tuple[int, ...], tuple[int, ...]],
-                out_dtype: jnp.dtype) -> Array:
+               out_dtype: jnp.dtype) -> Array:
+    """The product of two quantised operands over the `contract` axes, scaled back."""
     y = jax.lax.dot_general(a.values, b.values, (contract, ((), ())),
                             preferred_element_type=out_dtype)
     return fp8_ops.dequantize(y, out_dtype, a.scale * b.scale)
@@ -120,9 +121,8 @@ def gradient_products(x: Scaled, w: Scaled, g: Scaled, dy: Array, wgrad_fp8: boo
     """The input and weight gradients of `x @ w` (x [..., D], w [D, F]) from the quantised
     operands and output gradient `g` (`dy` quantised), in the operands' own dtypes; the
     weight gradient's product in `dy`'s dtype, on fp8-rounded activations, unless
-    `wgrad_fp8`. Contracting
-    every leading axis in place (not merged into one) keeps a batch and a length split over
-    different mesh axes split (as `ops.dense_bwd` does)."""
+    `wgrad_fp8`. Contracting every leading axis in place (not merged into one) keeps a batch
+    and a length split over different mesh axes split (as `ops.dense_bwd` does)."""
     lead = tuple(range(dy.ndim - 1))
     dx = scaled_dot(g, w, ((dy.ndim - 1,), (1,)), x.dtype)
     if wgrad_fp8:
