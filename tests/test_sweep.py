@@ -144,6 +144,10 @@ def libtpu_path(tmp_path_factory) -> Path:
     return target
 
 
+# slow (make test-all): three TPU compiles through `sweep --topology`; `make test` keeps the
+# same compile-only path through test_plan.py::test_plan_for_a_tpu_slice_gives_a_config_that_fits
+# (plan compiles its layouts with sweep's code) and `bench --topology` there.
+@pytest.mark.slow
 def test_tpu_topology_compile_only_sweep(tmp_path, libtpu_path):
     out = tmp_path / "sweep"
     result = run_cli("sweep", "configs/tiny.yaml", "--topology", "v5p:2x2x2", "--out", str(out),
@@ -170,8 +174,8 @@ def test_topology_without_libtpu_is_one_line(tmp_path):
         "out: run `make tpu` (or pip install -e '.[tpu]')")
 
 
-# slow (make test-all): two TPU compiles of 16k-token layouts; the short-sequence TPU
-# sweep above keeps the compile-only path in `make test`.
+# slow (make test-all): two TPU compiles of 16k-token layouts; test_plan.py's TPU slice test
+# keeps the compile-only path in `make test`.
 @pytest.mark.slow
 def test_long_context_layouts_compile_for_a_tpu_slice(tmp_path, libtpu_path):
     """Context parallelism (both kinds) and the chunked loss compile for a TPU slice from
