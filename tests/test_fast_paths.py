@@ -246,11 +246,32 @@ def test_gpu_bench_script_runs(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "gpu_bench.jsonl").open())}
-    assert list(rows) == ["bf16-best", "fp8", "fp8-delayed", "fp8-delayed-head"]
+    assert list(rows) == ["bf16-best", "fp8", "fp8-delayed-head", "fp8-delayed"]
     assert all(r["tokens_per_sec"] > 0 and r["loss"] > 0 for r in rows.values())
     assert "skipped" in done.stdout
     table = done.stdout[done.stdout.index("variant "):]
     assert all(name in table for name in rows) and "1.000x" in table
+
+
+def test_gpu_bench_skips_what_its_time_budget_cannot_hold(tmp_path):
+    """With no time left every variant is skipped with a note, and with no row the script
+    fails in one line rather than printing an empty table."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "GPU_BENCH_QUICK": "1", "GPU_BENCH_BUDGET_S": "1",
+           "PYTHON": sys.executable, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == "no variant ran"
+    skipped = [line for line in done.stdout.splitlines() if "budget left)" in line]
+    assert [line.split(":")[0] for line in skipped] == [
+        "== bf16-best", "== fp8", "== transformers + torch.compile", "== fp8-delayed-head",
+        "== fp8-delayed"], done.stdout
+    assert (tmp_path / "gpu_bench.jsonl").read_text() == ""
 
 
 @pytest.mark.slow  # the default variants above run in `make test`
