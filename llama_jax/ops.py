@@ -129,7 +129,7 @@ def head_matmul(x: Array, w: Array, product: HeadProduct) -> Array:
     Casting the output gradient to the compute dtype first keeps them on the bf16 units, as
     the forward is (the usual mixed-precision recipe). In float32 it is `dense` exactly.
     """
-    return product.logits(product.operand(x), product.operand(w))
+    return _head_matmul_fwd(x, w, product)[0]
 
 
 def _head_matmul_fwd(x: Array, w: Array, product: HeadProduct
