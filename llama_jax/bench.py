@@ -13,18 +13,20 @@ import re
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from llama_jax import flops, hlo_cost, roofline
+from llama_jax import flops, hlo_cost, kernel_profile, roofline
 from llama_jax.config import Config, apply_overrides
 from llama_jax.data.batch import one_document_rows, to_global
 from llama_jax.data.feed import make_source, prepare
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import LlamaJaxError, first_line
 from llama_jax.sharding import make_mesh
 from llama_jax.step import Setup, init_state, make_fp8_calibration, make_setup, make_train_step
+from llama_jax.storage import is_remote
 from llama_jax.topology import TpuSlice, parse_topology, topology_devices
 
 
@@ -143,7 +145,15 @@ def compiled_random_step(setup: Setup) -> tuple[Any, dict[str, jax.Array], Any, 
     return state, batch, compiled, time.perf_counter() - start
 
 
-def bench_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+def bench_step(cfg: Config, steps: int = 10, warmup: int = 2, profile: str = "",
+               profile_steps: int = 2) -> dict[str, Any]:
+    """Timed steps of the compiled train step; with `profile` (a local folder), then
+    `profile_steps` more under the JAX profiler, whose kernels are summarised into the result
+    and `profile/kernels.txt` (kernel_profile.py). Traced steps are not timed: tracing slows
+    them down."""
+    if profile and is_remote(profile):
+        raise LlamaJaxError(f"bench --profile {profile}: a local folder (the profiler writes "
+                            f"local files; copy them up afterwards)")
     setup = make_setup(cfg)
     devices = list(setup.mesh.devices.flat)
     peak, peak_source = flops.platform_peak_flops(devices)  # measured before the model runs
@@ -156,6 +166,7 @@ def bench_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
+    kernels = traced_kernels(compiled, state, batch, profile, profile_steps) if profile else {}
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     tps = tokens / step_time
     fpt = flops.flops_per_token(cfg.model, cfg.data.seq_len)
@@ -172,7 +183,33 @@ def bench_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
         "mfu": flops.mfu(tps, fpt, peak),
         "loss": float(metrics["loss"]),
         **compiled_figures(devices, compiled, cfg=cfg),
+        **kernels,
     }
+
+
+def traced_kernels(compiled: Any, state: Any, batch: dict[str, jax.Array], folder: str,
+                   steps: int) -> dict[str, Any]:
+    """`steps` more steps under the JAX profiler into `folder`, and where their kernel time
+    went (also written to `folder/kernels.txt`). A trace that cannot be read is reported as
+    `profile_error` beside the timings already measured, not in their place."""
+    try:
+        # Both trace formats: which of them a JAX version writes by default has changed.
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    except Exception as e:  # noqa: BLE001 - no profiler here (CUPTI missing, one already on)
+        return {"profile_error": f"the profiler did not start: {first_line(e)}"}
+    try:
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics["loss"])
+    finally:
+        jax.profiler.stop_trace()
+    try:
+        summary = kernel_profile.summarize(folder, steps=steps)
+        (Path(folder) / "kernels.txt").write_text(summary.text())
+    except (LlamaJaxError, OSError) as e:
+        return {"profile_error": first_line(e)}
+    return summary.figures()
+
 
 
 def compile_only(cfg: Config, topology: str | None = None) -> dict[str, Any]:
@@ -193,7 +230,7 @@ def compile_only(cfg: Config, topology: str | None = None) -> dict[str, Any]:
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - jaxlib's runtime error type moved between versions
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if "RESOURCE_EXHAUSTED" not in first:
             raise
         where = f"{tpu}" if tpu else f"{len(setup.mesh.devices.flat)} devices"

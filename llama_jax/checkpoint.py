@@ -26,7 +26,7 @@ from etils import epath
 
 from llama_jax import host_memory, tensorstore_leaks
 from llama_jax.config import Config, config_from_yaml_text, to_yaml
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import LlamaJaxError, first_line
 from llama_jax.storage import PathLike, absolute, as_path, is_remote
 
 PyTree = Any
@@ -153,7 +153,7 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001 - OSError, tensorstore's ValueError, ...
             kept: list[int] = []
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = first_line(e)
             with contextlib.suppress(OSError):
                 kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
             last = f"step {kept[-1]}" if kept else "none"

@@ -152,6 +152,14 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from llama_jax import kernel_profile
+
+    summary = kernel_profile.summarize(args.path, steps=args.steps, module=args.module or None)
+    print(json.dumps(summary.figures(args.top)) if args.json else summary.text(args.top), end="")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from llama_jax.evaluate import evaluate_checkpoint
 
@@ -249,17 +257,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llama_jax.bench import bench_pipeline, bench_step
 
     cfg = _load(args)
+    if args.profile and (args.compile_only or args.topology):
+        raise LlamaJaxError("bench --profile traces steps as they run; it does not go with "
+                            "--compile-only or --topology")
     if args.compile_only or args.topology:
         from llama_jax.bench import compile_only
 
         print(json.dumps(compile_only(cfg, args.topology or None)))
         return 0
-    result = bench_step(cfg, steps=args.steps)
+    result = bench_step(cfg, steps=args.steps, profile=args.profile,
+                        profile_steps=args.profile_steps)
     if args.pipeline:
         result.update(bench_pipeline(cfg) or {})
     if args.json:
         print(json.dumps(result))
-        return 0
+        return _profile_failed(result)
     from rich.console import Console
     from rich.table import Table
 
@@ -288,10 +300,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cache = result["pipeline_cache_tokens_per_sec"]
         rows.append(("  from the token cache", "not written (run prepare-data)" if cache is None
                      else f"{cache:,.0f}"))
+    if "kernel_ms_per_step" in result:
+        rows.append((f"kernel time per traced step ({result['profile_trace']})",
+                     f"{result['kernel_ms_per_step']:.1f} ms, {result['kernels_per_step']} "
+                     f"launches"))
+        rows += [(f"  {kind}", f"{ms:.1f} ms") for kind, ms in
+                 sorted(result["kernel_ms_by_kind"].items(), key=lambda kv: -kv[1])]
     for label, value in rows:
         table.add_row(label, value)
     Console().print(table)
-    return 0
+    return _profile_failed(result)
+
+
+def _profile_failed(result: dict[str, Any]) -> int:
+    """The timings stand when the trace could not be read; that failure is said last."""
+    if "profile_error" not in result:
+        return 0
+    print(f"llama-jax bench: error: --profile: {result['profile_error']}", file=sys.stderr)
+    return 1
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -394,6 +420,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "plan": (cmd_plan, "search layouts x per-device batch x remat for a model on a slice (or "
                        "N devices): pruned, compiled, ranked by a roofline, best as plan.yaml"),
     "goodput": (cmd_goodput, "where a run's wall time went, over all its restarts"),
+    "kernels": (cmd_kernels, "where a profiled step's device time went, by kernel kind, from a "
+                             "profiler trace (bench --profile, train.profile_steps)"),
 }
 
 
@@ -437,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--vocab-size", type=int, default=None,
                            help="neox-config: the tokenizer's size, before NeoX's padding")
             continue
+        if name == "kernels":
+            p.add_argument("path", help="a trace (*.trace.json.gz) or a folder holding one "
+                           "(bench --profile DIR, RUN_DIR/profile): the newest is read")
+            p.add_argument("--steps", type=_bounded(int, 1), default=None,
+                           help="executions the trace holds (default: counted from it)")
+            p.add_argument("--module", default="",
+                           help="the compiled module (default: the one with the most kernel "
+                                "time)")
+            p.add_argument("--top", type=_bounded(int, 0), default=30,
+                           help="kernels listed by time")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+            continue
         if name == "goodput":
             p.add_argument("run_dir", help="a run directory")
             p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -462,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument("--pipeline", action="store_true",
                            help="also measure the input pipeline's tokens/s")
+            p.add_argument("--profile", default="",
+                           help="a local folder: trace --profile-steps more steps there and "
+                                "add where their kernel time went (`llama-jax kernels`)")
+            p.add_argument("--profile-steps", type=_bounded(int, 1), default=2,
+                           help="steps traced with --profile")
         if name == "sweep":
             p.add_argument("--devices", type=int, default=None,
                            help="device count (default: all; on CPU, simulated devices)")

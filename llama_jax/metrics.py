@@ -237,7 +237,10 @@ class Profiler:
         if self.enabled and step == self.start and not self.active:
             if is_remote(self.path):
                 self.local = tempfile.mkdtemp(prefix="llama_jax_profile_")
-            jax.profiler.start_trace(self.local or os.fspath(self.path))
+            # The Perfetto trace too: `llama-jax kernels` reads either, whichever this JAX
+            # version writes.
+            jax.profiler.start_trace(self.local or os.fspath(self.path),
+                                     create_perfetto_trace=True)
             self.active = True
         elif self.active and step >= self.stop:
             self.close()

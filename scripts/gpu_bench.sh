@@ -5,7 +5,9 @@
 # then two delayed-scaling fp8 recipes as the time left allows (GPU_BENCH_BUDGET_S, 460 s by
 # default: a variant gets what is left, one that cannot start is skipped with a note); one
 # JSON line per variant in OUT_DIR/gpu_bench.jsonl, each variant's output in
-# OUT_DIR/<variant>.log, and a side-by-side table with ratios last.
+# OUT_DIR/<variant>.log, and a side-by-side table with ratios last. The bf16 best and fp8
+# rows also trace 2 more steps (`bench --profile`): their kernel time by kind goes in the
+# row and the table, their trace to OUT_DIR/<variant>.trace.json.gz (`llama-jax kernels`).
 #   usage: scripts/gpu_bench.sh [OUT_DIR]
 # Needs jax with CUDA, flax, optax, orbax-checkpoint and omegaconf importable; a folder
 # `.gpu_deps` in the repo root, if present, is put on PYTHONPATH (for omegaconf>=2.4, made
@@ -49,17 +51,27 @@ else
 fi
 base+=(model.attention=$attention train.global_batch_size=$batch)
 
-run() {  # name, extra XLA flags, then overrides; LIMIT=seconds overrides the limit
+traces=$(mktemp -d)
+trap 'rm -rf "$traces"' EXIT
+run() {  # name, extra XLA flags, then overrides; LIMIT=seconds overrides the limit,
+         # PROFILE=1 traces 2 more steps
   local name=$1 flags=$2; shift 2
-  local left=$((budget - SECONDS)) lim=${LIMIT:-$limit}
+  local left=$((budget - SECONDS)) lim=${LIMIT:-$limit} profile=()
+  [ "${PROFILE:-0}" = 1 ] && profile=(--profile "$traces/$name")
   [ "$left" -lt "$lim" ] && lim=$left
   if [ "$lim" -lt 40 ]; then
     echo "== $name: skipped (${left}s of the ${budget}s budget left)"; return
   fi
   echo "== $name: ${flags:+XLA_FLAGS=$flags }$*"
   XLA_FLAGS="$(echo ${XLA_FLAGS:-} $flags)" timeout $lim $PY -m llama_jax.cli bench "${base[@]}" "$@" \
-    --steps $steps --json > "$out/$name.log" 2>&1
+    --steps $steps "${profile[@]}" --json > "$out/$name.log" 2>&1
   local rc=$?
+  if [ ${#profile[@]} -gt 0 ]; then  # one trace file, next to the logs (the Chrome-JSON one)
+    local trace
+    trace=$(find "$traces/$name" -name '*.trace.json.gz' 2>/dev/null | head -n 1)
+    [ -n "$trace" ] || trace=$(find "$traces/$name" -name '*.json.gz' 2>/dev/null | head -n 1)
+    [ -n "$trace" ] && cp "$trace" "$out/$name.trace.json.gz"
+  fi
   grep '^{' "$out/$name.log" | tail -n 1 | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$rows"
   if [ $rc = 124 ]; then
     echo "== $name: did not finish within ${lim}s"
@@ -94,7 +106,7 @@ if [ "${GPU_BENCH_LONG:-0}" = 1 ]; then
     model.scan_layers=false data.seq_len=$((seq * 16)) \
     model.max_position_embeddings=$((seq * 16)) train.global_batch_size=1
 fi
-run bf16-best "" model.remat=projections_and_attention model.scan_layers=false \
+PROFILE=1 run bf16-best "" model.remat=projections_and_attention model.scan_layers=false \
   train.global_batch_size=$big
 if [ "${GPU_BENCH_LONG:-0}" = 1 ]; then
   run bf16-best-one-slice "" model.remat=projections_and_attention model.scan_layers=false \
@@ -107,7 +119,7 @@ if [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
 # (casts that need no reduction first; the head is a fifth of the 1B's FLOPs). A delayed run
 # compiles twice (its first batch is measured with current scaling), hence the longer limit;
 # fp8's own compile took 60-70 s on the H200, close to the default 110 s with start-up.
-LIMIT=150 run fp8 "" model.remat=projections_and_attention model.quantization=fp8 \
+LIMIT=150 PROFILE=1 run fp8 "" model.remat=projections_and_attention model.quantization=fp8 \
   train.global_batch_size=$big
 
 # The peer: transformers' LlamaForCausalLM, bf16 autocast, SDPA, fused AdamW, torch.compile.
@@ -144,4 +156,17 @@ for r in rows:
           f"{(r['tokens_per_sec'] / peer if peer else float('nan')):>7.3f}x "
           f"{r.get('loss', float('nan')):>7.3f} {r.get('device_peak_gib', float('nan')):>8.1f}"
           f" {r.get('fp8_matmuls', ''):>8}")
+profiled = [r for r in rows if "kernel_ms_by_kind" in r]
+if profiled:  # where the device time of the traced steps went (bench --profile)
+    kinds = sorted({k for r in profiled for k in r["kernel_ms_by_kind"]},
+                   key=lambda k: -profiled[0]["kernel_ms_by_kind"].get(k, 0.0))
+    print(f"\nkernel ms per step {'':9} {'all':>8} {'launches':>8} "
+          + " ".join(f"{k:>12}" for k in kinds))
+    for r in profiled:
+        by = r["kernel_ms_by_kind"]
+        print(f"{r['variant']:28} {r['kernel_ms_per_step']:>8.1f} {r['kernels_per_step']:>8} "
+              + " ".join(f"{by.get(k, 0.0):>12.1f}" for k in kinds))
+for r in rows:
+    if "profile_error" in r:
+        print(f"{r['variant']}: no kernel figures: {r['profile_error']}")
 PYEOF

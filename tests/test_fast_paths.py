@@ -141,6 +141,28 @@ def test_fp8_matmul_is_current_scaled_fp8(grad_format, weight_gradient):
     assert 1e-3 < rel < 0.06  # really fp8 (not bf16), and as close as E4M3 allows
 
 
+def test_fp8_matmul_in_float16_is_scaled_back_before_float16():
+    """Under `model.compute_dtype=float16` the unscaled fp8 product (operands up to 448,
+    summed over 256 here: up to 5e7) would overflow float16's 65504: every output and
+    gradient was Inf/NaN and every step skipped. Product, input gradient and LM-head gradient
+    are finite float16 and as close to the exact product as the bf16 ones are."""
+    k = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k[0], (4, 32, 256), jnp.float32).astype(jnp.float16)
+    w = (0.05 * jax.random.normal(k[1], (256, 48))).astype(jnp.float16)
+    dy = jax.random.normal(k[2], (4, 32, 48)).astype(jnp.float16)
+    head = HeadProduct(fp8=True)
+    for name, fn in (("block", fp8_matmul()), ("head", lambda a, b: head_matmul(a, b, head))):
+        y, pullback = jax.vjp(fn, x, w)
+        dx, _ = pullback(dy.astype(y.dtype))
+        exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+        exact_dx = np.asarray(dy, np.float32) @ np.asarray(w, np.float32).T
+        assert dx.dtype == jnp.float16, name
+        for got, ref in ((y, exact), (dx, exact_dx)):
+            got = np.asarray(got, np.float32)
+            assert np.isfinite(got).all(), name
+            assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.06, name
+
+
 @pytest.mark.parametrize("weight_gradient", ["fp8", "bf16"])
 def test_fp8_head_is_current_scaled_fp8_with_float32_logits(weight_gradient):
     """`model.fp8_head`: the LM head's logits are the fp8 product accumulated and returned
@@ -251,6 +273,15 @@ def test_gpu_bench_script_runs(tmp_path):
     assert "skipped" in done.stdout
     table = done.stdout[done.stdout.index("variant "):]
     assert all(name in table for name in rows) and "1.000x" in table
+    # The bf16 best and fp8 rows are traced: kernel time by kind in the row and the table,
+    # the trace beside the logs; the device tool brings back at most 8 files.
+    kernels = table[table.index("kernel ms per step"):].splitlines()
+    for name in ("bf16-best", "fp8"):
+        assert rows[name]["kernel_ms_by_kind"]["matmul"] > 0, rows[name]
+        assert any(line.startswith(f"{name} ") for line in kernels), table
+        assert (tmp_path / f"{name}.trace.json.gz").stat().st_size > 0
+    assert "kernel_ms_by_kind" not in rows["fp8-delayed"]
+    assert len(list(tmp_path.iterdir())) <= 8, sorted(p.name for p in tmp_path.iterdir())
 
 
 def test_gpu_bench_skips_what_its_time_budget_cannot_hold(tmp_path):
