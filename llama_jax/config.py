@@ -108,6 +108,10 @@ class ModelConfig:
     scan_layers: bool = True
     attention: AttentionImpl = "xla"
     attention_block: int = 128  # xla attention: causal query blocks of this many tokens (0: off)
+    # cudnn attention on packed rows: the most documents (runs of one segment id, padding
+    # included) a row may hold for cuDNN's packed layout; a batch with a fuller row takes the
+    # xla blocks for that step (same result, slower). 0: packed rows always take the blocks.
+    max_segments_per_row: int = 16
     # how attention reaches the keys of other devices when mesh.sequence splits the sequence
     context_parallel: ContextParallel = "all_gather"
     # the LM head and loss over this many slices of the positions (loss.chunked_head_loss_sums);
@@ -509,6 +513,9 @@ def validate(cfg: Config) -> None:
                           "block's fp8 recipe to the LM head)")
     if m.attention_block < 0:
         raise ConfigError(f"model.attention_block={m.attention_block} must be >= 0 (0: off)")
+    if m.max_segments_per_row < 0 or m.max_segments_per_row == 1:
+        raise ConfigError(f"model.max_segments_per_row={m.max_segments_per_row} must be 0 (packed "
+                          f"rows never reach cuDNN) or at least 2")
     if not 0.0 < m.rotary_pct <= 1.0:
         raise ConfigError(f"model.rotary_pct={m.rotary_pct} must be in (0, 1]")
     if m.position == "rope" and m.rotary_dim % 2:

@@ -182,7 +182,8 @@ class Attention(nnx.Module):
                                               kind=self.cfg.context_parallel, scale=scale,
                                               block=self.cfg.attention_block)
         return attention(q, k, v, segment_ids_BxT, impl=self.cfg.attention, scale=scale,
-                         block=self.cfg.attention_block)
+                         block=self.cfg.attention_block,
+                         max_segments=self.cfg.max_segments_per_row)
 
     def project_out(self, out_BxTxNxH: Array, fp8: LayerScales | None = None) -> Array:
         n, h, d = self.o_proj.shape

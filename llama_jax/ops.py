@@ -480,25 +480,95 @@ def blocked_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Arra
                                            segment_ids_BxT, segment_ids_BxT, block))
 
 
+def segment_layout(segment_ids_BxT: Array, max_segments: int) -> tuple[Array, Array, Array]:
+    """A packed batch's documents as cuDNN's packed layout takes them: each run of equal
+    segment ids is one sequence (a padding run too, so that every token belongs to one and
+    no output is left unwritten): the runs' lengths [B, M] and first tokens [B, M + 1], both
+    -1 past a row's last run; and whether every row holds at most M = `max_segments` runs.
+
+    Runs, not ids: within a run the `visible` rule (same id, key not after the query by
+    position) and the kernel's per-sequence causal mask agree, because positions restart at
+    every run (data/pipeline.py). Built by comparisons and reductions along each row only, so
+    it stays split wherever the batch is."""
+    b, t = segment_ids_BxT.shape
+    first = jnp.concatenate([jnp.ones((b, 1), bool),
+                             segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    run_BxT = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1
+    in_run_BxMxT = run_BxT[:, None, :] == jnp.arange(max_segments, dtype=jnp.int32)[None, :, None]
+    lengths_BxM = jnp.sum(in_run_BxMxT, axis=2, dtype=jnp.int32)
+    starts_BxM = jnp.argmax(in_run_BxMxT, axis=2).astype(jnp.int32)
+    present = lengths_BxM > 0
+    none = jnp.full((b, 1), -1, jnp.int32)
+    return (jnp.where(present, lengths_BxM, -1),
+            jnp.concatenate([jnp.where(present, starts_BxM, -1), none], axis=1),
+            jnp.all(run_BxT[:, -1] < max_segments))
+
+
+def cudnn_packed_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
+                           lengths_BxM: Array, starts_BxMp1: Array, scale: float) -> Array:
+    """cuDNN's flash attention over packed rows: each row's sequences (`segment_layout`)
+    attend causally within themselves, with no [T, T] mask anywhere.
+
+    JAX's public `dot_product_attention` takes only one sequence length per row, so this is
+    its cuDNN module's own entry point, the one `jax.nn.dot_product_attention` itself calls
+    (MaxText's cuDNN path uses it too); `tests/test_packed_attention.py` lowers it for CUDA on
+    CPU, so a change in its arguments shows in CI, not on a GPU."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    return dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM,
+        q_offsets=starts_BxMp1, kv_offsets=starts_BxMp1, scale=scale,
+        mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
+
+def packed_fused_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
+                           segment_ids_BxT: Array, scale: float, max_segments: int,
+                           block: int) -> Array:
+    """Packed rows through cuDNN when every row of the batch holds at most `max_segments`
+    runs (`segment_layout`), else through our causal blocks: the same result either way,
+    chosen on the device for each batch (`lax.cond`), so no batch can be attended wrongly
+    whatever its documents. The layout's stats are [B x M, heads, T] floats, hence a bound."""
+    lengths, starts, fits = segment_layout(segment_ids_BxT, max_segments)
+
+    def fused(q: Array, k: Array, v: Array) -> Array:
+        return cudnn_packed_attention(q, k, v, lengths, starts, scale)
+
+    def blocks(q: Array, k: Array, v: Array) -> Array:
+        return _xla_causal_attention(q, k, v, segment_ids_BxT, scale, block)
+
+    return jax.lax.cond(fits, fused, blocks, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+
+
+def _xla_causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
+                          segment_ids_BxT: Array | None, scale: float, block: int) -> Array:
+    t = q_BxTxNxH.shape[1]
+    if 0 < block < t and t == k_BxSxKxH.shape[1]:
+        return blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT,
+                                        scale, block)
+    mask = attention_mask(segment_ids_BxT, t, k_BxSxKxH.shape[1])
+    return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale)
+
+
 def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
               segment_ids_BxT: Array | None, *, impl: str, scale: float,
-              mask_BxTxS: Array | None = None, block: int = 0) -> Array:
+              mask_BxTxS: Array | None = None, block: int = 0,
+              max_segments: int = 0) -> Array:
     """Causal attention within documents (`segment_ids`; None: one document per row), or under
     an explicit `mask` (decoding over a cache), on a sequence held whole by each device.
     `impl`: "xla" (our kernels: query blocks of `block` rows when that splits the sequence,
     else one masked einsum), or a fused kernel through `jax.nn.dot_product_attention`
-    ("cudnn", or "dot_product_attention" for JAX's choice) for rows of one document. Packed
-    rows never reach the fused kernel: JAX's public API takes document boundaries only as a
-    dense [B, 1, T, T] mask, so they take the query blocks instead."""
-    t = q_BxTxNxH.shape[1]
+    ("cudnn", or "dot_product_attention" for JAX's choice). Packed rows reach cuDNN as
+    sequence lengths and offsets (`packed_fused_attention`) when `max_segments` allows;
+    otherwise, and for JAX's choice (its public API takes document boundaries only as a
+    dense [B, 1, T, T] mask), they take the query blocks."""
     if mask_BxTxS is not None:
         return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale)
+    if impl == "cudnn" and segment_ids_BxT is not None and max_segments > 1:
+        return packed_fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale,
+                                      max_segments, block)
     if impl == "xla" or segment_ids_BxT is not None:
-        if 0 < block < t and t == k_BxSxKxH.shape[1]:
-            return blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT,
-                                            scale, block)
-        mask = attention_mask(segment_ids_BxT, t, k_BxSxKxH.shape[1])
-        return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale)
+        return _xla_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale,
+                                     block)
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, scale=scale, is_causal=True,
         implementation="cudnn" if impl == "cudnn" else None,

@@ -1,0 +1,234 @@
+"""Packed rows through cuDNN's packed layout (`ops.packed_fused_attention`), checked on CPU.
+
+cuDNN cannot run here, so three things stand in for it: a reference of its packed-layout
+contract (JAX's docstring: each row's sequences given by length and first token, -1 past the
+last; attention causal within each sequence, nothing across), which our layout must turn
+into exactly the document mask our own kernels apply; the model with that reference in
+cuDNN's place, which must give the XLA path's logits and gradients, and fall back to the XLA
+blocks for a batch whose rows hold too many documents; and the real call lowered for CUDA,
+whose custom calls must carry the layout and run cuDNN's forward once per layer under the
+remat policy that saves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax import ops
+from llama_jax.config import load_config
+from llama_jax.model import Transformer
+
+pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
+
+
+def reference_layout(seg: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Runs of equal ids by a plain loop over each row."""
+    lengths = -np.ones((seg.shape[0], m), np.int32)
+    starts = -np.ones((seg.shape[0], m + 1), np.int32)
+    fits = True
+    for b, row in enumerate(seg):
+        runs: list[list[int]] = []
+        for i, s in enumerate(row):
+            if not runs or s != row[i - 1]:
+                runs.append([i, 0])
+            runs[-1][1] += 1
+        fits &= len(runs) <= m
+        for j, (start, length) in enumerate(runs[:m]):
+            starts[b, j], lengths[b, j] = start, length
+    return lengths, starts, fits
+
+
+def packed_rows(rng: np.random.Generator, rows: int, t: int, docs: int,
+                padding: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids 1..docs of random lengths, then `padding` tokens of id 0, and the
+    positions that restart at every document (as data/pipeline.py's rows)."""
+    seg = np.zeros((rows, t), np.int32)
+    pos = np.zeros((rows, t), np.int32)
+    for b in range(rows):
+        cuts = np.sort(rng.choice(np.arange(1, t - padding), docs - 1, replace=False))
+        bounds = [0, *cuts, t - padding]
+        for d in range(docs):
+            seg[b, bounds[d]:bounds[d + 1]] = d + 1
+            pos[b, bounds[d]:bounds[d + 1]] = np.arange(bounds[d + 1] - bounds[d])
+        pos[b, t - padding:] = np.arange(padding)
+    return seg, pos
+
+
+def test_segment_layout_matches_a_loop_over_each_row():
+    """Every run is a sequence (padding runs and an id that comes back after another count
+    as runs of their own); rows with M and M+1 runs; one run; M = 2."""
+    rng = np.random.default_rng(0)
+    seg, _ = packed_rows(rng, 5, 40, 4, padding=6)
+    seg[1] = 7  # one document
+    seg[2, :] = np.repeat([1, 2, 1, 0, 3, 0], [5, 5, 5, 5, 5, 15])  # ids that come back
+    seg[3] = np.repeat(np.arange(1, 9), 5)  # 8 runs
+    for m in (2, 4, 5, 6, 8, 9):
+        want = reference_layout(seg, m)
+        got = jax.jit(ops.segment_layout, static_argnums=1)(jnp.asarray(seg), m)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"lengths, M={m}")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"starts, M={m}")
+        assert bool(got[2]) == want[2], m
+    # the batch fits exactly when its fullest row holds at most M runs (row 3: 8 runs)
+    assert bool(ops.segment_layout(jnp.asarray(seg), 8)[2])
+    assert not bool(ops.segment_layout(jnp.asarray(seg), 7)[2])
+
+
+def cudnn_contract(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                   starts: jax.Array, scale: float) -> jax.Array:
+    """What cuDNN's packed layout computes, written from its contract alone: token i belongs
+    to the sequence j with starts[j] <= i < starts[j] + lengths[j] (none: its output is left
+    unwritten, zero here), and attends to the tokens of its own sequence up to itself. Dense
+    float32 softmax, K/V repeated for grouped queries."""
+    t = q.shape[1]
+    i = jnp.arange(t)
+    inside = ((starts[:, :-1, None] <= i) & (i < starts[:, :-1, None] + lengths[:, :, None])
+              & (lengths[:, :, None] > 0))  # [B, M, T]
+    seq = jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1)  # [B, T]
+    mask = ((seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
+            & (i[None, None, :] <= i[None, :, None]))
+    groups = q.shape[2] // k.shape[2]
+    k32, v32 = (jnp.repeat(x.astype(jnp.float32), groups, axis=2) for x in (k, v))
+    scores = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k32) * scale
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", jnp.nan_to_num(probs), v32)
+    return jnp.where((seq >= 0)[:, :, None, None], out, 0.0).astype(q.dtype)
+
+
+@pytest.fixture
+def cudnn_as_its_contract(monkeypatch):
+    monkeypatch.setattr(ops, "cudnn_packed_attention", cudnn_contract)
+
+
+def test_the_layout_gives_cudnn_the_document_mask():
+    """Our layout fed to the contract = our blocked and one-einsum kernels on the same packed
+    rows (padding included), values and gradients; and with too few sequences (M below a
+    row's documents) the contract leaves tokens out, which is why such a batch falls back."""
+    rng = np.random.default_rng(1)
+    b, t, n, kv, h = 3, 48, 4, 2, 8
+    seg, pos = packed_rows(rng, b, t, 5, padding=5)
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k, v = (jax.random.normal(key, (b, t, kv, h)) for key in keys[1:])
+    scale = h ** -0.5
+
+    def contract(q, k, v):
+        return cudnn_contract(q, k, v, *ops.segment_layout(seg, 6)[:2], scale)
+
+    def ours(block):
+        return lambda q, k, v: ops.attention(q, k, v, seg, impl="xla", scale=scale, block=block)
+
+    probe = jax.random.normal(jax.random.key(5), (b, t, n, h))
+    for block in (0, 16):
+        want, want_vjp = jax.vjp(ours(block), q, k, v)
+        got, got_vjp = jax.vjp(contract, q, k, v)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for a, c in zip(got_vjp(probe), want_vjp(probe), strict=True):
+            np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+    short = cudnn_contract(q, k, v, *ops.segment_layout(seg, 4)[:2], scale)
+    assert not np.allclose(short, ours(0)(q, k, v), atol=1e-3)
+
+
+def packed_model_case(tiny_overrides, docs_per_row):
+    cfg = load_config("configs/tiny.yaml", [*tiny_overrides, "data.seq_len=32",
+                                            "model.max_segments_per_row=4",
+                                            "model.compute_dtype=float32"]).model
+    params = nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0))))
+    rng = np.random.default_rng(docs_per_row)
+    seg, pos = packed_rows(rng, 2, 32, 3, padding=4)
+    seg[1], pos[1] = (x[0] for x in packed_rows(rng, 1, 32, docs_per_row))
+    x = jax.random.randint(jax.random.key(3), (2, 32), 0, cfg.vocab_size)
+    return cfg, params, x, jnp.asarray(pos), jnp.asarray(seg)
+
+
+def model_loss_and_grads(cfg, params, x, pos, seg):
+    def loss(p):
+        model = nnx.merge(nnx.split(Transformer(cfg, nnx.Rngs(0)))[0], p)
+        logits = model(x, pos, seg)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 0]), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.parametrize("docs", [4, 6], ids=["rows-fit", "a-row-over-the-bound"])
+@pytest.mark.usefixtures("cudnn_as_its_contract")
+def test_cudnn_on_packed_rows_gives_the_xla_model(tiny_overrides, monkeypatch, docs):
+    """The model with `attention=cudnn` (cuDNN played by its contract) = `attention=xla` on
+    packed rows, logits and every gradient, under remat with layers scanned: a batch whose
+    rows fit `model.max_segments_per_row` (4 runs: 3 documents + padding; 4 documents) runs
+    the fused branch, one with a 6-document row the blocks. Forcing the fused branch on that
+    batch gives other logits, so the equality shows the fallback was taken."""
+    cfg, params, x, pos, seg = packed_model_case(tiny_overrides, docs)
+    cfg = dataclasses.replace(cfg, remat="projections_and_attention")
+    fused = dataclasses.replace(cfg, attention="cudnn")
+    (_, want), want_grads = model_loss_and_grads(cfg, params, x, pos, seg)
+    (_, got), got_grads = model_loss_and_grads(fused, params, x, pos, seg)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    fits = bool(ops.segment_layout(seg, cfg.max_segments_per_row)[2])
+    assert fits == (docs == 4)
+    if not fits:
+        layout = ops.segment_layout
+        monkeypatch.setattr(ops, "segment_layout",
+                            lambda s, m: (*layout(s, m)[:2], jnp.array(True)))
+        (_, forced), _ = model_loss_and_grads(fused, params, x, pos, seg)
+        np.testing.assert_allclose(forced[0], want[0], rtol=1e-5, atol=1e-5)  # row 0 fits
+        assert not np.allclose(forced[1], want[1], atol=1e-3)
+
+
+def cuda_custom_calls(text: str) -> list[tuple[str, str]]:
+    """(target, backend config) of each cuDNN attention call in a lowered module."""
+    return re.findall(r'custom_call @(__cudnn\$fmha\w*)\((?:[^)]*)\)\s*\{[^}]*?backend_config = '
+                      r'"((?:[^"\\]|\\.)*)"', text)
+
+
+@pytest.fixture
+def cuda_lowering(monkeypatch):
+    """JAX's cuDNN module asks the installed cuDNN and the GPU for versions while tracing;
+    on CPU, answer as a Hopper GPU with cuDNN 9.10 would, so the call can be lowered for
+    CUDA (never compiled or run here)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+
+
+@pytest.mark.usefixtures("cuda_lowering")
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "one-document-rows"])
+def test_the_cudnn_call_lowers_for_cuda_with_the_layout_once_per_layer(tiny_overrides, packed):
+    """The model's loss gradient lowered for CUDA (the real JAX entry point, not a stand-in):
+    packed rows reach cuDNN's forward and backward as int32 [B, M] lengths and [B, M+1]
+    starts with `PADDING_CAUSAL` and M segments per row, and under
+    `remat=projections_and_attention` with scanned layers each runs once per layer (the
+    forward's output and stats are saved through the `lax.cond`, not computed again for the
+    backward); one-document rows keep the plain causal call."""
+    cfg, params, x, pos, seg = packed_model_case(tiny_overrides, 4)
+    cfg = dataclasses.replace(cfg, attention="cudnn", compute_dtype="bfloat16",
+                              remat="projections_and_attention")
+    params = nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0))))
+
+    def loss(p):
+        model = nnx.merge(nnx.split(Transformer(cfg, nnx.Rngs(0)))[0], p)
+        logits = model(x, pos, seg if packed else None)
+        return jnp.sum(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
+
+    text = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    calls = cuda_custom_calls(text)
+    names = sorted(name for name, _ in calls)
+    assert names == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"], names
+    m = cfg.max_segments_per_row
+    for _, config in calls:
+        config = config.replace('\\22', '"')
+        mask = re.search(r'"mask_type": "(\w+)"', config).group(1)
+        segments = int(re.search(r'"max_seg_per_batch": (\d+)', config).group(1))
+        assert (mask, segments) == (("PADDING_CAUSAL", m) if packed else ("CAUSAL", 1))
+    layout_operands = re.findall(rf"tensor<2x{m}xi32>, tensor<2x{m}xi32>, "
+                                 rf"tensor<2x{m + 1}xi32>, tensor<2x{m + 1}xi32>", text)
+    assert len(layout_operands) == (2 if packed else 0)
