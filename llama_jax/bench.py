@@ -31,6 +31,11 @@ from llama_jax.topology import TpuSlice, parse_topology, topology_devices
 
 
 def random_batch(cfg: Config) -> dict[str, np.ndarray]:
+    """Random tokens, one sequence a row; with `data.synthetic_document_tokens`, the packed
+    rows of synthetic documents (what packed rows cost is the point then)."""
+    if cfg.data.synthetic_document_tokens:
+        return next(make_source(cfg, None, "train", cfg.train.global_batch_size,
+                                cfg.train.seed))
     rows = cfg.train.global_batch_size // jax.process_count()
     rng = np.random.default_rng(cfg.train.seed + jax.process_index())
     tokens = rng.integers(0, cfg.model.vocab_size, (rows, cfg.data.seq_len + 1), np.int32)

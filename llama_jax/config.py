@@ -172,6 +172,9 @@ class SourceConfig:
 class DataConfig:
     dataset: str = SYNTHETIC  # synthetic | python_docs | text_files | any TFDS dataset name
     seq_len: int = 128
+    # synthetic: the mean length of its documents, packed several to a row with segment ids
+    # as real text is (for measuring what packed rows cost); 0: one sequence per row
+    synthetic_document_tokens: int = 0
     # text_files: glob(s), comma-separated, of .txt, .jsonl(.gz|.zst), .parquet files, folders
     files: str = ""
     paths: list[str] = field(default_factory=list)  # megatron: .bin/.idx prefixes
@@ -545,6 +548,13 @@ def validate(cfg: Config) -> None:
             f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} exceeds "
             f"model.vocab_size={cfg.model.vocab_size}"
         )
+    if cfg.data.synthetic_document_tokens < 0:
+        raise ConfigError(f"data.synthetic_document_tokens={cfg.data.synthetic_document_tokens} "
+                          f"must be >= 0 (0: one sequence per row)")
+    if cfg.data.synthetic_document_tokens and (cfg.data.sources
+                                               or cfg.data.dataset != SYNTHETIC):
+        raise ConfigError("data.synthetic_document_tokens packs synthetic documents: it needs "
+                          "data.dataset=synthetic (a corpus's documents are its own)")
     if cfg.data.sources:
         _validate_sources(cfg.data)
     elif cfg.data.dataset == MEGATRON:

@@ -144,6 +144,10 @@ class StepLog:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.fpt = flops.flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops
+        m = cfg.model
+        # cuDNN's packed layout: fuller rows than this take the XLA attention (ops.py)
+        self.segment_bound = m.max_segments_per_row if (m.attention == "cudnn" and
+                                                        m.max_segments_per_row > 1) else 0
         self.rows: list[dict[str, Any]] = []
         self.restart(first_step)
 
@@ -175,6 +179,12 @@ class StepLog:
         row["host_rss_gib"] = host_memory.resident_gib()
         if self.data_report is not None:
             row.update(self.data_report())
+        if 0 < self.segment_bound < row.get("documents_per_row", 0):
+            print(f"note: a row before step {step} held {row['documents_per_row']} documents, "
+                  f"more than model.max_segments_per_row={self.segment_bound}: such steps ran "
+                  f"the xla attention blocks instead of cuDNN (same result, slower)",
+                  file=sys.stderr)
+            self.segment_bound = 0  # said once
         self.t_last, self.step_last, self.waited = now, step, 0.0
         self.rows.append(row)
         self.writer.write(row)
@@ -218,6 +228,9 @@ def log_row(step: int, host: list[dict], seconds: float, steps: int, tokens_per_
         "tokens_per_sec": tps,
         "step_time_s": seconds / steps if steps else None,
         "mfu": None if tps is None else flops.mfu(tps, fpt, peak),
+        # packed rows: the most documents one row of the window held
+        **({"documents_per_row": int(max(m["documents_per_row"] for m in host))}
+           if "documents_per_row" in host[-1] else {}),
     }
 
 

@@ -480,6 +480,14 @@ def blocked_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Arra
                                            segment_ids_BxT, segment_ids_BxT, block))
 
 
+def segment_runs(segment_ids_BxT: Array) -> Array:
+    """Each token's run of equal segment ids in its row, counted from 0: the last token's
+    is one less than the row's documents (a padding run counted as one)."""
+    first = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                             segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    return jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1
+
+
 def segment_layout(segment_ids_BxT: Array, max_segments: int) -> tuple[Array, Array, Array]:
     """A packed batch's documents as cuDNN's packed layout takes them: each run of equal
     segment ids is one sequence (a padding run too, so that every token belongs to one and
@@ -490,10 +498,8 @@ def segment_layout(segment_ids_BxT: Array, max_segments: int) -> tuple[Array, Ar
     position) and the kernel's per-sequence causal mask agree, because positions restart at
     every run (data/pipeline.py). Built by comparisons and reductions along each row only, so
     it stays split wherever the batch is."""
-    b, t = segment_ids_BxT.shape
-    first = jnp.concatenate([jnp.ones((b, 1), bool),
-                             segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
-    run_BxT = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1
+    b = segment_ids_BxT.shape[0]
+    run_BxT = segment_runs(segment_ids_BxT)
     in_run_BxMxT = run_BxT[:, None, :] == jnp.arange(max_segments, dtype=jnp.int32)[None, :, None]
     lengths_BxM = jnp.sum(in_run_BxMxT, axis=2, dtype=jnp.int32)
     starts_BxM = jnp.argmax(in_run_BxMxT, axis=2).astype(jnp.int32)

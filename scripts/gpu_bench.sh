@@ -18,7 +18,10 @@
 # budget with it), and
 # GPU_BENCH_LONG=1 for long context instead of fp8 and the peer: 32k x 1 and 16k x 2 tokens
 # per step under two remat policies and 32k unrolled (issue 16's figures), then the bf16 best
-# with the default sliced LM head against one slice (`model.loss_chunks=1`).
+# with the default sliced LM head against one slice (`model.loss_chunks=1`);
+# GPU_BENCH_PACKED=1 for packed rows instead of fp8 and the peer: the bf16 best on synthetic
+# documents through cuDNN's packed layout and through the XLA blocks (the A/B of
+# model.max_segments_per_row).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp}}"
@@ -112,7 +115,17 @@ if [ "${GPU_BENCH_LONG:-0}" = 1 ]; then
   run bf16-best-one-slice "" model.remat=projections_and_attention model.scan_layers=false \
     train.global_batch_size=$big model.loss_chunks=1
 fi
-if [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
+if [ "${GPU_BENCH_PACKED:-0}" = 1 ]; then
+  # Packed rows (synthetic documents of ~400 tokens on average, ~5 a row at seq 2048) at the
+  # bf16 best settings: cuDNN's packed layout (model.max_segments_per_row, 16) against the
+  # XLA causal blocks that packed rows took before it (bound 0); bf16-best above is the same
+  # step on one document per row.
+  docs=$( [ "${GPU_BENCH_QUICK:-0}" = 1 ] && echo 12 || echo 400 )
+  PROFILE=1 run packed-cudnn "" model.remat=projections_and_attention model.scan_layers=false \
+    train.global_batch_size=$big data.synthetic_document_tokens=$docs
+  run packed-xla-blocks "" model.remat=projections_and_attention model.scan_layers=false \
+    train.global_batch_size=$big data.synthetic_document_tokens=$docs model.max_segments_per_row=0
+elif [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
 # fp8 scanned: unrolled, its compile took over 2 minutes on the H200. Current scaling with
 # E4M3 gradients (the default recipe; E5M2 measured 1.17x on 2026-11-28), then the peer; then,
 # as the budget allows, delayed scaling with the LM head in fp8 too, and delayed scaling alone
@@ -139,7 +152,7 @@ LIMIT=200 run fp8-delayed-head "" model.remat=projections_and_attention \
   train.global_batch_size=$big
 LIMIT=200 run fp8-delayed "" model.remat=projections_and_attention model.quantization=fp8 \
   model.fp8_scaling=delayed train.global_batch_size=$big
-fi  # not GPU_BENCH_LONG
+fi  # not GPU_BENCH_LONG or GPU_BENCH_PACKED
 
 $PY - "$rows" <<'PYEOF'
 import json, sys

@@ -326,6 +326,32 @@ def test_gpu_bench_long_context_variants_run(tmp_path):
                     "bf16-best", "bf16-best-one-slice"]
 
 
+@pytest.mark.slow  # the default variants above run in `make test`
+def test_gpu_bench_packed_rows_variants_run(tmp_path):
+    """GPU_BENCH_PACKED=1 (tiny, quick): the bf16 best on one document per row, then on
+    synthetic documents through the fused path and through the XLA blocks; the packed rows
+    are really packed (their loss differs from the one-document rows', and is the same for
+    both packed variants: the same batch, the same attention)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "GPU_BENCH_QUICK": "1", "GPU_BENCH_PACKED": "1",
+           "PYTHON": sys.executable, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "gpu_bench.jsonl").open())}
+    assert list(rows) == ["bf16-best", "packed-cudnn", "packed-xla-blocks"]
+    assert rows["packed-cudnn"]["loss"] == pytest.approx(rows["packed-xla-blocks"]["loss"],
+                                                         rel=1e-5)
+    assert rows["packed-cudnn"]["loss"] != pytest.approx(rows["bf16-best"]["loss"], rel=1e-3)
+    assert rows["packed-cudnn"]["kernel_ms_by_kind"]["matmul"] > 0
+
+
 def test_loss_chunks_cut_the_compiled_steps_temporaries(tmp_path):
     """With 8 slices the float32 [B, T, V] logits (128 MiB per device here) never exist:
     XLA's own memory plan for the whole train step drops by more than their size."""

@@ -42,7 +42,7 @@ def _gpu_trace(path: Path) -> Path:
     events: list[dict] = list(meta)
     t = 0.0
     for pid in (1, 2):
-        for run in range(2):
+        for _run in range(2):
             events.append({"ph": "X", "pid": 9, "tid": 1, "ts": t, "dur": 1.0,
                            "name": f"{'[1] ' if pid == 2 else ''}CommonPjRtLoadedExecutable"
                                    f"::Execute (jit_step)"})

@@ -232,3 +232,59 @@ def test_the_cudnn_call_lowers_for_cuda_with_the_layout_once_per_layer(tiny_over
     layout_operands = re.findall(rf"tensor<2x{m}xi32>, tensor<2x{m}xi32>, "
                                  rf"tensor<2x{m + 1}xi32>, tensor<2x{m + 1}xi32>", text)
     assert len(layout_operands) == (2 if packed else 0)
+
+
+def test_synthetic_documents_are_packed_rows_as_text_gives_them():
+    """`data.synthetic_document_tokens`: several documents a row, positions restarting and
+    no target across a boundary (data/batch.py's `model_row`), documents of about that mean
+    length, and each process's rows the same as in a one-process batch."""
+    from llama_jax.data.synthetic import SyntheticSource
+
+    whole = next(SyntheticSource(97, 256, 8, 3, "train", document_tokens=20))
+    seg, pos, w = whole["segment_ids"], whole["positions"], whole["weights"]
+    runs = np.asarray(ops.segment_runs(jnp.asarray(seg)))
+    first = np.concatenate([np.ones((8, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    assert (seg > 0).all() and (np.diff(seg, axis=1) >= 0).all()
+    np.testing.assert_array_equal(pos == 0, first)
+    np.testing.assert_array_equal(w[:, :-1] == 0, first[:, 1:])  # no target across
+    # tokens per document ~20 (a little less: the documents cut at a row's ends count too)
+    assert 14 <= seg.size / (runs[:, -1] + 1).sum() <= 26, runs[:, -1]
+    halves = [next(SyntheticSource(97, 256, 8, 3, "train", i, 2, document_tokens=20))
+              for i in range(2)]
+    for key, value in whole.items():
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), value)
+
+
+@pytest.mark.usefixtures("cudnn_as_its_contract")
+def test_training_on_packed_rows_with_cudnn_equals_xla_and_says_when_rows_overflow(
+        tmp_path, capsys):
+    """Sharded training (fsdp x data) on synthetic documents: `attention=cudnn` (its
+    contract in cuDNN's place) gives the losses of `attention=xla`; every logged row says the
+    most documents a row held; a bound below that is said once on stderr and still trains
+    the same (those steps took the blocks)."""
+    from helpers import tiny
+
+    from llama_jax.data.synthetic import SyntheticSource
+    from llama_jax.train import train
+
+    base = ["train.steps=4", "train.log_every=2", "data.synthetic_document_tokens=12",
+            "mesh.data=2", "mesh.fsdp=4"]
+    losses, rows = {}, {}
+    for name, extra in {"xla": [], "cudnn": ["model.attention=cudnn"],
+                        "cudnn-bound-2": ["model.attention=cudnn",
+                                          "model.max_segments_per_row=2"]}.items():
+        result = train(tiny(tmp_path / name, *base, *extra), quiet=True)
+        losses[name] = [r["loss"] for r in result.history]
+        rows[name] = result.history
+        if name != "cudnn-bound-2":
+            assert "max_segments_per_row" not in capsys.readouterr().err
+    note = capsys.readouterr().err
+    assert note.count("more than model.max_segments_per_row=2") == 1, note
+    for name in ("cudnn", "cudnn-bound-2"):
+        np.testing.assert_allclose(losses[name], losses["xla"], rtol=2e-5, err_msg=name)
+    cfg = tiny(tmp_path / "x", *base)
+    source = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len, cfg.train.global_batch_size,
+                             cfg.train.seed, "train", document_tokens=12)
+    most = [int(np.asarray(ops.segment_runs(jnp.asarray(next(source)["segment_ids"])))[:, -1]
+                .max()) + 1 for _ in range(4)]
+    assert [r["documents_per_row"] for r in rows["xla"]] == [max(most[:2]), max(most[2:])]

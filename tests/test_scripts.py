@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,8 +70,10 @@ def test_bench_restart_times_cold_and_warm_starts(tmp_path):
                       "--compile-config", "configs/tiny.yaml", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "warm restart said: step " in done.stdout
-    assert "train step loaded from the compilation cache" in done.stdout
-    assert done.stdout.count("x sooner with a warm cache") == 2
+    # whole (the step kept by this project) or from JAX's own cache: either is a warm start
+    assert re.search(r"train step loaded (whole )?from the compilation cache", done.stdout)
+    assert re.search(r"with a warm cache the first step began [\d.]+x sooner", done.stdout)
+    assert re.search(r"compiled [\d.]+x sooner with a warm cache", done.stdout)
 
 
 @pytest.mark.slow  # a plan that measures every candidate it compiles

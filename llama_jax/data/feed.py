@@ -4,6 +4,7 @@ and the rest of the code asks (`source_kind`) rather than compare dataset names.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,10 @@ if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pa
 def source_kind(cfg: Config) -> SourceKind:
     if cfg.data.sources:
         return kind_of_mixture([s.dataset for s in cfg.data.sources])
-    return kind_of(cfg.data.dataset)
+    kind = kind_of(cfg.data.dataset)
+    if not kind.text and cfg.data.synthetic_document_tokens:  # synthetic documents, packed
+        return dataclasses.replace(kind, packed=True)
+    return kind
 
 
 def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, seed: int,
@@ -34,7 +38,8 @@ def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, s
         from llama_jax.data.synthetic import SyntheticSource
 
         return SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len, rows, seed, split,
-                               jax.process_index(), jax.process_count())
+                               jax.process_index(), jax.process_count(),
+                               cfg.data.synthetic_document_tokens)
     from llama_jax.data.pipeline import TextPipeline
 
     return TextPipeline(cfg, data, split, rows // jax.process_count(), seed, shuffle=shuffle,

@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from llama_jax.config import Config
+from llama_jax.data.batch import model_row
 from llama_jax.data.mixture import (
     SPLITS,
     Source,
@@ -37,32 +38,6 @@ from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import as_path
 
 STATS_DOCS = 2000
-
-
-def model_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A packed row of seq_len+1 tokens -> inputs, targets and masks for seq_len positions.
-
-    A target counts only when it continues the same document as its input, so no token is
-    asked to predict the start of an unrelated document. Positions restart at every document
-    boundary inside the row (a document continued from the previous row restarts at 0 too,
-    which keeps positions below seq_len for learned position embeddings). `source` is each
-    input's source index (mixture.py).
-    """
-    tokens = packed["tokens"].astype(np.int32)
-    seg = packed["tokens_segment_ids"].astype(np.int32)
-    seg_in, seg_out = seg[:-1], seg[1:]
-    n = seg_in.shape[0]
-    starts = np.concatenate([[True], seg_in[1:] != seg_in[:-1]])
-    idx = np.arange(n, dtype=np.int32)
-    positions = idx - np.maximum.accumulate(np.where(starts, idx, 0))
-    return {
-        "inputs": tokens[:-1],
-        "targets": tokens[1:],
-        "weights": ((seg_out == seg_in) & (seg_in > 0)).astype(np.float32),
-        "positions": positions.astype(np.int32),
-        "segment_ids": seg_in,
-        "source": packed["source"][:-1].astype(np.int32),
-    }
 
 
 class Tokenize(grain.transforms.Map):
