@@ -540,9 +540,35 @@ def packed_fused_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
         return cudnn_packed_attention(q, k, v, lengths, starts, scale)
 
     def blocks(q: Array, k: Array, v: Array) -> Array:
-        return _xla_causal_attention(q, k, v, segment_ids_BxT, scale, block)
+        return _recomputed_causal_attention(q, k, v, segment_ids_BxT, scale, block)
 
     return jax.lax.cond(fits, fused, blocks, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _recomputed_causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
+                                 segment_ids_BxT: Array, scale: float, block: int) -> Array:
+    """Our causal blocks keeping only their inputs for the backward, which runs their forward
+    again. Why: a `lax.cond`'s residuals are the union of its branches' (JAX fills each
+    branch's missing ones with zeros), so as `packed_fused_attention`'s fallback the blocks'
+    saved output and log-sum-exp would be kept in every step beside cuDNN's, for a branch
+    that runs rarely (measured: `docs/performance.md`)."""
+    return _xla_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale, block)
+
+
+def _recomputed_fwd(q: Array, k: Array, v: Array, seg: Array, scale: float, block: int
+                    ) -> tuple[Array, tuple[Array, ...]]:
+    return _recomputed_causal_attention(q, k, v, seg, scale, block), (q, k, v, seg)
+
+
+def _recomputed_bwd(scale: float, block: int, residuals: tuple[Array, ...], d_out: Array
+                    ) -> tuple[Array | None, ...]:
+    q, k, v, seg = residuals
+    pullback = jax.vjp(lambda *qkv: _xla_causal_attention(*qkv, seg, scale, block), q, k, v)[1]
+    return (*pullback(d_out), None)
+
+
+_recomputed_causal_attention.defvjp(_recomputed_fwd, _recomputed_bwd)
 
 
 def _xla_causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,

@@ -12,7 +12,9 @@ remat policy that saves it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import re
 
 import jax
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from llama_jax import ops
 from llama_jax.config import load_config
@@ -288,3 +291,27 @@ def test_training_on_packed_rows_with_cudnn_equals_xla_and_says_when_rows_overfl
     most = [int(np.asarray(ops.segment_runs(jnp.asarray(next(source)["segment_ids"])))[:, -1]
                 .max()) + 1 for _ in range(4)]
     assert [r["documents_per_row"] for r in rows["xla"]] == [max(most[:2]), max(most[2:])]
+
+
+@pytest.mark.usefixtures("cuda_lowering")
+def test_the_fallback_adds_no_residuals_to_the_fused_path(tiny_overrides):
+    """What the backward keeps from the cond (the union of its branches'): cuDNN's output
+    [B, T, N, H] and stats [B x M, N, T] per layer, nothing of the blocks (their output and
+    log-sum-exp would be kept on every step for a branch that rarely runs)."""
+    cfg, params, x, pos, seg = packed_model_case(tiny_overrides, 4)
+    cfg = dataclasses.replace(cfg, attention="cudnn", compute_dtype="bfloat16",
+                              remat="projections_and_attention", scan_layers=False)
+    params = nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0))))
+
+    def loss(p):
+        model = nnx.merge(nnx.split(Transformer(cfg, nnx.Rngs(0)))[0], p)
+        return jnp.sum(model(x, pos, seg).astype(jnp.float32)[..., 0])
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # JAX's public form of the list: printed
+        print_saved_residuals(loss, params)
+    from_cond = sorted(line.split()[0] for line in printed.getvalue().splitlines()
+                       if "packed_fused_attention" in line)
+    b, t, n, h, m = 2, 32, cfg.num_heads, cfg.head_size, cfg.max_segments_per_row
+    assert from_cond == sorted([f"bf16[{b},{t},{n},{h}]", f"f32[{b * m},{n},{t}]"]
+                               * cfg.num_layers), printed.getvalue()
