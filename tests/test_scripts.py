@@ -29,6 +29,20 @@ def test_gpu_checks_runs_its_checks_on_a_portable_kernel():
     assert "GPU CHECKS PASS" in done.stdout and "causality" in done.stdout
 
 
+def test_saved_residuals_traces_what_packed_rows_add():
+    """scripts/saved_residuals.py with cuDNN attention (its checks stubbed, trace only): what
+    packed rows add per layer is exactly cuDNN's larger stats, [B x M, heads, T] floats in
+    place of [B, heads, T]."""
+    b, m, heads, t = 8, 16, 4, 512
+    done = run_script("scripts/saved_residuals.py", "configs/tiny.yaml", "--rows", str(b),
+                      "model.attention=cudnn", "model.compute_dtype=bfloat16",
+                      "model.remat=projections_and_attention", f"data.seq_len={t}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    added = re.search(r"packed rows +[\d,.]+ MiB per layer \(\+([\d.]+)\)", done.stdout)
+    assert added, done.stdout
+    assert float(added[1]) == pytest.approx(b * (m - 1) * heads * t * 4 / 2**20, abs=0.006)
+
+
 def test_ab_bench_times_each_variant():
     done = run_script("scripts/ab_bench.py", "--config", "configs/tiny.yaml", "--rounds", "1",
                       "--steps", "1", "", "model.remat=full")
