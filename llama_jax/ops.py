@@ -496,8 +496,8 @@ def segment_layout(segment_ids_BxT: Array, max_segments: int) -> tuple[Array, Ar
 
     Runs, not ids: within a run the `visible` rule (same id, key not after the query by
     position) and the kernel's per-sequence causal mask agree, because positions restart at
-    every run (data/pipeline.py). Built by comparisons and reductions along each row only, so
-    it stays split wherever the batch is."""
+    every run (data/batch.py's `model_row`). Built by comparisons and reductions along each
+    row only, so it stays split wherever the batch is."""
     b = segment_ids_BxT.shape[0]
     run_BxT = segment_runs(segment_ids_BxT)
     in_run_BxMxT = run_BxT[:, None, :] == jnp.arange(max_segments, dtype=jnp.int32)[None, :, None]

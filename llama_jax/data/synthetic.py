@@ -45,10 +45,10 @@ class SyntheticSource:
         mine = slice(self.rows.start, self.rows.stop)
         starts = rng.integers(0, self.vocab_size, size=self.global_rows)[mine]
         strides = rng.integers(1, 8, size=self.global_rows)[mine]
-        t = np.arange(self.seq_len + 1)
         self.step += 1
         if self.document_tokens:
             return self._packed(rng, mine)
+        t = np.arange(self.seq_len + 1)
         tokens = (starts[:, None] + strides[:, None] * t[None, :]) % self.vocab_size
         return one_document_rows(tokens)
 
