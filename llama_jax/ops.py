@@ -511,16 +511,26 @@ def segment_layout(segment_ids_BxT: Array, max_segments: int) -> tuple[Array, Ar
 
 
 def cudnn_packed_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
-                           lengths_BxM: Array, starts_BxMp1: Array, scale: float) -> Array:
+                           lengths_BxM: Array, starts_BxMp1: Array, scale: float,
+                           repeat_kv: bool = True) -> Array:
     """cuDNN's flash attention over packed rows: each row's sequences (`segment_layout`)
     attend causally within themselves, with no [T, T] mask anywhere.
 
     JAX's public `dot_product_attention` takes only one sequence length per row, so this is
     its cuDNN module's own entry point, the one `jax.nn.dot_product_attention` itself calls
     (MaxText's cuDNN path uses it too); `tests/test_packed_attention.py` lowers it for CUDA on
-    CPU, so a change in its arguments shows in CI, not on a GPU."""
+    CPU, so a change in its arguments shows in CI, not on a GPU.
+
+    Grouped K/V heads are repeated to the query's (`repeat_kv`): that module turns the token
+    offsets into element offsets by one stride, the query's heads x head size
+    (`_fix_seqlen_offsets`), for K and V too, whose tokens are shorter when they have fewer
+    heads; its own packed test has as many K/V heads as query heads. `scripts/gpu_checks.py`
+    reports whether cuDNN gets grouped K/V right without the repeat."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
+    groups = q_BxTxNxH.shape[2] // k_BxTxKxH.shape[2]
+    if repeat_kv and groups > 1:
+        k_BxTxKxH, v_BxTxKxH = (jnp.repeat(x, groups, axis=2) for x in (k_BxTxKxH, v_BxTxKxH))
     return dot_product_attention(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM,
         q_offsets=starts_BxMp1, kv_offsets=starts_BxMp1, scale=scale,

@@ -208,7 +208,8 @@ def cuda_lowering(monkeypatch):
 def test_the_cudnn_call_lowers_for_cuda_with_the_layout_once_per_layer(tiny_overrides, packed):
     """The model's loss gradient lowered for CUDA (the real JAX entry point, not a stand-in):
     packed rows reach cuDNN's forward and backward as int32 [B, M] lengths and [B, M+1]
-    starts with `PADDING_CAUSAL` and M segments per row, and under
+    starts with `PADDING_CAUSAL` and M segments per row, K/V repeated to the query's heads,
+    and under
     `remat=projections_and_attention` with scanned layers each runs once per layer (the
     forward's output and stats are saved through the `lax.cond`, not computed again for the
     backward); one-document rows keep the plain causal call."""
@@ -235,6 +236,12 @@ def test_the_cudnn_call_lowers_for_cuda_with_the_layout_once_per_layer(tiny_over
     layout_operands = re.findall(rf"tensor<2x{m}xi32>, tensor<2x{m}xi32>, "
                                  rf"tensor<2x{m + 1}xi32>, tensor<2x{m + 1}xi32>", text)
     assert len(layout_operands) == (2 if packed else 0)
+    # Q, K, V of the forward call: packed, K/V repeated to the query's heads (JAX's packed
+    # offsets assume one token stride for all three; ops.cudnn_packed_attention)
+    n, kv, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    heads = n if packed else kv
+    assert re.search(rf"@__cudnn\$fmhaSoftmax\(.* : \(tensor<2x32x{n}x{h}xbf16>, "
+                     rf"tensor<2x32x{heads}x{h}xbf16>, tensor<2x32x{heads}x{h}xbf16>", text)
 
 
 def test_synthetic_documents_are_packed_rows_as_text_gives_them():
@@ -315,3 +322,23 @@ def test_the_fallback_adds_no_residuals_to_the_fused_path(tiny_overrides):
     b, t, n, h, m = 2, 32, cfg.num_heads, cfg.head_size, cfg.max_segments_per_row
     assert from_cond == sorted([f"bf16[{b},{t},{n},{h}]", f"f32[{b * m},{n},{t}]"]
                                * cfg.num_layers), printed.getvalue()
+
+
+def test_gpu_checks_grouped_kv_report_runs(monkeypatch, capsys):
+    """scripts/gpu_checks.py's report on grouped K/V without the repeat (GPU only, since it
+    calls cuDNN directly) runs here with cuDNN's contract in its place: both lines printed,
+    and both match the XLA path, as the contract repeats K/V itself."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "scripts/gpu_checks.py")
+    gpu_checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_checks)
+    monkeypatch.setattr(ops, "cudnn_packed_attention",
+                        lambda q, k, v, lengths, starts, scale, repeat_kv=True:
+                        cudnn_contract(q, k, v, lengths, starts, scale))
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], [100, 60, 80, 16], axis=1).repeat(2, axis=0))
+    gpu_checks.grouped_kv_without_repeat(seg)
+    errors = re.findall(r"relative error vs xla ([\d.e+-]+)", capsys.readouterr().out)
+    assert len(errors) == 2 and all(float(e) < 1e-2 for e in errors), errors
