@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from llama_jax import flops, goodput, host_memory
+from llama_jax import flops, goodput, host_memory, ops
 from llama_jax.config import Config
 from llama_jax.errors import LlamaJaxError
 from llama_jax.precision import NonFiniteStep, first_unabsorbed, on_nonfinite
@@ -146,8 +146,9 @@ class StepLog:
         self.peak = peak_flops
         m = cfg.model
         # cuDNN's packed layout: fuller rows than this take the XLA attention (ops.py)
-        self.segment_bound = m.max_segments_per_row if (m.attention == "cudnn" and
-                                                        m.max_segments_per_row > 1) else 0
+        self.segment_bound = m.max_segments_per_row if (
+            m.attention == "cudnn" and m.max_segments_per_row > 1
+            and ops.cudnn_takes_packed_rows()) else 0
         self.rows: list[dict[str, Any]] = []
         self.restart(first_step)
 

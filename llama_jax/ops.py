@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable
 
 import jax
@@ -510,6 +511,25 @@ def segment_layout(segment_ids_BxT: Array, max_segments: int) -> tuple[Array, Ar
             jnp.all(run_BxT[:, -1] < max_segments))
 
 
+def cudnn_takes_packed_rows() -> bool:
+    """Whether this process's cuDNN runs the packed layout: a Hopper or later GPU (JAX's
+    cuDNN module refuses the layout below) and cuDNN 9.6 or later (the floor of JAX's own
+    packed-layout test). Elsewhere packed rows take our blocks, as before the layout was
+    used; `attention` says so once."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    try:
+        return fused.check_cudnn_version() >= 90600 and fused.check_compute_capability("9.0")
+    except RuntimeError:  # no cuDNN in this jaxlib
+        return False
+
+
+@functools.cache
+def _say_packed_rows_take_the_blocks() -> None:
+    print("note: model.attention=cudnn: packed rows take the xla attention blocks here "
+          "(cuDNN's packed layout needs a Hopper or later GPU and cuDNN 9.6+)", file=sys.stderr)
+
+
 def cudnn_packed_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
                            lengths_BxM: Array, starts_BxMp1: Array, scale: float,
                            repeat_kv: bool = True) -> Array:
@@ -606,8 +626,10 @@ def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
     if mask_BxTxS is not None:
         return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale)
     if impl == "cudnn" and segment_ids_BxT is not None and max_segments > 1:
-        return packed_fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale,
-                                      max_segments, block)
+        if cudnn_takes_packed_rows():
+            return packed_fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT,
+                                          scale, max_segments, block)
+        _say_packed_rows_take_the_blocks()
     if impl == "xla" or segment_ids_BxT is not None:
         return _xla_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale,
                                      block)

@@ -107,6 +107,7 @@ def cudnn_contract(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
 @pytest.fixture
 def cudnn_as_its_contract(monkeypatch):
     monkeypatch.setattr(ops, "cudnn_packed_attention", cudnn_contract)
+    monkeypatch.setattr(ops, "cudnn_takes_packed_rows", lambda: True)
 
 
 def test_the_layout_gives_cudnn_the_document_mask():
@@ -342,3 +343,19 @@ def test_gpu_checks_grouped_kv_report_runs(monkeypatch, capsys):
     gpu_checks.grouped_kv_without_repeat(seg)
     errors = re.findall(r"relative error vs xla ([\d.e+-]+)", capsys.readouterr().out)
     assert len(errors) == 2 and all(float(e) < 1e-2 for e in errors), errors
+
+
+def test_without_cudnns_packed_layout_packed_rows_take_the_blocks(tiny_overrides, capsys):
+    """Where cuDNN cannot take packed rows (here: no cuDNN at all; on a GPU: before Hopper
+    or cuDNN 9.6), `attention=cudnn` attends them with the xla blocks, as before the layout
+    was used, and says so once."""
+    assert not ops.cudnn_takes_packed_rows()
+    ops._say_packed_rows_take_the_blocks.cache_clear()
+    cfg, params, x, pos, seg = packed_model_case(tiny_overrides, 4)
+    (_, want), _ = model_loss_and_grads(cfg, params, x, pos, seg)
+    fused = dataclasses.replace(cfg, attention="cudnn")
+    (_, got), _ = model_loss_and_grads(fused, params, x, pos, seg)
+    (_, again), _ = model_loss_and_grads(dataclasses.replace(fused, remat="full"), params, x,
+                                         pos, seg)
+    np.testing.assert_array_equal(got, want)
+    assert capsys.readouterr().err.count("packed rows take the xla attention blocks") == 1
