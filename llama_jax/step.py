@@ -29,7 +29,7 @@ from llama_jax.data.feed import source_kind
 from llama_jax.errors import ConfigError
 from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
 from llama_jax.model import OFFLOAD_POLICIES, Transformer, fp8_projections
-from llama_jax.ops import HeadProduct, segment_runs
+from llama_jax.ops import HeadProduct
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 from llama_jax.precision import NEVER, LossScale
 
@@ -298,7 +298,11 @@ def make_train_step(setup: Setup) -> Callable[[PyTree, Batch], tuple[PyTree, dic
             "skipped_steps": new_opt.total_notfinite,
         }
         if source_kind(cfg).packed:  # how full rows get: model.max_segments_per_row's bound
-            metrics["documents_per_row"] = jnp.max(segment_runs(batch["segment_ids"])[:, -1]) + 1
+            # Documents start where positions restart (data/batch.py's model_row): a sum along
+            # the row, which stays an all-reduce where `mesh.sequence` splits it; the runs'
+            # cumulative sum (ops.segment_runs) became an all-to-all there, which deadlocked
+            # XLA:CPU's collectives beside ring attention's permutes.
+            metrics["documents_per_row"] = jnp.max(jnp.sum(batch["positions"] == 0, axis=1))
         return new_state, metrics
 
     compiled = jax.jit(
