@@ -27,19 +27,20 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from llama_jax import sharding
 from llama_jax.config import load_config
+from llama_jax.errors import LlamaJaxError
 from llama_jax.model import Transformer
-
-ITEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "bool": 1, "f8_e4m3fn": 1, "f8_e5m2": 1}
 
 
 def residual_bytes(printed: str) -> int:
-    """The total size of the residuals `print_saved_residuals` listed."""
+    """The total size of the residuals `print_saved_residuals` listed (`bf16[2,32,4,8] ...`:
+    a dtype's short name carries its bits, `bool` is a byte)."""
     total = 0
     for line in printed.splitlines():
         match = re.match(r"(\w+)\[([\d,]*)\]", line.strip())
         if match:
             dims = [int(d) for d in match.group(2).split(",") if d]
-            total += int(np.prod(dims)) * ITEM_BYTES[match.group(1)]
+            bits = re.search(r"\d+", match.group(1))
+            total += int(np.prod(dims)) * (int(bits[0]) // 8 if bits else 1)
     return total
 
 
@@ -97,4 +98,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except LlamaJaxError as e:  # a bad config or override: one line, as the CLI says it
+        sys.exit(f"saved_residuals: error: {e}")

@@ -41,6 +41,10 @@ def test_saved_residuals_traces_what_packed_rows_add():
     added = re.search(r"packed rows +[\d,.]+ MiB per layer \(\+([\d.]+)\)", done.stdout)
     assert added, done.stdout
     assert float(added[1]) == pytest.approx(b * (m - 1) * heads * t * 4 / 2**20, abs=0.006)
+    refused = run_script("scripts/saved_residuals.py", "configs/tiny.yaml", "model.attention=cuda")
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        "saved_residuals: error: override 'model.attention=cuda': model.attention='cuda' is not "
+        "one of: xla, dot_product_attention, cudnn"], refused.stderr
 
 
 def test_ab_bench_times_each_variant():
