@@ -47,6 +47,15 @@ def test_saved_residuals_traces_what_packed_rows_add():
         "one of: xla, dot_product_attention, cudnn"], refused.stderr
 
 
+def test_gpu_checks_grouped_kv_report_says_where_it_cannot_run():
+    """The report on grouped K/V (run in its own process on a GPU, since wrong offsets could
+    fault there) refuses in one line where cuDNN's packed layout does not run."""
+    done = run_script("scripts/gpu_checks.py", "--grouped-kv-report")
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "cuDNN's packed layout does not run here (a Hopper or later GPU and cuDNN 9.6+ "
+        "needed)"], done.stderr
+
+
 def test_ab_bench_times_each_variant():
     done = run_script("scripts/ab_bench.py", "--config", "configs/tiny.yaml", "--rounds", "1",
                       "--steps", "1", "", "model.remat=full")
