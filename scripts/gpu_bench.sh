@@ -48,8 +48,10 @@ else
     model.compute_dtype=bfloat16 --steps 2 --json > /dev/null || exit 1
   # cuDNN attention is GPU-only, so CI never runs it: check it against the XLA path and for
   # causality before timing it.
-  # (packed rows too, and a report on grouped K/V in a process of its own: up to 60 s more)
-  timeout 150 $PY scripts/gpu_checks.py cudnn || exit 1
+  # (packed rows too, and a report on grouped K/V in a process of its own: up to 60 s more;
+  # exit 3: only packed rows failed, one-document rows are still timed)
+  timeout 150 $PY scripts/gpu_checks.py cudnn; checks=$?
+  [ $checks = 0 ] || [ $checks = 3 ] || exit 1
   base=(configs/llama3.2-1b.yaml model.compute_dtype=bfloat16 data.seq_len=2048 mesh.fsdp=1)
   steps=6; limit=110; attention=cudnn; batch=16
 fi

@@ -22,11 +22,12 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 def test_gpu_checks_runs_its_checks_on_a_portable_kernel():
     """scripts/gpu_checks.py with JAX's portable attention in place of cuDNN: the comparison
-    and causality checks pass, and the exit status says so (gpu_bench.sh stops on a non-zero
-    one)."""
+    and causality checks pass, the packed-rows checks too (here through the xla blocks), and
+    the exit status says so (gpu_bench.sh stops on 1)."""
     done = run_script("scripts/gpu_checks.py", "dot_product_attention")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "GPU CHECKS PASS" in done.stdout and "causality" in done.stdout
+    assert "PACKED ROWS CHECKS PASS" in done.stdout and "changing document 2" in done.stdout
 
 
 def test_saved_residuals_traces_what_packed_rows_add():
