@@ -59,16 +59,21 @@ def main(fused: str = "cudnn") -> int:
     return 0 if packed_ok else 3
 
 
+def three_documents(rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of 256 tokens: documents of 70, 120 and 50 tokens, then 16 of padding (id 0);
+    segment ids and positions restarting at each, as data/batch.py's `model_row` gives."""
+    lengths = (70, 120, 50, 16)
+    seg = np.repeat([1, 2, 3, 0], lengths)
+    pos = np.concatenate([np.arange(n) for n in lengths])
+    return np.tile(seg, (rows, 1)), np.tile(pos, (rows, 1))
+
+
 def packed_rows(xla_model: Transformer, fused_model: Transformer, vocab: int,
                 fused: str) -> bool:
     """Rows of three documents (and a padding run), which cuDNN takes as its packed layout
     (model.max_segments_per_row): the logits match the XLA path's, and changing the middle
     document's tokens changes no logit of the documents before or after it."""
-    lengths = (70, 120, 50)
-    seg = np.repeat(np.arange(1, 5), (*lengths, 256 - sum(lengths)))
-    seg[-(256 - sum(lengths)):] = 0
-    pos = np.concatenate([np.arange(n) for n in (*lengths, 256 - sum(lengths))])
-    seg, pos = np.tile(seg, (2, 1)), np.tile(pos, (2, 1))
+    seg, pos = three_documents()
     tokens = jax.random.randint(jax.random.key(2), (2, 256), 0, vocab)
     a, b = (np.asarray(m(tokens, pos, seg)) for m in (xla_model, fused_model))
     rel = np.linalg.norm(a - b) / np.linalg.norm(a)
@@ -117,8 +122,6 @@ if __name__ == "__main__":
         if not ops.cudnn_takes_packed_rows():
             sys.exit("cuDNN's packed layout does not run here (a Hopper or later GPU and "
                      "cuDNN 9.6+ needed)")
-        lengths = (70, 120, 50, 16)
-        grouped_kv_without_repeat(jnp.asarray(np.repeat([[1, 2, 3, 0]], lengths, axis=1)
-                                              .repeat(2, axis=0)))
+        grouped_kv_without_repeat(jnp.asarray(three_documents()[0]))
         sys.exit(0)
     sys.exit(main(*sys.argv[1:]))  # gpu_bench.sh stops on 1, goes on after 3
