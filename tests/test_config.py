@@ -114,6 +114,10 @@ def test_rule_override_changes_one_rule_only():
         ("mesh.rules.embedd=[fsdp]", "unknown logical axis 'embedd' (closest valid: embed"),
         ("mesh.rules.embed=[fsd]", "unknown mesh axis 'fsd'"),
         ("model.rotary_pct=1.5", "model.rotary_pct=1.5"),
+        ("model.max_segments_per_row=1", "model.max_segments_per_row=1 must be 0 (packed "
+                                         "rows never reach cuDNN) or at least 2"),
+        ("model.max_segments_per_row=-3", "model.max_segments_per_row=-3 must be 0"),
+        ("data.synthetic_document_tokens=-1", "data.synthetic_document_tokens=-1 must be >= 0"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key(override, fragment):
@@ -121,6 +125,13 @@ def test_bad_settings_are_refused_with_the_key(override, fragment):
         load_config(CONFIGS / "tiny.yaml", [override])
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_synthetic_documents_need_the_synthetic_dataset():
+    with pytest.raises(ConfigError, match="data.synthetic_document_tokens packs synthetic "
+                                          "documents: it needs data.dataset=synthetic"):
+        load_config(CONFIGS / "tiny.yaml", ["data.dataset=python_docs",
+                                            "data.synthetic_document_tokens=100"])
 
 
 def test_bad_yaml_key_in_file_names_file_and_key(tmp_path):
