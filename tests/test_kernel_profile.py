@@ -5,6 +5,7 @@ written by hand from the 2026-11-28 H200 profile (../shared/perf), and on real C
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,10 @@ def test_bench_profile_then_kernels_on_its_trace(tmp_path):
     assert row["profile_steps"] == 3 and row["profile_module"].startswith("jit_")
     assert sum(row["kernel_ms_by_kind"].values()) == pytest.approx(row["kernel_ms_per_step"])
     assert row["kernel_ms_by_kind"]["matmul"] > 0  # XLA:CPU's dot thunks were recognised
-    assert 0 < row["kernel_ms_per_step"] <= row["kernel_span_ms_per_step"]
+    # XLA:CPU runs independent thunks of one device at once, so their summed time may pass
+    # the span (measured 114.3 ms in a 113.2 ms span on a busy machine), but not by more
+    # than the host's threads allow
+    assert 0 < row["kernel_ms_per_step"] <= row["kernel_span_ms_per_step"] * os.cpu_count()
     assert (tmp_path / "kernels.txt").read_text().startswith("kernels of ")
     again = run_cli("kernels", str(tmp_path), "--json")
     assert again.returncode == 0, again.stderr
