@@ -530,9 +530,33 @@ def _say_packed_rows_take_the_blocks() -> None:
           "(cuDNN's packed layout needs a Hopper or later GPU and cuDNN 9.6+)", file=sys.stderr)
 
 
+@functools.cache
+def packed_kv_offsets_follow_query_heads() -> bool:
+    """Whether this JAX's cuDNN module strides packed K/V offsets by the *query's* heads x
+    head size (`_fix_seqlen_offsets` in jax 0.10; 0.11 strides them by K/V's own heads).
+    With grouped K/V (fewer heads than the query) such offsets point past their documents,
+    so `cudnn_packed_attention` repeats K/V to the query's heads where this holds.
+
+    Asked of that function itself, on one K/V head for two query heads, so the answer
+    follows the installed JAX rather than its version number; a JAX without that function
+    gets the repeat, which is right under either stride."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    try:
+        with jax.ensure_compile_time_eval():
+            lengths = jnp.array([[1, 1]], jnp.int32)
+            starts = jnp.array([[0, 1, -1]], jnp.int32)
+            *_, kv_offsets = fused._fix_seqlen_offsets(
+                lengths, lengths, starts, starts, jnp.zeros((1, 2, 2, 1)),
+                jnp.zeros((1, 2, 1, 1)))
+            return int(kv_offsets[0, 1]) != 1  # K/V's second token: one head of size 1
+    except (AttributeError, TypeError, ValueError):
+        return True
+
+
 def cudnn_packed_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
                            lengths_BxM: Array, starts_BxMp1: Array, scale: float,
-                           repeat_kv: bool = True) -> Array:
+                           repeat_kv: bool | None = None) -> Array:
     """cuDNN's flash attention over packed rows: each row's sequences (`segment_layout`)
     attend causally within themselves, with no [T, T] mask anywhere.
 
@@ -541,13 +565,13 @@ def cudnn_packed_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array,
     (MaxText's cuDNN path uses it too); `tests/test_packed_attention.py` lowers it for CUDA on
     CPU, so a change in its arguments shows in CI, not on a GPU.
 
-    Grouped K/V heads are repeated to the query's (`repeat_kv`): that module turns the token
-    offsets into element offsets by one stride, the query's heads x head size
-    (`_fix_seqlen_offsets`), for K and V too, whose tokens are shorter when they have fewer
-    heads; its own packed test has as many K/V heads as query heads. `scripts/gpu_checks.py`
-    reports whether cuDNN gets grouped K/V right without the repeat."""
+    Grouped K/V heads are repeated to the query's (`repeat_kv`; None: where this JAX needs
+    it, `packed_kv_offsets_follow_query_heads`). `scripts/gpu_checks.py` reports cuDNN's
+    error with and without the repeat."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
+    if repeat_kv is None:
+        repeat_kv = packed_kv_offsets_follow_query_heads()
     groups = q_BxTxNxH.shape[2] // k_BxTxKxH.shape[2]
     if repeat_kv and groups > 1:
         k_BxTxKxH, v_BxTxKxH = (jnp.repeat(x, groups, axis=2) for x in (k_BxTxKxH, v_BxTxKxH))

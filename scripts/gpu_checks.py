@@ -100,9 +100,13 @@ GROUPED_KV_REPORT = "--grouped-kv-report"
 
 
 def grouped_kv_without_repeat(seg: jax.Array) -> None:
-    """Said, not checked: whether cuDNN's packed layout gets grouped K/V (fewer heads than
-    the query) right without repeating them, which `ops.cudnn_packed_attention` does because
-    JAX scales K/V's offsets by the query's heads. If it does, the repeat can go."""
+    """Said, not checked: cuDNN's packed layout with grouped K/V (fewer heads than the
+    query) repeated to the query's heads and not. `ops.cudnn_packed_attention` repeats them
+    where this JAX strides K/V's packed offsets by the query's heads (jax 0.10; not 0.11),
+    so there the second line's error should be large, and elsewhere both small."""
+    print("jax " + jax.__version__ + " strides packed K/V offsets by the query's heads: "
+          + ("yes (K/V repeated)" if ops.packed_kv_offsets_follow_query_heads()
+             else "no (K/V at their own heads)"))
     keys = jax.random.split(jax.random.key(3), 3)
     b, t = seg.shape
     q = jax.random.normal(keys[0], (b, t, 8, 64), jnp.bfloat16)

@@ -205,15 +205,21 @@ def cuda_lowering(monkeypatch):
 
 
 @pytest.mark.usefixtures("cuda_lowering")
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "one-document-rows"])
-def test_the_cudnn_call_lowers_for_cuda_with_the_layout_once_per_layer(tiny_overrides, packed):
+@pytest.mark.parametrize("packed,kv_offsets_by_query_heads",
+                         [(True, True), (True, False), (False, True)],
+                         ids=["packed-jax0.10-strides", "packed-jax0.11-strides",
+                              "one-document-rows"])
+def test_the_cudnn_call_lowers_for_cuda_with_the_layout_once_per_layer(
+        tiny_overrides, monkeypatch, packed, kv_offsets_by_query_heads):
     """The model's loss gradient lowered for CUDA (the real JAX entry point, not a stand-in):
     packed rows reach cuDNN's forward and backward as int32 [B, M] lengths and [B, M+1]
-    starts with `PADDING_CAUSAL` and M segments per row, K/V repeated to the query's heads,
-    and under
+    starts with `PADDING_CAUSAL` and M segments per row, K/V repeated to the query's heads
+    only where JAX strides K/V's packed offsets by the query's heads, and under
     `remat=projections_and_attention` with scanned layers each runs once per layer (the
     forward's output and stats are saved through the `lax.cond`, not computed again for the
     backward); one-document rows keep the plain causal call."""
+    monkeypatch.setattr(ops, "packed_kv_offsets_follow_query_heads",
+                        lambda: kv_offsets_by_query_heads)
     cfg, params, x, pos, seg = packed_model_case(tiny_overrides, 4)
     cfg = dataclasses.replace(cfg, attention="cudnn", compute_dtype="bfloat16",
                               remat="projections_and_attention")
@@ -237,12 +243,56 @@ def test_the_cudnn_call_lowers_for_cuda_with_the_layout_once_per_layer(tiny_over
     layout_operands = re.findall(rf"tensor<2x{m}xi32>, tensor<2x{m}xi32>, "
                                  rf"tensor<2x{m + 1}xi32>, tensor<2x{m + 1}xi32>", text)
     assert len(layout_operands) == (2 if packed else 0)
-    # Q, K, V of the forward call: packed, K/V repeated to the query's heads (JAX's packed
-    # offsets assume one token stride for all three; ops.cudnn_packed_attention)
+    # Q, K, V of the forward call: packed under jax 0.10's strides, K/V repeated to the
+    # query's heads (its packed offsets take one token stride for all three)
     n, kv, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
-    heads = n if packed else kv
+    assert kv < n
+    heads = n if packed and kv_offsets_by_query_heads else kv
     assert re.search(rf"@__cudnn\$fmhaSoftmax\(.* : \(tensor<2x32x{n}x{h}xbf16>, "
                      rf"tensor<2x32x{heads}x{h}xbf16>, tensor<2x32x{heads}x{h}xbf16>", text)
+
+
+@pytest.fixture
+def fresh_stride_answer():
+    ops.packed_kv_offsets_follow_query_heads.cache_clear()
+    yield
+    ops.packed_kv_offsets_follow_query_heads.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_stride_answer")
+def test_the_kv_stride_answer_is_this_jaxs_own():
+    """`packed_kv_offsets_follow_query_heads` agrees with the installed JAX's offsets on a
+    grouped case of other shapes than its own (8 query heads, 2 K/V heads of 64, three
+    documents in each of two rows): the second row's second document starts at 256 + 70
+    tokens, times the query's heads x 64 elements where the answer is yes, else K/V's."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    lengths = jnp.array([[70, 120, 66], [70, 120, 66]], jnp.int32)
+    starts = jnp.array([[0, 70, 190, -1], [0, 70, 190, -1]], jnp.int32)
+    *_, kv_offsets = fa._fix_seqlen_offsets(lengths, lengths, starts, starts,
+                                            jnp.zeros((2, 256, 8, 64)), jnp.zeros((2, 256, 2, 64)))
+    heads = 8 if ops.packed_kv_offsets_follow_query_heads() else 2
+    assert int(kv_offsets[1, 0]) == (256 + 70) * heads * 64, kv_offsets
+
+
+@pytest.mark.usefixtures("fresh_stride_answer")
+@pytest.mark.parametrize("stride", ["query-heads", "kv-heads", "gone"])
+def test_the_kv_stride_answer_follows_the_offset_function(monkeypatch, stride):
+    """Strides by the query's heads (jax 0.10): repeat; by K/V's own (jax 0.11): no repeat;
+    no such function (a later JAX): repeat, which is right under either."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    def offsets(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
+        kv_heads = query.shape[2] if stride == "query-heads" else key.shape[2]
+        return (q_seqlen, kv_seqlen, q_offsets * query.shape[2] * query.shape[3],
+                kv_offsets * kv_heads * key.shape[3])
+
+    if stride == "gone":
+        monkeypatch.delattr(fa, "_fix_seqlen_offsets")
+    else:
+        monkeypatch.setattr(fa, "_fix_seqlen_offsets", offsets)
+    answer = jax.jit(lambda: jnp.asarray(ops.packed_kv_offsets_follow_query_heads()))()
+    assert bool(answer) == (stride != "kv-heads")
 
 
 def test_synthetic_documents_are_packed_rows_as_text_gives_them():
@@ -328,7 +378,8 @@ def test_the_fallback_adds_no_residuals_to_the_fused_path(tiny_overrides):
 def test_gpu_checks_grouped_kv_report_runs(monkeypatch, capsys):
     """scripts/gpu_checks.py's report on grouped K/V without the repeat (GPU only, since it
     calls cuDNN directly) runs here with cuDNN's contract in its place: both lines printed,
-    and both match the XLA path, as the contract repeats K/V itself."""
+    and both match the XLA path, as the contract repeats K/V itself; the first line says
+    this JAX's K/V stride as `ops` decides it."""
     import importlib.util
 
     from helpers import ROOT
@@ -337,12 +388,15 @@ def test_gpu_checks_grouped_kv_report_runs(monkeypatch, capsys):
     gpu_checks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_checks)
     monkeypatch.setattr(ops, "cudnn_packed_attention",
-                        lambda q, k, v, lengths, starts, scale, repeat_kv=True:
+                        lambda q, k, v, lengths, starts, scale, repeat_kv=None:
                         cudnn_contract(q, k, v, lengths, starts, scale))
     seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], [100, 60, 80, 16], axis=1).repeat(2, axis=0))
     gpu_checks.grouped_kv_without_repeat(seg)
-    errors = re.findall(r"relative error vs xla ([\d.e+-]+)", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    errors = re.findall(r"relative error vs xla ([\d.e+-]+)", out)
     assert len(errors) == 2 and all(float(e) < 1e-2 for e in errors), errors
+    stride = re.search(r"strides packed K/V offsets by the query's heads: (yes|no)", out)
+    assert stride and (stride[1] == "yes") == ops.packed_kv_offsets_follow_query_heads(), out
 
 
 def test_without_cudnns_packed_layout_packed_rows_take_the_blocks(tiny_overrides, capsys):
