@@ -69,3 +69,28 @@ def test_tpu_pod_recipe_ships_the_repo_and_trains_on_two_workers(tmp_path, shell
         for never in (".venv", "runs", "data_cache", ".git"):
             assert not (shipped / never).exists(), never
     assert _processes_that_saved(run_dir, 3) == ["ocdbt.process_0", "ocdbt.process_1"]
+
+
+@pytest.mark.parametrize("fault", ["no-git", "too-few-arguments"])
+def test_tpu_pod_recipe_refuses_in_one_line_and_touches_no_worker(tmp_path, shell_env, fault):
+    """Where git cannot list the repository's files (no git, or not a checkout), or the
+    arguments are short, the recipe ends in one line that says so, before any gcloud call."""
+    fake_root = tmp_path / "tpu"
+    fake_root.mkdir()
+    env = {**shell_env, "FAKE_TPU_ROOT": str(fake_root), "FAKE_TPU_WORKERS": "2"}
+    args = ["my-tpu", "us-central2-b", "my-project", str(tmp_path / "run"), "--", "train",
+            "configs/tiny.yaml"]
+    if fault == "no-git":
+        git = Path(env["PATH"].split(":")[0]) / "git"
+        git.write_text("#!/bin/sh\necho 'fatal: not a git repository' >&2\nexit 128\n")
+        git.chmod(0o755)
+    else:
+        args = args[:3]
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "tpu_pod.sh"), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert (str(ROOT) in lines[0] and "git" in lines[0]) if fault == "no-git" else \
+        lines[0].startswith("usage: scripts/tpu_pod.sh")
+    assert not (fake_root / "calls.log").exists()
+    assert not (tmp_path / "run").exists()
