@@ -282,6 +282,8 @@ def test_gpu_bench_script_runs(tmp_path):
         assert (tmp_path / f"{name}.trace.json.gz").stat().st_size > 0
     assert "kernel_ms_by_kind" not in rows["fp8-delayed"]
     assert len(list(tmp_path.iterdir())) <= 8, sorted(p.name for p in tmp_path.iterdir())
+    logged = (tmp_path / "variants.log").read_text()
+    assert all(f"== {name} (exit 0)" in logged for name in rows), logged[:2000]
 
 
 def test_gpu_bench_skips_what_its_time_budget_cannot_hold(tmp_path):
@@ -329,9 +331,10 @@ def test_gpu_bench_long_context_variants_run(tmp_path):
 @pytest.mark.slow  # the default variants above run in `make test`
 def test_gpu_bench_packed_rows_variants_run(tmp_path):
     """GPU_BENCH_PACKED=1 (tiny, quick): the bf16 best on one document per row, then on
-    synthetic documents through the fused path and through the XLA blocks; the packed rows
-    are really packed (their loss differs from the one-document rows', and is the same for
-    both packed variants: the same batch, the same attention)."""
+    synthetic documents through the fused path and through the XLA blocks, then the default
+    run's fp8 rows (one device call holds it all); the packed rows are really packed (their
+    loss differs from the one-document rows', and is the same for both packed variants: the
+    same batch, the same attention); no more files than the device tool brings back."""
     import json
     import os
     import subprocess
@@ -345,7 +348,9 @@ def test_gpu_bench_packed_rows_variants_run(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "gpu_bench.jsonl").open())}
-    assert list(rows) == ["bf16-best", "packed-cudnn", "packed-xla-blocks"]
+    assert list(rows) == ["bf16-best", "packed-cudnn", "packed-xla-blocks", "fp8",
+                          "fp8-delayed-head", "fp8-delayed"]
+    assert len(list(tmp_path.iterdir())) <= 8, sorted(p.name for p in tmp_path.iterdir())
     assert rows["packed-cudnn"]["loss"] == pytest.approx(rows["packed-xla-blocks"]["loss"],
                                                          rel=1e-5)
     assert rows["packed-cudnn"]["loss"] != pytest.approx(rows["bf16-best"]["loss"], rel=1e-3)
