@@ -58,10 +58,14 @@ def ours(cfg, steps_per_round):  # noqa: ANN001, ANN201
     return timed_rounds(one, steps_per_round)
 
 
-def transformers_llama(cfg, steps_per_round, compile_model, device="cpu"):  # noqa: ANN001, ANN201
+def transformers_llama(cfg, steps_per_round, compile_model, device="cpu",  # noqa: ANN001, ANN201
+                       microbatches=1):
     """transformers' LlamaForCausalLM on the config's shapes, trained as its users do: fp32
     parameters with bf16 autocast when the config computes in bf16, SDPA attention, AdamW
-    (fused on CUDA), gradient clipping, optionally `torch.compile`."""
+    (fused on CUDA), gradient clipping, optionally `torch.compile`; the batch's rows in
+    `microbatches` equal parts with their gradients accumulated (every row is all targets,
+    so the mean of the parts' mean losses is the batch's). Runs its warm-up step here, so a
+    batch that does not fit fails here (`fitted_transformers_llama`)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,9 +90,10 @@ def transformers_llama(cfg, steps_per_round, compile_model, device="cpu"):  # no
     autocast = m.compute_dtype == "bfloat16"
 
     def one() -> None:
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-            loss = forward(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        for part in tokens.chunk(microbatches):
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                loss = forward(input_ids=part, labels=part).loss / microbatches
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -96,6 +101,32 @@ def transformers_llama(cfg, steps_per_round, compile_model, device="cpu"):  # no
             torch.cuda.synchronize()
 
     return timed_rounds(one, steps_per_round)
+
+
+def fitted_transformers_llama(cfg, steps_per_round, compile_model, device="cpu"):  # noqa: ANN001, ANN201
+    """`transformers_llama` in the fewest equal microbatches whose step fits the device's
+    memory (1, 2, 4, ... parts of the batch): transformers keeps every activation and the
+    float32 logits, so the batch llama_jax runs whole (e.g. 16 x 2048 on an 80 GB H100) can
+    run out of memory there; accumulating is what its users then do. Returns the timed
+    rounds and the number of parts."""
+    import gc
+
+    import torch
+
+    rows = cfg.train.global_batch_size
+    parts = 1
+    while True:
+        try:
+            return transformers_llama(cfg, steps_per_round, compile_model, device, parts), parts
+        except torch.OutOfMemoryError:
+            if parts * 2 > rows or rows % (parts * 2):
+                raise
+        gc.collect()  # outside the handler: the traceback no longer holds the failed step
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        parts *= 2
+        print(f"transformers: out of memory at {rows // (parts // 2)} rows a step; "
+              f"trying {parts} microbatches of {rows // parts}", file=sys.stderr)
 
 
 SYSTEMS = ("llama_jax", "eager", "compile")
@@ -127,13 +158,16 @@ def main() -> None:
         parser.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(SYSTEMS)})")
     cfg = load_config(args.config, ["mesh.fsdp=-1", *args.overrides])
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    systems = {}
+    systems, parts_of = {}, {}
     for key in chosen:
         if key == "llama_jax":
             systems[NAMES[key]] = ours(cfg, args.steps)
         else:
-            systems[NAMES[key]] = transformers_llama(cfg, args.steps, key == "compile",
-                                                     args.device)
+            run, parts = fitted_transformers_llama(cfg, args.steps, key == "compile",
+                                                   args.device)
+            rows = cfg.train.global_batch_size
+            name = NAMES[key] + (f" ({parts}x{rows // parts} rows)" if parts > 1 else "")
+            systems[name], parts_of[name] = run, parts
     times: dict[str, list[float]] = {name: [] for name in systems}
     for r in range(args.rounds):
         for name, run in systems.items():
@@ -151,7 +185,7 @@ def main() -> None:
         if args.json:
             print(json.dumps({"variant": name, "tokens_per_sec": tps,
                               "step_time_s": statistics.median(t), "mfu": mfu(tps, fpt, peak),
-                              "steps": len(t)}))
+                              "steps": len(t), "microbatches": parts_of.get(name, 1)}))
         else:
             print(f"{name:28} {tps:8,.0f} tokens/s (median of {len(t)} steps)   "
                   f"{first} / this = {first_tps / tps:.2f}x")

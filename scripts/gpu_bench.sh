@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark in one command of at most 8 minutes: the train step on Llama 3.2 1B shapes
 # (fp32 params, bf16 compute, seq 2048, AdamW, one GPU, cuDNN attention): the best bf16
-# settings, fp8 (batch 24) and transformers + torch.compile on the same card (batch 16),
+# settings, fp8 (batch 24) and transformers + torch.compile on the same card (batch 16, in
+# as few accumulated microbatches as fit: on an 80 GB H100 the whole batch may not),
 # then two delayed-scaling fp8 recipes as the time left allows (GPU_BENCH_BUDGET_S, 460 s by
 # default: a variant gets what is left, one that cannot start is skipped with a note); one
 # JSON line per variant in OUT_DIR/gpu_bench.jsonl, every variant's output in
@@ -169,10 +170,11 @@ if not rows:
     sys.exit("no variant ran")
 first = rows[0]["tokens_per_sec"]
 peer = next((r["tokens_per_sec"] for r in rows if "torch" in r["variant"]), None)
-print(f"\n{'variant':28} {'tokens/s':>10} {'step ms':>8} {'MFU':>6} {'vs first':>8} "
+width = max(28, *(len(r["variant"]) for r in rows))
+print(f"\n{'variant':{width}} {'tokens/s':>10} {'step ms':>8} {'MFU':>6} {'vs first':>8} "
       f"{'vs torch':>8} {'loss':>7} {'peak GiB':>8} {'fp8 dots':>8}")
 for r in rows:
-    print(f"{r['variant']:28} {r['tokens_per_sec']:>10,.0f} {r['step_time_s'] * 1e3:>8.1f} "
+    print(f"{r['variant']:{width}} {r['tokens_per_sec']:>10,.0f} {r['step_time_s'] * 1e3:>8.1f} "
           f"{r['mfu']:>6.1%} {r['tokens_per_sec'] / first:>7.3f}x "
           f"{(r['tokens_per_sec'] / peer if peer else float('nan')):>7.3f}x "
           f"{r.get('loss', float('nan')):>7.3f} {r.get('device_peak_gib', float('nan')):>8.1f}"
@@ -181,11 +183,11 @@ profiled = [r for r in rows if "kernel_ms_by_kind" in r]
 if profiled:  # where the device time of the traced steps went (bench --profile)
     kinds = sorted({k for r in profiled for k in r["kernel_ms_by_kind"]},
                    key=lambda k: -profiled[0]["kernel_ms_by_kind"].get(k, 0.0))
-    print(f"\nkernel ms per step {'':9} {'all':>8} {'launches':>8} "
+    print(f"\n{'kernel ms per step':{width}} {'all':>8} {'launches':>8} "
           + " ".join(f"{k:>12}" for k in kinds))
     for r in profiled:
         by = r["kernel_ms_by_kind"]
-        print(f"{r['variant']:28} {r['kernel_ms_per_step']:>8.1f} {r['kernels_per_step']:>8} "
+        print(f"{r['variant']:{width}} {r['kernel_ms_per_step']:>8.1f} {r['kernels_per_step']:>8} "
               + " ".join(f"{by.get(k, 0.0):>12.1f}" for k in kinds))
 for r in rows:
     if "profile_error" in r:

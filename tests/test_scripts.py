@@ -78,6 +78,47 @@ def test_bench_vs_hf_measures_ours_and_transformers():
     assert all(row.get("tokens_per_sec", 0) > 0 for row in rows), rows
 
 
+def test_the_transformers_peer_accumulates_when_its_batch_does_not_fit(tmp_path, monkeypatch,
+                                                                       capsys):
+    """Where transformers runs out of memory on the whole batch (here: forced above 2 rows a
+    pass), the peer runs it in the fewest equal parts that fit with their gradients
+    accumulated: the first step's gradient norm is the whole batch's, and it says so. A
+    batch that fits in no part ends in the out-of-memory error."""
+    import importlib.util
+
+    import torch
+    from helpers import ROOT, tiny
+    from transformers import LlamaForCausalLM
+
+    spec = importlib.util.spec_from_file_location("bench_vs_hf", ROOT / "scripts/bench_vs_hf.py")
+    bench_vs_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_vs_hf)
+    cfg = tiny(tmp_path)  # 8 rows of 64 tokens
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: norms.append(float(clip(params, max_norm))))
+    bench_vs_hf.transformers_llama(cfg, 1, False)
+    whole = norms[0]
+    forward = LlamaForCausalLM.forward
+
+    def small_memory(self, input_ids=None, **kw):
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("forced: more than 2 rows")
+        return forward(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", small_memory)
+    norms.clear()
+    _, parts = bench_vs_hf.fitted_transformers_llama(cfg, 1, False)
+    assert parts == 4 and abs(norms[0] - whole) < 1e-5 * whole, (norms, whole)
+    said = capsys.readouterr().err
+    assert "out of memory at 8 rows" in said and "trying 4 microbatches of 2" in said, said
+    monkeypatch.setattr(LlamaForCausalLM, "forward",
+                        lambda self, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError):
+        bench_vs_hf.fitted_transformers_llama(cfg, 1, False)
+
+
 def test_bench_data_measures_every_figure(tmp_path):
     """The data benchmark end to end on a 2 MB corpus (the figures in docs/performance.md
     come from the same script at 4 GB)."""
