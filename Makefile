@@ -8,7 +8,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup setup-dev train test test-all bench lint clean tpu
+.PHONY: setup setup-dev train test test-all bench lint clean tpu gpu-deps
 
 # `setup` is what running needs; `setup-dev` adds the test tools and the reference
 # implementations (pytest, ruff, transformers, torch), so `make train` does not wait for them.
@@ -52,6 +52,15 @@ tpu: setup
 	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu "$$($(PY) -m llama_jax.topology)" \
 	  2>&1 | grep -v "is ignored" || true
 	test -d $(VENV)/libtpu/libtpu
+
+# The pure-Python packages the GPU machine's image lacks (it has jax, flax, optax, orbax, torch
+# and transformers), for `scripts/gpu_bench.sh`, which puts this folder on PYTHONPATH: made
+# here, carried there (the device tool's `carry`).
+GPU_DEPS ?= .gpu_deps
+gpu-deps:
+	$(PYTHON) -m pip install -q --no-deps --upgrade --target $(GPU_DEPS) "omegaconf==2.4.0" \
+	  2>&1 | grep -v -e "is ignored" -e "as the 'root' user" || true
+	test -f $(GPU_DEPS)/omegaconf/__init__.py
 
 lint: setup-dev
 	$(VENV)/bin/ruff check llama_jax tests scripts

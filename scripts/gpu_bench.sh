@@ -13,7 +13,7 @@
 #   usage: scripts/gpu_bench.sh [OUT_DIR]
 # Needs jax with CUDA, flax, optax, orbax-checkpoint and omegaconf importable; a folder
 # `.gpu_deps` in the repo root, if present, is put on PYTHONPATH (for omegaconf>=2.4, made
-# with `pip install --no-deps --target .gpu_deps omegaconf==2.4.0`). The torch
+# by `make gpu-deps`). The torch
 # peer runs where torch with CUDA and transformers import, and is skipped with a note otherwise.
 # Set GPU_BENCH_QUICK=1 to run it on the tiny preset (how CI checks this script),
 # GPU_BENCH_LADDER=1 for every rung of the bf16 A/B ladder (about 2 more minutes: raise the
@@ -37,6 +37,10 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 PY="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
+if ! $PY -c "import omegaconf, sys; sys.exit(tuple(map(int, omegaconf.__version__.split('.')[:2])) < (2, 4))" 2>/dev/null; then
+  echo "gpu_bench.sh: omegaconf>=2.4 does not import with $PY: run \`make gpu-deps\` and carry .gpu_deps" >&2
+  exit 1
+fi
 
 # The whole script stays within GPU_BENCH_BUDGET_S (the 8 minutes, less a margin):
 # a variant gets at most what is left, and one that cannot start is skipped with a note.

@@ -307,6 +307,35 @@ def test_gpu_bench_skips_what_its_time_budget_cannot_hold(tmp_path):
     assert (tmp_path / "gpu_bench.jsonl").read_text() == ""
 
 
+def test_gpu_bench_says_how_to_bring_omegaconf(tmp_path):
+    """The GPU machine's image lacks omegaconf 2.4: `make gpu-deps` makes the folder the
+    script puts on PYTHONPATH (checked here: it imports 2.4 from there), and without it the
+    script ends in one line that says so before running anything."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    deps = tmp_path / "deps"
+    made = subprocess.run(["make", "gpu-deps", f"GPU_DEPS={deps}", f"PYTHON={sys.executable}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    version = subprocess.run([sys.executable, "-c", "import omegaconf; print(omegaconf.__version__,"
+                              " omegaconf.__file__)"], env={**os.environ, "PYTHONPATH": str(deps)},
+                             capture_output=True, text=True)
+    assert version.stdout.startswith("2.4.") and str(deps) in version.stdout, version
+    old = tmp_path / "old" / "omegaconf"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text('__version__ = "2.1.0"\n')
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(old.parent)}
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(tmp_path / "out")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "make gpu-deps" in lines[0], done
+    assert not (tmp_path / "out" / "variants.log").exists()
+
+
 @pytest.mark.slow  # the default variants above run in `make test`
 def test_gpu_bench_long_context_variants_run(tmp_path):
     """GPU_BENCH_LONG=1 (tiny, quick): the long-context rows and the one-slice head row."""
