@@ -121,6 +121,8 @@ def fitted_transformers_llama(cfg, steps_per_round, compile_model, device="cpu")
         except torch.OutOfMemoryError:
             if parts * 2 > rows or rows % (parts * 2):
                 raise
+        if compile_model:  # else the next shape compiles as a dynamic-batch graph
+            torch._dynamo.reset()
         gc.collect()  # outside the handler: the traceback no longer holds the failed step
         if device == "cuda":
             torch.cuda.empty_cache()
