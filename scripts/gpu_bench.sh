@@ -28,9 +28,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp}}"
-mkdir -p "$out"
 rows="$out/gpu_bench.jsonl"
-: > "$rows"
+if ! { mkdir -p "$out" && : > "$rows"; } 2>/dev/null; then
+  echo "gpu_bench.sh: $out: cannot write the results there" >&2
+  exit 1
+fi
 export PYTHONPATH="$PWD:$PWD/.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92

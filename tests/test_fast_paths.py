@@ -336,6 +336,25 @@ def test_gpu_bench_says_how_to_bring_omegaconf(tmp_path):
     assert not (tmp_path / "out" / "variants.log").exists()
 
 
+def test_gpu_bench_says_where_it_cannot_write(tmp_path):
+    """An OUT_DIR that cannot be made (under a file here) ends the script in one line that
+    names it, before anything runs."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "out"
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(out)], cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "", done
+    assert done.stderr.strip().splitlines() == [
+        f"gpu_bench.sh: {out}: cannot write the results there"], done.stderr
+
+
 @pytest.mark.slow  # the default variants above run in `make test`
 def test_gpu_bench_long_context_variants_run(tmp_path):
     """GPU_BENCH_LONG=1 (tiny, quick): the long-context rows and the one-slice head row."""
