@@ -12,9 +12,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import LlamaJaxError, os_error_line
 
 STARTED = time.time()  # this session's start, for goodput (before the heavy imports)
 
@@ -340,6 +341,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_can_write(out: Path) -> None:
+    """Refuse an `--out` that could not be written before the work that fills it (minutes of
+    compiling), without creating anything: its nearest existing folder must be a writable
+    directory."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LlamaJaxError(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise LlamaJaxError(f"--out {out}: {existing} is not writable")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -357,10 +371,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if reporting:
             print(f"[{index + 1}/{total}] {label}", file=sys.stderr, flush=True)
 
+    out = Path(args.out or f"sweeps/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if reporting:
+        _check_can_write(out)
     result = sweep.run_sweep(opts, progress)
     if not reporting:
         return 0
-    out = Path(args.out or f"sweeps/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     sweep.print_table(result)
     for path in sweep.write_outputs(result, out):
         print(f"wrote {path}")
@@ -393,8 +409,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         remats=tuple(r.strip() for r in args.remat.split(",") if r.strip()),
         budget_minutes=args.budget_minutes, jobs=args.jobs, measure=args.measure,
         steps=args.steps, out=args.out)
-    result = plan.run_plan(opts, lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(args.out or f"plans/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_can_write(out)
+    result = plan.run_plan(opts, lambda line: print(line, file=sys.stderr, flush=True))
     plan.print_table(result)
     for path in plan.write_outputs(result, out, opts):
         print(f"wrote {path}")
@@ -627,8 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except OSError as e:  # disk full, read-only, permission denied, a vanished directory
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"llama-jax {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"llama-jax {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # an object store's refusal (HTTP error, no credentials)
         from llama_jax.storage import storage_errors

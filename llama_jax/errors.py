@@ -1,11 +1,35 @@
 """Errors that the CLI reports as one line and a non-zero exit, without a traceback."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): what a
     one-line report quotes of a library's multi-line error."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def os_error_line(e: OSError) -> str:
+    """An I/O fault (disk full, read-only, permission denied, a vanished directory) as the
+    path and the system's words for it."""
+    return (f"{e.filename}: " if e.filename else "") + (e.strerror or first_line(e))
+
+
+def script_main(name: str, main: Callable[[], int | None]) -> NoReturn:
+    """How each script in scripts/ ends: a bad config, argument or path, and an I/O fault,
+    in one line as the CLI says them (`NAME: error: ...`, exit 1), not a traceback."""
+    try:
+        code = main()
+    except LlamaJaxError as e:
+        sys.exit(f"{name}: error: {e}")
+    except OSError as e:
+        sys.exit(f"{name}: error: {os_error_line(e)}")
+    sys.exit(code)
 
 
 class LlamaJaxError(Exception):

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from llama_jax.errors import script_main
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -119,4 +121,4 @@ if __name__ == "__main__":
         sys.path.insert(0, sys.argv[2])
         worker(sys.argv[3], sys.argv[4:])
     else:
-        main()
+        script_main("ab_bench", main)

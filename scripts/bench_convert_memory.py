@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llama_jax.errors import script_main
+
 # Samples the process's anonymous resident memory (what it allocated, not the shard files it
 # maps, which the kernel can drop at will) every 5 ms during the conversion.
 CHILD = r"""
@@ -100,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main("bench_convert_memory", main)

@@ -30,6 +30,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llama_jax.errors import script_main
+
 ROOT = Path(__file__).resolve().parent.parent
 FILE_BYTES = 256 << 20  # one parquet file per 256 MB of text
 
@@ -172,4 +174,4 @@ def _tokenize_seconds(log: str) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main("bench_data", main)

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from llama_jax.errors import script_main
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -118,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main("bench_restart", main)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from llama_jax.errors import script_main  # noqa: E402
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 
@@ -194,4 +196,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main("bench_vs_hf", main)

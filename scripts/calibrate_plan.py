@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llama_jax.errors import script_main
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -130,4 +132,4 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_main("calibrate_plan", main)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +23,16 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import ops
-from llama_jax.config import ModelConfig
-from llama_jax.errors import first_line
+from llama_jax.config import AttentionImpl, ModelConfig
+from llama_jax.errors import LlamaJaxError, first_line, script_main
 from llama_jax.model import Transformer
+
+FUSED = tuple(a for a in typing.get_args(AttentionImpl) if a != "xla")  # the fused kernels
 
 
 def main(fused: str = "cudnn") -> int:
+    if fused not in FUSED:
+        raise LlamaJaxError(f"attention {fused!r}: expected one of {', '.join(FUSED)}")
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
                       num_heads=8, num_kv_heads=2, head_dim=64, compute_dtype="bfloat16",
                       attention="xla")
@@ -128,4 +133,5 @@ if __name__ == "__main__":
                      "cuDNN 9.6+ needed)")
         grouped_kv_without_repeat(jnp.asarray(three_documents()[0]))
         sys.exit(0)
-    sys.exit(main(*sys.argv[1:]))  # gpu_bench.sh stops on 1, goes on after 3
+    script_main("gpu_checks", lambda: main(*sys.argv[1:]))  # gpu_bench.sh stops on 1,
+    # goes on after 3

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llama_jax.data.corpus import write_python_docs  # noqa: E402
+from llama_jax.errors import script_main  # noqa: E402
 
 TASK = "python_docs_next_sentence"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -96,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main("python_docs_tasks", main)

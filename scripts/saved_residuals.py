@@ -27,7 +27,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from llama_jax import sharding
 from llama_jax.config import load_config
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import script_main
 from llama_jax.model import Transformer
 
 
@@ -98,7 +98,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except LlamaJaxError as e:  # a bad config or override: one line, as the CLI says it
-        sys.exit(f"saved_residuals: error: {e}")
+    script_main("saved_residuals", lambda: main(sys.argv[1:]))

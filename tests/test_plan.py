@@ -299,6 +299,13 @@ def test_plan_refusals_are_one_line(tmp_path):
         "llama-jax plan: error: --tokens-per-step 1000 is not a multiple of the sequence "
         "length 64"]
     assert not (tmp_path / "p").exists()
+    (tmp_path / "file").write_text("")
+    under_a_file = run_cli("plan", "configs/tiny.yaml", "--devices", "8",
+                           "--out", str(tmp_path / "file" / "p"), timeout=120)
+    assert under_a_file.returncode == 2
+    assert under_a_file.stderr.strip().splitlines() == [
+        f"llama-jax plan: error: --out {tmp_path / 'file' / 'p'}: {tmp_path / 'file'} is not "
+        "a directory"]  # said before compiling anything
 
 
 def test_plan_for_a_tpu_slice_gives_a_config_that_fits(tmp_path, libtpu_path):  # noqa: F811

@@ -20,6 +20,25 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           timeout=600, env=ONE_DEVICE)
 
 
+@pytest.mark.parametrize("script,args,says", [
+    ("bench_vs_hf", ["--config", "configs/missing.yaml"], "config file not found"),
+    ("saved_residuals", ["configs/tiny.yaml", "model.bogus=1"], "unknown config key"),
+    ("bench_data", ["--out", "{file}/out"], "{file}/out/corpus: Not a directory"),
+    ("bench_restart", ["--out", "{file}/out"], "{file}/out: Not a directory"),
+    ("gpu_checks", ["flash"], "attention 'flash': expected one of dot_product_attention, cudnn"),
+])
+def test_scripts_end_a_bad_input_in_one_line(tmp_path, script, args, says):
+    """What the CLI says in one line (a bad config or override, a path that cannot be
+    written) the scripts say the same way (`errors.script_main`), exit 1, no traceback."""
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    done = run_script(f"scripts/{script}.py", *args)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith(f"{script}: error: ")
+    assert says.replace("{file}", str(tmp_path / "file")) in lines[0], lines
+
+
 def test_gpu_checks_runs_its_checks_on_a_portable_kernel():
     """scripts/gpu_checks.py with JAX's portable attention in place of cuDNN: the comparison
     and causality checks pass, the packed-rows checks too (here through the xla blocks), and

@@ -163,6 +163,27 @@ def test_tpu_topology_compile_only_sweep(tmp_path, libtpu_path):
         assert row["xla_flops_per_device"] > 0
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_any_layout_runs(tmp_path):
+    """Read-only (a bind mount here; root writes through plain permissions) and nothing
+    written there or created."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot make a read-only bind mount here")
+    try:
+        result = run_cli("sweep", "configs/tiny.yaml", "--layouts", "fsdp=8;data=8",
+                         "--steps", "1", "--out", str(ro / "sweep"), timeout=120)
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"llama-jax sweep: error: --out {ro / 'sweep'}: {ro} is not writable"]
+    assert list(ro.iterdir()) == []
+
+
 def test_topology_without_libtpu_is_one_line(tmp_path):
     if importlib.util.find_spec("libtpu") is not None:
         pytest.skip("libtpu is installed in this environment")
