@@ -355,9 +355,6 @@ def _check_can_write(out: Path) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
     from llama_jax import sweep
 
     opts = sweep.SweepOptions(
@@ -388,9 +385,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
     from llama_jax import plan
 
     def numbers(text: str, what: str) -> list[int]:
