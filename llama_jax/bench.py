@@ -23,7 +23,7 @@ from llama_jax import flops, hlo_cost, kernel_profile, roofline
 from llama_jax.config import Config, apply_overrides
 from llama_jax.data.batch import one_document_rows, to_global
 from llama_jax.data.feed import make_source, prepare
-from llama_jax.errors import LlamaJaxError, first_line
+from llama_jax.errors import LlamaJaxError, check_can_write, first_line
 from llama_jax.sharding import make_mesh
 from llama_jax.step import Setup, init_state, make_fp8_calibration, make_setup, make_train_step
 from llama_jax.storage import is_remote
@@ -159,6 +159,8 @@ def bench_step(cfg: Config, steps: int = 10, warmup: int = 2, profile: str = "",
     if profile and is_remote(profile):
         raise LlamaJaxError(f"bench --profile {profile}: a local folder (the profiler writes "
                             f"local files; copy them up afterwards)")
+    if profile:
+        check_can_write(Path(profile), f"bench --profile {profile}")
     setup = make_setup(cfg)
     devices = list(setup.mesh.devices.flat)
     peak, peak_source = flops.platform_peak_flops(devices)  # measured before the model runs

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from llama_jax.errors import LlamaJaxError, os_error_line
+from llama_jax.errors import LlamaJaxError, check_can_write, os_error_line
 
 STARTED = time.time()  # this session's start, for goodput (before the heavy imports)
 
@@ -341,19 +341,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_can_write(out: Path) -> None:
-    """Refuse an `--out` that could not be written before the work that fills it (minutes of
-    compiling), without creating anything: its nearest existing folder must be a writable
-    directory."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise LlamaJaxError(f"--out {out}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK):
-        raise LlamaJaxError(f"--out {out}: {existing} is not writable")
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     from llama_jax import sweep
 
@@ -370,7 +357,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"sweeps/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if reporting:
-        _check_can_write(out)
+        check_can_write(out, f"--out {out}")
     result = sweep.run_sweep(opts, progress)
     if not reporting:
         return 0
@@ -404,7 +391,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         budget_minutes=args.budget_minutes, jobs=args.jobs, measure=args.measure,
         steps=args.steps, out=args.out)
     out = Path(args.out or f"plans/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    _check_can_write(out)
+    check_can_write(out, f"--out {out}")
     result = plan.run_plan(opts, lambda line: print(line, file=sys.stderr, flush=True))
     plan.print_table(result)
     for path in plan.write_outputs(result, out, opts):

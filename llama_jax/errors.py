@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -18,6 +20,19 @@ def os_error_line(e: OSError) -> str:
     """An I/O fault (disk full, read-only, permission denied, a vanished directory) as the
     path and the system's words for it."""
     return (f"{e.filename}: " if e.filename else "") + (e.strerror or first_line(e))
+
+
+def check_can_write(out: Path, what: str) -> None:
+    """Refuse a local output folder that could not be written before the work that fills it
+    (minutes of compiling or tracing), without creating anything: its nearest existing
+    folder must be a writable directory. `what` names the setting in the message."""
+    existing = Path(out)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LlamaJaxError(f"{what}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise LlamaJaxError(f"{what}: {existing} is not writable")
 
 
 def script_main(name: str, main: Callable[[], int | None]) -> NoReturn:

@@ -143,6 +143,8 @@ def test_kernels_and_bench_profile_refuse_in_one_line(tmp_path):
          "bench --profile gs://bucket/prof: a local folder"),
         (("bench", "configs/tiny.yaml", "--compile-only", "--profile", str(tmp_path / "p")),
          "does not go with --compile-only or --topology"),
+        (("bench", "configs/tiny.yaml", "--profile", str(good / "p")),  # before the steps
+         f"bench --profile {good / 'p'}: {good} is not a directory"),
     ]
     for args, message in cases:
         done = run_cli(*args)
