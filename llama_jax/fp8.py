@@ -125,19 +125,22 @@ def scaled_dot(a: Scaled, b: Scaled, contract: tuple[tuple[int, ...], tuple[int,
     return fp8_ops.dequantize(y, out_dtype, a.scale * b.scale)
 
 
-def gradient_products(x: Scaled, w: Scaled, g: Scaled, dy: Array, wgrad_fp8: bool
-                      ) -> tuple[Array, Array]:
+def gradient_products(x: Scaled, w: Scaled, g: Scaled, dy: Array, wgrad_fp8: bool,
+                      weight_dtype: jnp.dtype | None = None) -> tuple[Array, Array]:
     """The input and weight gradients of `x @ w` (x [..., D], w [D, F]) from the quantised
-    operands and output gradient `g` (`dy` quantised), in the operands' own dtypes; the
-    weight gradient's product in `dy`'s dtype, on fp8-rounded activations, unless
-    `wgrad_fp8`. Contracting every leading axis in place (not merged into one) keeps a batch
-    and a length split over different mesh axes split (as `ops.dense_bwd` does)."""
+    operands and output gradient `g` (`dy` quantised), in the operands' own dtypes (the
+    weight's in `weight_dtype` if given); the weight gradient's product in `dy`'s dtype, on
+    fp8-rounded activations, unless `wgrad_fp8`. Contracting every leading axis in place (not
+    merged into one) keeps a batch and a length split over different mesh axes split (as
+    `ops.dense_bwd` does)."""
     lead = tuple(range(dy.ndim - 1))
+    out = weight_dtype or w.dtype
     dx = scaled_dot(g, w, ((dy.ndim - 1,), (1,)), x.dtype)
     if wgrad_fp8:
-        return dx, scaled_dot(x, g, (lead, lead), w.dtype)
+        return dx, scaled_dot(x, g, (lead, lead), out)
     x_rounded = fp8_ops.dequantize(x.values, dy.dtype, x.scale)
-    return dx, jax.lax.dot_general(x_rounded, dy, ((lead, lead), ((), ()))).astype(w.dtype)
+    return dx, jax.lax.dot_general(x_rounded, dy, ((lead, lead), ((), ())),
+                                   preferred_element_type=out)
 
 
 @functools.cache

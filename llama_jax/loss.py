@@ -168,9 +168,12 @@ def _chunk_grads(x: Array, w: Array, targets: Array, weights: Array, z_loss: flo
             p_scale = wt_c * (1.0 + 2.0 * z_loss * log_z) if kind == 0 else wt_c
             d_logits = p_scale[..., None] * probs - jnp.where(onehot, wt_c[..., None], 0.0)
             d_logits = constrain(d_logits.astype(x.dtype), ("batch", "length", "vocab"))
-            dx_c, dw_c = product.gradients(x_c, w_op, d_logits)
+            # A float32 weight gradient added to the running sum: XLA:GPU makes the sum
+            # the GEMM's own accumulation (cuBLAS beta = 1, or the Triton GEMM's epilogue)
+            # instead of a pass over the [D, V] float32 sum per slice.
+            dx_c, dw_c = product.gradients(x_c, w_op, d_logits, F32)
             dxs.append(dx_c)
-            dws.append(carry[2 + kind] + dw_c.astype(F32))
+            dws.append(carry[2 + kind] + dw_c)
         return (*sums, *dws), jnp.stack(dxs)
 
     zero = jnp.zeros((), F32)

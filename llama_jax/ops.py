@@ -58,17 +58,22 @@ def _dense_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
     return x @ w, (x, w)
 
 
-def dense_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+def dense_bwd(residuals: tuple[Array, Array], dy: Array, weight_dtype: jnp.dtype | None = None
+              ) -> tuple[Array, Array]:
+    """The input and weight gradients of `x @ w`; the weight's accumulated in float32 and
+    returned in `weight_dtype` (default: the operands' dtype)."""
     x, w = residuals
     dy = dy.astype(x.dtype)  # the LM head's float32 output gradient, to the compute dtype
+    out = weight_dtype or x.dtype
     if is_sharded("length"):
         # Merging a batch split over one mesh axis and a length split over another into one
         # token axis makes XLA's partitioner gather the whole output gradient (for the LM
         # head: the [B, T, V] logits' gradient); contracting both axes in place does not.
         lead = tuple(range(x.ndim - 1))
-        return dy @ jnp.transpose(w), jnp.tensordot(x, dy, axes=(lead, lead))
+        return dy @ jnp.transpose(w), jnp.tensordot(x, dy, axes=(lead, lead),
+                                                    preferred_element_type=out)
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    return dy @ jnp.transpose(w), jnp.transpose(x2) @ dy2
+    return dy @ jnp.transpose(w), jnp.matmul(jnp.transpose(x2), dy2, preferred_element_type=out)
 
 
 dense.defvjp(_dense_fwd, dense_bwd)
@@ -105,14 +110,17 @@ class HeadProduct:
             return scaled_dot(x, w, ((x.values.ndim - 1,), (0,)), F32)
         return jnp.matmul(x, w, preferred_element_type=F32)
 
-    def gradients(self, x: Array | Scaled, w: Array | Scaled, d_logits: Array
-                  ) -> tuple[Array, Array]:
+    def gradients(self, x: Array | Scaled, w: Array | Scaled, d_logits: Array,
+                  weight_dtype: jnp.dtype | None = None) -> tuple[Array, Array]:
         """The input's and the weight's gradients for a logits gradient in the compute
-        dtype."""
+        dtype; the weight's in `weight_dtype` (default: the operands' dtype). The sliced
+        loss asks for float32, so that its running sum over slices is the GEMM's own
+        accumulation (loss.chunked_head_loss_sums)."""
         if isinstance(x, Scaled):
             g, _ = quantized(d_logits, GRADIENT_FORMATS[self.gradient_format])
-            return gradient_products(x, w, g, d_logits, self.weight_gradient == "fp8")
-        return dense_bwd((x, w), d_logits)
+            return gradient_products(x, w, g, d_logits, self.weight_gradient == "fp8",
+                                     weight_dtype)
+        return dense_bwd((x, w), d_logits, weight_dtype)
 
 
 HEAD_IN_COMPUTE_DTYPE = HeadProduct()

@@ -4,6 +4,7 @@ policy that keeps a fused attention kernel's forward outputs."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,23 @@ def test_fused_head_loss_matches_autodiff(dtype, head, z_loss, chunks):
         assert a.dtype == b.dtype == jnp.dtype(dtype)
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    atol=tol * float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+
+
+@pytest.mark.parametrize("head", ["compute", "fp8"])
+def test_sliced_head_sums_its_weight_gradient_as_the_gemm_accumulates(head):
+    """Each slice's LM-head weight gradient is a float32 product added to the float32 running
+    sum, never a bf16 product converted: on a GPU the add then becomes the GEMM's own
+    accumulation (cuBLAS beta = 1 or the Triton GEMM's epilogue), where a bf16 product made
+    one more pass over the [D, V] float32 sum per slice (9.7 ms of the 1B step on an H200:
+    docs/performance.md). XLA:CPU folds the convert into the dot either way, so the program
+    as JAX writes it is what is checked."""
+    product = HeadProduct(fp8=head == "fp8")
+    x, w = jnp.zeros((2, 12, 32), jnp.bfloat16), jnp.zeros((32, 70), jnp.bfloat16)
+    targets, weights = jnp.zeros((2, 12), jnp.int32), jnp.ones((2, 12), jnp.float32)
+    text = jax.jit(jax.grad(lambda w: chunked_head_loss_sums(
+        x, w, targets, weights, 0.0, 4, product)[0])).lower(w).as_text()
+    weight_products = re.findall(r"stablehlo\.dot_general .*-> tensor<32x70x(\w+)>", text)
+    assert weight_products and set(weight_products) == {"f32"}, weight_products
 
 
 def _setup(extra=()):
