@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 from helpers import tiny
 
+from llama_jax import loss as loss_mod
 from llama_jax.bench import compile_only
 from llama_jax.config import load_config
 from llama_jax.errors import ConfigError
@@ -87,6 +88,44 @@ def test_sliced_head_sums_its_weight_gradient_as_the_gemm_accumulates(head):
         x, w, targets, weights, 0.0, 4, product)[0])).lower(w).as_text()
     weight_products = re.findall(r"stablehlo\.dot_general .*-> tensor<32x70x(\w+)>", text)
     assert weight_products and set(weight_products) == {"f32"}, weight_products
+
+
+def test_one_pass_logsumexp_matches_two_pass_at_the_edges():
+    """The paired (max, sum) reduction the GPU runs gives jax.nn.logsumexp's values, also for
+    rows of -inf (an empty row: -inf, not NaN), +inf (inf) and NaN (NaN, so the run's
+    non-finite check sees it), and `logsumexp`'s gradient is autodiff's."""
+    x = 8.0 * jax.random.normal(jax.random.key(0), (3, 5, 70))
+    x = (x.at[0, 0].set(-jnp.inf).at[0, 1, :3].set(jnp.inf).at[0, 2, 5].set(jnp.nan)
+         .at[1, 0, 7].set(-jnp.inf).at[1, 1, 9].set(80.0))
+    expected = jax.nn.logsumexp(x, axis=-1)
+    for got in (loss_mod._logsumexp_one_pass(x), jax.jit(loss_mod._logsumexp_one_pass)(x),
+                loss_mod.logsumexp(x)):
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
+        np.testing.assert_array_equal(np.asarray(got)[0, :3], [-np.inf, np.inf, np.nan])
+        np.testing.assert_allclose(got[1:], expected[1:], rtol=1e-6)
+    finite = x[1:]
+    np.testing.assert_allclose(
+        jax.grad(lambda x: jnp.sum(loss_mod.logsumexp(x) ** 2))(finite),
+        jax.grad(lambda x: jnp.sum(jax.nn.logsumexp(x, axis=-1) ** 2))(finite),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_loss_reads_the_logits_once_on_a_gpu_twice_on_cpu():
+    """Lowered for CUDA, the loss's log-sum-exp is one reduction of (max, sum) pairs over
+    the logits; for the CPU, the two vectorised passes (max, then sum of exponentials)."""
+    logits = jax.ShapeDtypeStruct((2, 12, 70), jnp.float32)
+    targets = jax.ShapeDtypeStruct((2, 12), jnp.int32)
+    weights = jax.ShapeDtypeStruct((2, 12), jnp.float32)
+    traced = jax.jit(lambda *a: loss_sums(*a, 0.0)[0]).trace(logits, targets, weights)
+
+    def reductions_of_logits(platform):
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        return re.findall(r"stablehlo\.reduce\((%[\w#]+) init: [^)]*\)(, \(%[\w#]+ init)?"
+                          r"[^\n]*tensor<2x12x70xf32>", text)
+
+    gpu, cpu = reductions_of_logits("cuda"), reductions_of_logits("cpu")
+    assert len(gpu) == 1 and gpu[0][1], gpu  # one reduction, of two operands
+    assert len(cpu) == 2 and not any(paired for _, paired in cpu), cpu
 
 
 def _setup(extra=()):
