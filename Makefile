@@ -8,7 +8,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup setup-dev train test test-all bench lint clean tpu gpu-deps
+.PHONY: setup setup-dev train test test-all bench lint clean tpu gpu-compile gpu-deps
 
 # `setup` is what running needs; `setup-dev` adds the test tools and the reference
 # implementations (pytest, ruff, transformers, torch), so `make train` does not wait for them.
@@ -52,6 +52,13 @@ tpu: setup
 	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu "$$($(PY) -m llama_jax.topology)" \
 	  2>&1 | grep -v "is ignored" || true
 	test -d $(VENV)/libtpu/libtpu
+
+# JAX's CUDA plugin (built for this jaxlib) beside the environment, not in it: only
+# `--topology h100` (and other GPU) compiles load it; no CUDA libraries or driver are needed.
+gpu-compile: setup
+	$(PY) -m pip install -q --no-deps --target $(VENV)/cuda-plugin $$($(PY) -m llama_jax.gpu_target) \
+	  2>&1 | grep -v "is ignored" || true
+	test -d $(VENV)/cuda-plugin/jax_plugins
 
 # The pure-Python packages the GPU machine's image lacks (it has jax, flax, optax, orbax, torch
 # and transformers), for `scripts/gpu_bench.sh`, which puts this folder on PYTHONPATH: made

@@ -27,7 +27,7 @@ from llama_jax.errors import LlamaJaxError, check_can_write, first_line
 from llama_jax.sharding import make_mesh
 from llama_jax.step import Setup, init_state, make_fp8_calibration, make_setup, make_train_step
 from llama_jax.storage import is_remote
-from llama_jax.topology import TpuSlice, parse_topology, topology_devices
+from llama_jax.topology import Target, parse_topology, topology_devices
 
 
 def random_batch(cfg: Config) -> dict[str, np.ndarray]:
@@ -49,16 +49,16 @@ def _memory_stats(device: jax.Device) -> dict[str, Any]:
         return {}
 
 
-def _device_memory_limit(device: jax.Device, tpu: TpuSlice | None) -> int | None:
+def _device_memory_limit(device: jax.Device, tpu: Target | None) -> int | None:
     """Bytes one device may hold, where known: the runtime's limit, or the chip's datasheet
-    HBM for a compile-only TPU device (which has no runtime). None on CPU."""
+    HBM for a compile-only device (which has no runtime). None on CPU."""
     if tpu is not None:
         return tpu.hbm_bytes
     return _memory_stats(device).get("bytes_limit") if device.platform != "cpu" else None
 
 
 def compiled_figures(devices: list[jax.Device], compiled: Any,
-                     tpu: TpuSlice | None = None, cfg: Config | None = None) -> dict[str, Any]:
+                     tpu: Target | None = None, cfg: Config | None = None) -> dict[str, Any]:
     """Per-device memory XLA planned for the step (arguments, outputs, temporaries; aliased
     donated buffers counted once), XLA's own FLOP count for one device's program, and what the
     device actually peaked at when it ran."""
@@ -89,11 +89,7 @@ def compiled_figures(devices: list[jax.Device], compiled: Any,
         devices, text, model_flops_per_device(cfg, len(devices)) if cfg else 0.0))
     out["custom_calls"] = dict(collections.Counter(
         re.findall(r'custom_call_target="([^"]+)"', text)))
-    # Matmuls (XLA dots or library GEMMs) with an fp8 operand: where model.quantization=fp8
-    # really reached the kernels.
-    out["fp8_matmuls"] = sum(1 for line in text.splitlines()
-                             if ("dot(" in line or "custom-call(" in line)
-                             and ("f8e4m3" in line or "f8e5m2" in line))
+    out["fp8_matmuls"] = hlo_cost.fp8_matmuls(text)
     out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
@@ -118,8 +114,7 @@ def predicted_figures(devices: list[jax.Device], hlo_text: str,
     reads noise; `plan` measures them once and predicts from these figures."""
     if not hlo_text:
         return {}
-    cost = hlo_cost.program_cost(hlo_text, len(devices),
-                                 [getattr(d, "slice_index", 0) or 0 for d in devices],
+    cost = hlo_cost.program_cost(hlo_text, len(devices), [_network_unit(d) for d in devices],
                                  on_chip_space=1 if devices[0].platform == "tpu" else None)
     out: dict[str, Any] = {"hlo_flops_per_device": cost.flops,
                            "model_flops_per_device": model_flops,
@@ -134,6 +129,12 @@ def predicted_figures(devices: list[jax.Device], hlo_text: str,
     if limits is not None:
         out["predicted_step_s"] = limits.step_seconds(out)
     return out
+
+
+def _network_unit(device: jax.Device) -> int:
+    """What the data-center network joins: TPU slices, GPU nodes (a process each)."""
+    return device.process_index if device.platform == "gpu" else (
+        getattr(device, "slice_index", 0) or 0)
 
 
 def compiled_random_step(setup: Setup) -> tuple[Any, dict[str, jax.Array], Any, float]:
@@ -222,7 +223,7 @@ def traced_kernels(compiled: Any, state: Any, batch: dict[str, jax.Array], folde
 def compile_only(cfg: Config, topology: str | None = None) -> dict[str, Any]:
     """Ahead-of-time compile of the real train step from abstract inputs: no parameter or
     batch is ever allocated, so a 7B step compiles on a laptop. With `topology` (a TPU slice
-    name) it compiles for that slice's devices, which need not exist here."""
+    name, or GPUs: `h100:8`) it compiles for those devices, which need not exist here."""
     tpu = parse_topology(topology) if topology else None
     mesh = make_mesh(cfg, topology_devices(tpu)) if tpu else None
     setup = make_setup(cfg, mesh)

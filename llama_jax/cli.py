@@ -251,10 +251,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.topology:
-        from llama_jax.topology import compile_only_environment
+        from llama_jax.topology import prepare_compile_only
 
-        for key, value in compile_only_environment().items():  # before JAX starts
-            os.environ.setdefault(key, value)
+        prepare_compile_only(args.topology)  # before JAX starts
     from llama_jax.bench import bench_pipeline, bench_step
 
     cfg = _load(args)
@@ -495,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="compile the step ahead of time from abstract inputs, run "
                                 "nothing")
             p.add_argument("--topology", default="",
-                           help="compile only, for a TPU slice (v5p:2x2x2, v5p-16, 2xv5p-128); "
-                                "needs the tpu extra")
+                           help="compile only, for a TPU slice (v5p:2x2x2, v5p-16, 2xv5p-128; "
+                                "`make tpu`) or GPUs (h100, h200:8, 2xh100:8; `make "
+                                "gpu-compile`)")
         if name == "bench":
             p.add_argument("--pipeline", action="store_true",
                            help="also measure the input pipeline's tokens/s")
@@ -519,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             where = p.add_mutually_exclusive_group(required=True)
             where.add_argument("--topology", default="",
-                               help="a TPU slice (v5p:2x2x2, v5p-16): compiled for, not run")
+                               help="a TPU slice (v5p:2x2x2, v5p-16) or GPUs (h100:8): "
+                                    "compiled for, not run")
             where.add_argument("--devices", type=_bounded(int, 1), default=None,
                                help="this machine's devices (CPU: simulated), compiled and "
                                     "the best measured")

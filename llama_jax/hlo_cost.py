@@ -249,8 +249,7 @@ def _dot_flops(ins: Instruction, shapes: dict[str, str]) -> float:
                                                  ins.attributes))
     if ins.op == "convolution":
         return _convolution_flops(ins, shapes)
-    if ins.op == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)',
-                                             ins.attributes, re.IGNORECASE):
+    if ins.op == "custom-call" and _is_matmul(ins):
         return 2.0 * out * _contracted(shapes.get(ins.operands[0], ""),
                                        re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]',
                                                  ins.attributes))
@@ -319,6 +318,23 @@ def _hits(in_size: int, out_size: int, size: int, stride: int, low: int, lhs_dil
         where = inner + i * step - low
         hits += int(np.count_nonzero((where >= 0) & (where < extent) & (where % lhs_dilate == 0)))
     return hits
+
+
+def _is_matmul(ins: Instruction) -> bool:
+    return ins.op == "dot" or (ins.op == "custom-call" and bool(re.search(
+        r'custom_call_target="[^"]*(gemm|matmul)', ins.attributes, re.IGNORECASE)))
+
+
+def fp8_matmuls(text: str) -> int:
+    """Matmuls of the program text (XLA dots, fused ones included, or library GEMM calls)
+    with an fp8 operand: where model.quantization=fp8 really reached the kernels. Each
+    written once: a loop body's once, however often it runs."""
+    count = 0
+    for instructions in parse_module(text)[0].values():
+        shapes = {ins.name: ins.shape for ins in instructions}
+        count += sum(1 for ins in instructions if _is_matmul(ins) and any(
+            shapes.get(o, "").startswith(("f8e4m3", "f8e5m2")) for o in ins.operands))
+    return count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from llama_jax.sweep import (
     layout_problem,
     run_bench,
 )
-from llama_jax.topology import TpuSlice, parse_topology
+from llama_jax.topology import Target, parse_topology
 
 REMATS = ("none", "dots_with_no_batch_dims_saveable", "full")
 LONG_CONTEXT = 8192  # from this sequence length on, mesh.sequence and a one-pass loss are tried
@@ -239,7 +239,7 @@ def predict(c: Candidate, limits: roofline.Roofline) -> None:
 
 
 def compile_candidates(opts: PlanOptions, todo: list[Candidate], devices: int,
-                       tpu: TpuSlice | None, budget: Budget, limits: roofline.Roofline,
+                       tpu: Target | None, budget: Budget, limits: roofline.Roofline,
                        progress: Callable[[str], None]) -> None:
     """Compile `todo` in order, `opts.jobs` at a time, while the budget allows another."""
     lock = threading.Lock()
@@ -293,7 +293,7 @@ def describe(c: Candidate) -> str:
 # The plan
 
 
-def _roofline_for(tpu: TpuSlice | None, devices: int) -> roofline.Roofline:
+def _roofline_for(tpu: Target | None, devices: int) -> roofline.Roofline:
     """The chip table's for a slice or a local accelerator; for CPU devices, measured in a
     process of its own where the `devices` simulated devices exist, while no compile runs
     beside it."""
@@ -317,7 +317,7 @@ def _roofline_for(tpu: TpuSlice | None, devices: int) -> roofline.Roofline:
         raise LlamaJaxError(f"plan: measuring {devices} CPU devices failed: {why}") from None
 
 
-def _device_memory(tpu: TpuSlice | None) -> float | None:
+def _device_memory(tpu: Target | None) -> float | None:
     if tpu is not None:
         return float(tpu.hbm_bytes)
     import jax

@@ -25,7 +25,7 @@ from typing import Any
 from llama_jax.config import MESH_AXES, Config, apply_overrides, load_config
 from llama_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, env_int
 from llama_jax.errors import ConfigError
-from llama_jax.topology import TpuSlice, compile_only_environment, parse_topology
+from llama_jax.topology import Target, compile_only_environment, parse_topology
 
 Layout = dict[str, int]
 
@@ -171,11 +171,11 @@ _TPU_OOM = re.compile(r"memory required for (?P<what>.+?) \((?P<need>[\d.]+)G\) 
                       r"available HBM \((?P<have>[\d.]+)G\)")
 
 
-def _child_environment(devices: int, index: int, tpu: TpuSlice | None) -> dict[str, str]:
+def _child_environment(devices: int, index: int, tpu: Target | None) -> dict[str, str]:
     env = dict(os.environ)
     processes = env_int(ENV_NUM_PROCESSES, 0)
-    if tpu is not None:  # one process compiles for the whole slice
-        env.update(compile_only_environment())
+    if tpu is not None:  # one process compiles for the whole slice (or all the GPUs)
+        env.update(compile_only_environment(tpu))
         for key in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID):
             env.pop(key, None)
         return env
@@ -221,7 +221,7 @@ def run_bench(arguments: list[str], env: dict[str, str], timeout_s: float
 
 
 def run_layout(opts: SweepOptions, layout: Layout, dcn: Layout, devices: int, index: int,
-               tpu: TpuSlice | None) -> Row:
+               tpu: Target | None) -> Row:
     arguments = [opts.config, *opts.overrides, *layout_overrides(layout, dcn)]
     if tpu is not None:
         arguments += ["--topology", opts.topology]
@@ -238,7 +238,7 @@ def run_layout(opts: SweepOptions, layout: Layout, dcn: Layout, devices: int, in
 # The sweep
 
 
-def device_count(opts: SweepOptions, tpu: TpuSlice | None) -> int:
+def device_count(opts: SweepOptions, tpu: Target | None) -> int:
     if tpu is not None:
         return tpu.chips
     if opts.devices:

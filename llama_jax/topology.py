@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_jax import gpu_target
 from llama_jax.chips import Chip, chip_named
 from llama_jax.errors import ConfigError
+from llama_jax.gpu_target import GpuNodes
 
 # Per generation: whether a chip is one "megacore" device that the slice name counts as two
 # TensorCores (v4, v5p), and its torus rank. HBM, peak and bandwidths: chips.py.
@@ -33,7 +35,8 @@ _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "
 
 _SHAPE = re.compile(r"^(?P<gen>v\w+?):(?P<shape>\d+(x\d+)+)$")
 _SLICE = re.compile(r"^(?P<gen>v\w+?)-(?P<cores>\d+)$")
-_MULTI = re.compile(r"^(?P<n>\d+)x(?P<rest>v.+)$")
+_MULTI = re.compile(r"^(?P<n>\d+)x(?P<rest>[a-z].+)$")
+_GPUS = re.compile(rf"^(?P<kind>{'|'.join(gpu_target.GPU_MODELS)})(:(?P<gpus>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,19 @@ def _default_shape(gen: str, chips: int, whole: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def parse_topology(name: str) -> TpuSlice:
+Target = TpuSlice | GpuNodes  # what `--topology` compiles for
+
+
+def parse_topology(name: str) -> Target:
     """`v5p:2x2x2`, a slice name (`v5p-16`, `v4-32`, `v5e-256`, `v6e-64`; v4/v5p names count
-    TensorCores, two per chip) or a multi-slice `2xv5p-128`."""
+    TensorCores, two per chip) or a multi-slice `2xv5p-128`; or GPUs: `h100` (one), `h200:8`
+    (one node of eight), `2xh100:8` (two such nodes)."""
     text = name.strip().lower()
     slices = 1
     if multi := _MULTI.match(text):
         slices, text = int(multi["n"]), multi["rest"]
+    if m := _GPUS.match(text):
+        return gpu_target.parse_gpus(m["kind"], m["gpus"], slices, name)
     if m := _SHAPE.match(text):
         gen = _generation(m["gen"], name)
         shape = tuple(int(s) for s in m["shape"].split("x"))
@@ -116,7 +125,7 @@ def parse_topology(name: str) -> TpuSlice:
                               f"{per_chip} per chip")
         return TpuSlice(gen, _default_shape(gen, cores // per_chip, name), slices)
     raise ConfigError(f"cannot read --topology {name!r}: expected e.g. v5p:2x2x2, v5p-16, "
-                      f"v5e-256 or 2xv5p-128")
+                      f"v5e-256, 2xv5p-128, h100, h200:8 or 2xh100:8")
 
 
 ENV_LIBTPU = "LLAMA_JAX_LIBTPU"
@@ -150,7 +159,26 @@ def libtpu_requirement() -> str:
     return "libtpu"
 
 
-def compile_only_environment() -> dict[str, str]:
+def compile_only_environment(target: Target | None = None) -> dict[str, str]:
+    """Set before JAX starts, for compiling for `target` (a TPU slice when None)."""
+    if isinstance(target, GpuNodes):
+        return gpu_target.compile_only_environment()
+    return _tpu_compile_only_environment()
+
+
+def prepare_compile_only(name: str) -> Target:
+    """The target `--topology name` names, with this process set up to compile for it: its
+    environment, and for GPUs the CUDA plugin on the import path. Before JAX is imported:
+    JAX finds its plugins then."""
+    target = parse_topology(name)
+    for key, value in compile_only_environment(target).items():
+        os.environ.setdefault(key, value)
+    if isinstance(target, GpuNodes):
+        gpu_target.find_cuda_plugin()
+    return target
+
+
+def _tpu_compile_only_environment() -> dict[str, str]:
     """Set before JAX starts: the CPU is the runtime backend, libtpu must not look for a TPU or
     its metadata server on this machine, and several compiles may load libtpu at once (it
     otherwise takes a lock file meant for processes sharing one TPU host). The host's own
@@ -161,12 +189,14 @@ def compile_only_environment() -> dict[str, str]:
             "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost"}
 
 
-def topology_devices(tpu: TpuSlice) -> list[Any]:
-    """Compile-only devices of the slice(s): they compile programs but run nothing."""
+def topology_devices(tpu: Target) -> list[Any]:
+    """Compile-only devices of the slice(s) or GPUs: they compile programs but run nothing."""
+    if isinstance(tpu, GpuNodes):
+        return gpu_target.gpu_devices(tpu)
     if not find_libtpu():
         raise ConfigError("--topology needs libtpu, which the default install leaves out: "
                           "run `make tpu` (or pip install -e '.[tpu]')")
-    for key, value in compile_only_environment().items():
+    for key, value in _tpu_compile_only_environment().items():
         os.environ.setdefault(key, value)
     from jax.experimental import topologies
 
