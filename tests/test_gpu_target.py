@@ -5,6 +5,7 @@ XLA:GPU makes of the fast paths (the sliced LM head's accumulation, the one-pass
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,8 +15,13 @@ import pytest
 from helpers import ROOT, run_cli
 
 from llama_jax.errors import ConfigError
-from llama_jax.gpu_target import (ENV_CUDA_PLUGIN, GpuNodes, cuda_plugin_folder,
-                                  cuda_plugin_requirements, target_config)
+from llama_jax.gpu_target import (
+    ENV_CUDA_PLUGIN,
+    GpuNodes,
+    cuda_plugin_folder,
+    cuda_plugin_requirements,
+    target_config,
+)
 from llama_jax.hlo_cost import parse_module
 from llama_jax.topology import parse_topology
 
@@ -141,7 +147,7 @@ def test_sliced_head_on_a_gpu_reads_its_logits_once_and_accumulates_in_the_gemm(
     result = subprocess.run(
         [sys.executable, "-c", SLICED_HEAD, *ONE_B, "model.num_layers=2",
          "train.global_batch_size=8", "model.loss_chunks=16"], capture_output=True, text=True,
-        timeout=600, cwd=ROOT, env={**__import__("os").environ,
+        timeout=600, cwd=ROOT, env={**os.environ,
                                     ENV_CUDA_PLUGIN: str(cuda_plugin)})
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
