@@ -24,6 +24,7 @@ from llama_jax.config import Config, apply_overrides
 from llama_jax.data.batch import one_document_rows, to_global
 from llama_jax.data.feed import make_source, prepare
 from llama_jax.errors import LlamaJaxError, check_can_write, first_line
+from llama_jax.gpu_target import GpuNodes
 from llama_jax.sharding import make_mesh
 from llama_jax.step import Setup, init_state, make_fp8_calibration, make_setup, make_train_step
 from llama_jax.storage import is_remote
@@ -233,16 +234,18 @@ def compile_only(cfg: Config, topology: str | None = None) -> dict[str, Any]:
                                      sharding=s) for k, s in batch_sharding.items()}
     step = make_train_step(setup)
     start = time.perf_counter()
-    lowered = step.lower(setup.abstract_state, batch)
-    lower_s = time.perf_counter() - start
     try:
+        lowered = step.lower(setup.abstract_state, batch)
+        lower_s = time.perf_counter() - start
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - jaxlib's runtime error type moved between versions
         first = first_line(e)
-        if "RESOURCE_EXHAUSTED" not in first:
-            raise
         where = f"{tpu}" if tpu else f"{len(setup.mesh.devices.flat)} devices"
-        raise LlamaJaxError(f"does not fit on {where}: {first}") from None
+        if "RESOURCE_EXHAUSTED" in first:
+            raise LlamaJaxError(f"does not fit on {where}: {first}") from None
+        if isinstance(tpu, GpuNodes):  # what the GPU's libraries refuse (cuDNN: dtype, head dim)
+            raise LlamaJaxError(f"cannot compile the step for {where}: {first}") from None
+        raise
     compile_s = time.perf_counter() - start
     devices = list(setup.mesh.devices.flat)
     out = {"device": f"{len(devices)} x {devices[0].device_kind}"

@@ -163,10 +163,12 @@ def compile_only_environment() -> dict[str, str]:
     return {"JAX_PLATFORMS": "cpu", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
 
 
-def _answer_cudnn_checks_for(model: GpuModel) -> None:
+def answer_cudnn_checks(kind: str) -> None:
     """JAX's fused attention asks the local cuDNN for its version and the local backend's
     first GPU for its compute capability before it lowers; with no GPU here both questions
-    concern the target, so the target answers them."""
+    concern the target (a GPU of `kind` with CUDNN_VERSION), so the target answers them. Only
+    for processes that compile for a described GPU or trace without running."""
+    model = GPU_MODELS[kind]
     try:
         from jax._src.cudnn import fused_attention_stablehlo as fused
     except ImportError:  # a JAX without it has no cuDNN attention to lower
@@ -196,7 +198,7 @@ def gpu_devices(target: GpuNodes) -> list[Any]:
         os.environ.setdefault(key, value)
     from jax.experimental import topologies
 
-    _answer_cudnn_checks_for(GPU_MODELS[target.kind])
+    answer_cudnn_checks(target.kind)
     try:
         topology = topologies.get_topology_desc(
             platform="cuda", target_config=target_config(target.kind),

@@ -6,8 +6,8 @@ figures come from a laptop).
     python scripts/saved_residuals.py CONFIG [a.b=value ...] [--rows B]
 
 With `model.attention=cudnn` JAX's cuDNN module asks the installed cuDNN and the GPU for
-versions while tracing; here they are answered as a Hopper GPU with cuDNN 9.10 would, so the
-figures on CPU are those of the GPU program. Packed rows hold two documents each (the
+versions while tracing; here an H200 with cuDNN 9.10 answers (`gpu_target.answer_cudnn_checks`),
+so the figures on CPU are those of the GPU program. Packed rows hold two documents each (the
 figures do not depend on how many).
 """
 
@@ -28,6 +28,7 @@ from jax.ad_checkpoint import print_saved_residuals
 from llama_jax import sharding
 from llama_jax.config import load_config
 from llama_jax.errors import script_main
+from llama_jax.gpu_target import answer_cudnn_checks
 from llama_jax.model import Transformer
 
 
@@ -42,13 +43,6 @@ def residual_bytes(printed: str) -> int:
             bits = re.search(r"\d+", match.group(1))
             total += int(np.prod(dims)) * (int(bits[0]) // 8 if bits else 1)
     return total
-
-
-def stub_cudnn_checks() -> None:
-    from jax._src.cudnn import fused_attention_stablehlo as fused
-
-    fused.check_cudnn_version = lambda: 91000
-    fused.check_compute_capability = lambda capability: True
 
 
 def traced_bytes(m, rows: int, t: int, packed: bool) -> int:
@@ -79,7 +73,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if cfg.model.attention == "cudnn":
-        stub_cudnn_checks()
+        answer_cudnn_checks("h200")
     rows, t, layers = args.rows or cfg.train.global_batch_size, cfg.data.seq_len, \
         cfg.model.num_layers
     print(f"{args.config} {' '.join(args.overrides)}: {rows} rows x {t} tokens, {layers} layers")

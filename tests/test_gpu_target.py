@@ -101,6 +101,16 @@ def test_the_1b_step_compiled_for_an_h100(cuda_plugin):
     assert big["fits"] is False and big["compiled_per_device_gib"] > 80e9 / 2**30
 
 
+def test_what_the_gpu_refuses_is_one_line(cuda_plugin):
+    """cuDNN's attention takes no float32: a config error, said in one line (not JAX's
+    traceback), with the target named."""
+    result = run_cli("bench", "configs/tiny.yaml", "--topology", "h100", "model.attention=cudnn",
+                     env={ENV_CUDA_PLUGIN: str(cuda_plugin)})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "cannot compile the step for h100:1" in lines[0] and "float32" in lines[0]
+
+
 def test_sweep_over_eight_gpus_and_two_nodes(cuda_plugin, tmp_path):
     """Layouts of one node of eight, each compiled in its own process; two nodes of four,
     the data axis across them, whose gradient reduction then crosses the network."""
