@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_jax.chips import Chip, chip_named
-from llama_jax.errors import ConfigError
+from llama_jax.errors import ConfigError, first_line
 
 
 @dataclass(frozen=True)
@@ -204,8 +204,7 @@ def gpu_devices(target: GpuNodes) -> list[Any]:
             platform="cuda", target_config=target_config(target.kind),
             topology=f"1x{target.nodes}x{target.gpus_per_node}")
     except Exception as e:  # noqa: BLE001 - the plugin reports its errors as runtime errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"the CUDA plugin could not describe {target}: {first} (JAX must "
+        raise ConfigError(f"the CUDA plugin could not describe {target}: {first_line(e)} (JAX must "
                           f"find the plugin when it starts: `make gpu-compile`)") from None
     return list(topology.devices)
 
