@@ -1,6 +1,8 @@
 """Eight simulated CPU devices for every test: set before JAX is imported anywhere."""
 
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -9,6 +11,21 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# XLA:CPU aborts the process when one of a collective's device threads joins its rendezvous
+# more than 40 s after the first (its default). Two pytest workers, each with eight device
+# threads, beside compiles of the 1B step on two cores can starve a thread that long: an
+# in-process sharded training test aborted so, twice in ten full runs. The suite allows ten
+# minutes instead, where this jaxlib knows the flag (an unknown XLA flag aborts every process,
+# so a child is asked first; workers and CLI runs inherit the answer in XLA_FLAGS).
+COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+if "collective_call_terminate_timeout" not in os.environ["XLA_FLAGS"]:
+    flags = f"{os.environ['XLA_FLAGS']} {COLLECTIVE_TIMEOUT}"
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                           env={**os.environ, "XLA_FLAGS": flags}, capture_output=True,
+                           timeout=300)
+    if probe.returncode == 0:
+        os.environ["XLA_FLAGS"] = flags
 
 from pathlib import Path  # noqa: E402
 
