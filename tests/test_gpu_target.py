@@ -111,9 +111,21 @@ def test_what_the_gpu_refuses_is_one_line(cuda_plugin):
     assert "cannot compile the step for h100:1" in lines[0] and "float32" in lines[0]
 
 
-def test_sweep_over_eight_gpus_and_two_nodes(cuda_plugin, tmp_path):
-    """Layouts of one node of eight, each compiled in its own process; two nodes of four,
-    the data axis across them, whose gradient reduction then crosses the network."""
+def test_two_gpu_nodes_reduce_gradients_over_the_network(cuda_plugin):
+    """Two nodes of four, the data axis across them: the gradient reduction crosses the
+    network (DCN bytes), the fsdp gathers stay in the node (ICI bytes)."""
+    nodes = _bench(cuda_plugin, "configs/tiny.yaml", "2xh100:4", "mesh.dcn_data=2",
+                   "mesh.fsdp=4")
+    assert nodes["device"].startswith("8 x NVIDIA H100")
+    assert nodes["ici_bytes_per_device"] > 0 and nodes["dcn_bytes_per_device"] > 0
+
+
+# slow (make test-all): a sweep's two layouts, each compiled in its own process; `make test`
+# keeps the same compile-only path through the two bench tests above and the TPU plan test.
+@pytest.mark.slow
+def test_sweep_over_eight_gpus(cuda_plugin, tmp_path):
+    """Layouts of one node of eight, each compiled in its own process (docs/sweeping.md's
+    command)."""
     out = tmp_path / "sweep"
     result = run_cli("sweep", "configs/tiny.yaml", "--topology", "h100:8", "--out", str(out),
                      "--layouts", "fsdp=8;data=2,fsdp=4", env={ENV_CUDA_PLUGIN: str(cuda_plugin)})
@@ -124,10 +136,6 @@ def test_sweep_over_eight_gpus_and_two_nodes(cuda_plugin, tmp_path):
     for row in summary["rows"]:
         assert row["status"] == "ok" and row["fits"] is True, row
         assert row["device_memory_gib"] == pytest.approx(80e9 / 2**30)
-    nodes = _bench(cuda_plugin, "configs/tiny.yaml", "2xh100:4", "mesh.dcn_data=2",
-                   "mesh.fsdp=4")
-    assert nodes["device"].startswith("8 x NVIDIA H100")
-    assert nodes["ici_bytes_per_device"] > 0 and nodes["dcn_bytes_per_device"] > 0
 
 
 SLICED_HEAD = """
