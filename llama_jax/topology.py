@@ -159,8 +159,8 @@ def libtpu_requirement() -> str:
     return "libtpu"
 
 
-def compile_only_environment(target: Target | None = None) -> dict[str, str]:
-    """Set before JAX starts, for compiling for `target` (a TPU slice when None)."""
+def compile_only_environment(target: Target) -> dict[str, str]:
+    """Set before JAX starts, for compiling for `target`."""
     if isinstance(target, GpuNodes):
         return gpu_target.compile_only_environment()
     return _tpu_compile_only_environment()
