@@ -104,6 +104,10 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: Dtype = "float32"
     compute_dtype: Dtype = "float32"
+    # the LM head's output before the float32 loss: float32 (the product's own accumulator),
+    # or rounded to the compute dtype as MaxText (logits_dot_in_fp32=false), transformers and
+    # torchtitan do, which halves the bytes the loss reads (docs/precision.md)
+    logits_dtype: Dtype = "float32"
     remat: Remat = "none"
     scan_layers: bool = True
     attention: AttentionImpl = "xla"

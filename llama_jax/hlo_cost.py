@@ -342,6 +342,14 @@ def fp8_matmuls(text: str) -> int:
 
 # Instructions that read only part of their first operand: what they read is their result.
 _PART_READERS = {"dynamic-slice", "slice", "gather"}
+# Element-wise ops: inside a fusion XLA computes each output element from the same elements of
+# the operands, so an operand is read only as far as their result is (a gather of a converted
+# operand reads the gathered elements, not the whole operand).
+_ELEMENTWISE = {
+    "convert", "negate", "abs", "exponential", "log", "tanh", "logistic", "sqrt", "rsqrt",
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "compare", "select", "and",
+    "or", "not", "clamp",
+}
 
 
 class Traffic:
@@ -390,7 +398,15 @@ class Traffic:
                     users.setdefault(operand, []).append((ins, position))
             in_place = set(self._in_place(body))
 
+            shapes = {ins.name: ins.shape for ins in body}
+            root = next((ins for ins in reversed(body) if ins.root), body[-1] if body else None)
+            outputs = {root.name, *(root.operands if root.op == "tuple" else ())} if root else set()
+
             def read(value: str) -> float | None:
+                """Bytes read of `value`, None where whole (the fusion's outputs are)."""
+                if value in outputs:
+                    return None
+                shape = shapes.get(value, "")
                 total = 0.0
                 for user, position in users.get(value, []):
                     part: float | None = None
@@ -398,6 +414,10 @@ class Traffic:
                         part = read(user.name)
                     elif user.op in _PART_READERS and position == 0:
                         part = self.size(user.shape)
+                    elif (user.op in _ELEMENTWISE and dims_of(user.shape) == dims_of(shape)
+                          and (result := read(user.name)) is not None):
+                        whole_result = self.size(user.shape)
+                        part = result * self.size(shape) / whole_result if whole_result else 0.0
                     elif user.op == "dynamic-update-slice" and position == 0:
                         part = 0.0 if user.name in in_place else None
                     elif user.op == "fusion" and (callee := _CALLEE.search(user.attributes)):

@@ -15,11 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import context_parallel
 from llama_jax.config import ModelConfig
 from llama_jax.fp8 import LayerScales, operand
 from llama_jax.ops import (
+    ATTENTION_K,
+    ATTENTION_Q,
     activation_down,
     attention,
     attention_mask,
@@ -167,8 +170,9 @@ class Attention(nnx.Module):
             inv_freq = rope_inv_freq(self.cfg)
             q = apply_rope(q, positions_BxT, inv_freq)
             k = apply_rope(k, positions_BxT, inv_freq)
-        q = constrain(q, ("batch", "length", "heads", "head_dim"))
-        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        q = checkpoint_name(constrain(q, ("batch", "length", "heads", "head_dim")), ATTENTION_Q)
+        k = checkpoint_name(constrain(k, ("batch", "length", "kv_heads", "head_dim")),
+                            ATTENTION_K)
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         return q, k, v
 

@@ -72,7 +72,9 @@ logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
 
 def _sums(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array, z_loss: float
           ) -> tuple[Array, Array, Array]:
-    """(loss total with z-loss, cross-entropy sum, log-partition per token)."""
+    """(loss total with z-loss, cross-entropy sum, log-partition per token), in float32
+    whatever the logits' dtype (the upcast fuses into the reductions' reads)."""
+    logits_BxTxV = logits_BxTxV.astype(F32)
     log_z = logsumexp(logits_BxTxV)
     target_logit = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
     ce = ((log_z - target_logit) * weights_BxT).sum()
@@ -83,7 +85,7 @@ def _sums(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array, z_loss: f
 def loss_sums(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array,
               z_loss: float) -> tuple[Array, dict[str, Array]]:
     """Summed fp32 cross-entropy over weighted tokens, plus optional z-loss, from logits."""
-    total, ce, _ = _sums(logits_BxTxV.astype(F32), targets_BxT, weights_BxT, z_loss)
+    total, ce, _ = _sums(logits_BxTxV, targets_BxT, weights_BxT, z_loss)
     return total, {"ce_sum": ce, "tokens": weights_BxT.sum()}
 
 
@@ -105,7 +107,7 @@ def head_loss_sums(x_BxTxD: Array, w_DxV: Array, targets_BxT: Array, weights_BxT
 
 
 def _logits(x_BxTxD: Any, w_DxV: Any, product: HeadProduct) -> Array:
-    """float32 logits of operands from `product.operand`."""
+    """Logits (in `product.logits_dtype`) of operands from `product.operand`."""
     return constrain(product.logits(x_BxTxD, w_DxV), ("batch", "length", "vocab"))
 
 
@@ -131,7 +133,7 @@ def _head_loss_bwd(z_loss: float, product: HeadProduct, residuals: tuple[Any, ..
     p_scale = weights * (d_total * (1.0 + 2.0 * z_loss * log_z) + d_ce)
     onehot_scale = weights * (d_total + d_ce)
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    probs = jnp.exp(logits - log_z[..., None])
+    probs = jnp.exp(logits.astype(F32) - log_z[..., None])
     d_logits = (p_scale[..., None] * probs
                 - jnp.where(vocab == targets[..., None], onehot_scale[..., None], 0.0))
     d_logits = constrain(d_logits.astype(x.dtype), ("batch", "length", "vocab"))
@@ -211,7 +213,7 @@ def _chunk_grads(x: Array, w: Array, targets: Array, weights: Array, z_loss: flo
         if not with_grads:
             return (*sums, *carry[2:]), None
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-        probs = jnp.exp(logits - log_z[..., None])
+        probs = jnp.exp(logits.astype(F32) - log_z[..., None])
         onehot = vocab == t_c[..., None]
         dws, dxs = [], []
         for kind in range(pairs):  # 0: d total (with z-loss), 1: d ce

@@ -17,7 +17,14 @@ from flax import nnx
 from llama_jax.config import ModelConfig
 from llama_jax.fp8 import LayerScales
 from llama_jax.layers import MLP, Attention, LayerCache, Norm, dtype_of, param
-from llama_jax.ops import ATTENTION_LSE, ATTENTION_OUT, HeadProduct, head_matmul
+from llama_jax.ops import (
+    ATTENTION_K,
+    ATTENTION_LSE,
+    ATTENTION_OUT,
+    ATTENTION_Q,
+    HeadProduct,
+    head_matmul,
+)
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -45,13 +52,16 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Matmul outputs and the attention's output and log-sum-exp (XLA's, named in layers.py, or
-    # a fused kernel's): what the backward needs that is not cheap to recompute. Norms, RoPE,
-    # the activation and residual adds are recomputed.
+    # Matmul outputs, attention's rotated Q and K, and its output and log-sum-exp (XLA's, named
+    # in layers.py, or a fused kernel's): what the backward needs that is not cheap to
+    # recompute. Norms, the activation and residual adds are recomputed. The rotated Q and K
+    # replace the projections' outputs as residuals (the projections' backward needs only
+    # their inputs), so they cost no memory and save the backward's second rotation.
     "projections_and_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_from_both_policies(
             jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-            jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE)),
+            jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE,
+                                                          ATTENTION_Q, ATTENTION_K)),
         _fused_attention_outputs),
     # What dots_with_no_batch_dims_saveable saves, kept in pinned host memory instead of on
     # the device, copied back for the backward: device memory of `full`, recompute of dots.
@@ -147,7 +157,8 @@ class Transformer(nnx.Module):
         return self.lm_head[...].astype(dtype)
 
     def logits(self, x_BxTxD: Array) -> Array:
-        """float32 logits: the LM head accumulates in fp32 whatever the compute dtype."""
+        """Logits in `model.logits_dtype` (float32 by default): the LM head accumulates in
+        float32 whatever the compute dtype."""
         x = self.final_norm(x_BxTxD)
         logits = head_matmul(x, self.head_weight(x.dtype), HeadProduct.of(self.cfg))
         return constrain(logits, ("batch", "length", "vocab"))

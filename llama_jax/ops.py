@@ -81,10 +81,11 @@ dense.defvjp(_dense_fwd, dense_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class HeadProduct:
-    """How the LM head's products run ([..., D] x [D, V] -> float32 logits, and its two
-    gradient products): in the compute dtype, or with `model.fp8_head` in fp8, each operand
-    in E4M3 (the logits gradient in `model.fp8_gradients`) scaled by its current amax.
-    Hashable: a static argument of the head's and the fused loss's custom VJPs.
+    """How the LM head's products run ([..., D] x [D, V] -> logits in `logits_dtype`,
+    accumulated in float32, and its two gradient products): in the compute dtype, or with
+    `model.fp8_head` in fp8, each operand in E4M3 (the logits gradient in
+    `model.fp8_gradients`) scaled by its current amax. Hashable: a static argument of the
+    head's and the fused loss's custom VJPs.
 
     Why current scaling even under `model.fp8_scaling=delayed`: the head is one product per
     step, outside the layer stack, so a stale scale would buy little fusion, while the
@@ -94,10 +95,13 @@ class HeadProduct:
     fp8: bool = False
     gradient_format: str = "e4m3"
     weight_gradient: str = "fp8"
+    logits_dtype: str = "float32"
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> HeadProduct:
-        return cls(True, cfg.fp8_gradients, cfg.fp8_weight_gradient) if cfg.fp8_head else cls()
+        if cfg.fp8_head:
+            return cls(True, cfg.fp8_gradients, cfg.fp8_weight_gradient, cfg.logits_dtype)
+        return cls(logits_dtype=cfg.logits_dtype)
 
     def operand(self, a: Array) -> Array | Scaled:
         """x or w as the products take it: itself, or quantised once for the forward and the
@@ -105,10 +109,12 @@ class HeadProduct:
         return quantized(a, E4M3)[0] if self.fp8 else a
 
     def logits(self, x: Array | Scaled, w: Array | Scaled) -> Array:
-        """float32 logits of operands from `operand`."""
+        """Logits of operands from `operand`, in `logits_dtype` (the GEMM accumulates in
+        float32 and rounds its output once)."""
+        dtype = jnp.dtype(self.logits_dtype)
         if isinstance(x, Scaled):
-            return scaled_dot(x, w, ((x.values.ndim - 1,), (0,)), F32)
-        return jnp.matmul(x, w, preferred_element_type=F32)
+            return scaled_dot(x, w, ((x.values.ndim - 1,), (0,)), dtype)
+        return jnp.matmul(x, w, preferred_element_type=dtype)
 
     def gradients(self, x: Array | Scaled, w: Array | Scaled, d_logits: Array,
                   weight_dtype: jnp.dtype | None = None) -> tuple[Array, Array]:
@@ -227,8 +233,10 @@ def block_backward(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_
 
 
 # Names a remat policy can save (model.REMAT_POLICIES): the attention output and its
-# log-sum-exp are all its backward needs besides Q, K and V.
+# log-sum-exp are all its backward needs besides Q, K and V; Q and K as attention takes them
+# (rotated: layers.Attention names them), so that the backward need not rotate them again.
 ATTENTION_OUT, ATTENTION_LSE = "attention_out", "attention_lse"
+ATTENTION_Q, ATTENTION_K = "attention_q", "attention_k"
 
 
 def _named_for_remat(out: Array, lse: Array) -> tuple[Array, Array]:

@@ -98,8 +98,10 @@ run() {  # name, extra XLA flags, then overrides; LIMIT=seconds overrides the li
 }
 # The best bf16 settings and the fp8 recipes at the same batch (ratios against the first row);
 # GPU_BENCH_LADDER=1 first runs the step as it was before session 5 and every rung from it,
-# each one change on the one before (H200 figures in docs/performance.md).
+# each one change on the one before, bf16-best the last: +unrolled with the logits rounded to
+# bf16 (model.logits_dtype, as the peer's are) (H200 figures in docs/performance.md).
 big=$((batch * 3 / 2))
+logits=model.logits_dtype=bfloat16
 if [ "${GPU_BENCH_LADDER:-0}" = 1 ]; then
   run before "" model.remat=dots_with_no_batch_dims_saveable train.fused_loss=false
   run +attention-saved "" model.remat=projections_and_attention train.fused_loss=false
@@ -124,10 +126,10 @@ if [ "${GPU_BENCH_LONG:-0}" = 1 ]; then
     model.max_position_embeddings=$((seq * 16)) train.global_batch_size=1
 fi
 PROFILE=1 run bf16-best "" model.remat=projections_and_attention model.scan_layers=false \
-  train.global_batch_size=$big
+  train.global_batch_size=$big $logits
 if [ "${GPU_BENCH_LONG:-0}" = 1 ]; then
   run bf16-best-one-slice "" model.remat=projections_and_attention model.scan_layers=false \
-    train.global_batch_size=$big model.loss_chunks=1
+    train.global_batch_size=$big $logits model.loss_chunks=1
 fi
 if [ "${GPU_BENCH_PACKED:-0}" = 1 ]; then
   # Packed rows (synthetic documents of ~400 tokens on average, ~5 a row at seq 2048) at the
@@ -136,9 +138,10 @@ if [ "${GPU_BENCH_PACKED:-0}" = 1 ]; then
   # step on one document per row.
   docs=$( [ "${GPU_BENCH_QUICK:-0}" = 1 ] && echo 12 || echo 400 )
   PROFILE=1 run packed-cudnn "" model.remat=projections_and_attention model.scan_layers=false \
-    train.global_batch_size=$big data.synthetic_document_tokens=$docs
+    train.global_batch_size=$big $logits data.synthetic_document_tokens=$docs
   run packed-xla-blocks "" model.remat=projections_and_attention model.scan_layers=false \
-    train.global_batch_size=$big data.synthetic_document_tokens=$docs model.max_segments_per_row=0
+    train.global_batch_size=$big $logits data.synthetic_document_tokens=$docs \
+    model.max_segments_per_row=0
 fi
 if [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
 # fp8 scanned: unrolled, its compile took over 2 minutes on the H200. Current scaling with
@@ -148,7 +151,7 @@ if [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
 # compiles twice (its first batch is measured with current scaling), hence the longer limit;
 # fp8's own compile took 60-70 s on the H200, close to the default 110 s with start-up.
 LIMIT=150 PROFILE=1 run fp8 "" model.remat=projections_and_attention model.quantization=fp8 \
-  train.global_batch_size=$big
+  train.global_batch_size=$big $logits
 
 # The peer: transformers' LlamaForCausalLM, bf16 autocast, SDPA, fused AdamW, torch.compile.
 left=$((budget - SECONDS)); [ "$left" -gt 240 ] && left=240
@@ -164,9 +167,9 @@ else
 fi
 LIMIT=200 run fp8-delayed-head "" model.remat=projections_and_attention \
   model.quantization=fp8 model.fp8_scaling=delayed model.fp8_head=true \
-  train.global_batch_size=$big
+  train.global_batch_size=$big $logits
 LIMIT=200 run fp8-delayed "" model.remat=projections_and_attention model.quantization=fp8 \
-  model.fp8_scaling=delayed train.global_batch_size=$big
+  model.fp8_scaling=delayed train.global_batch_size=$big $logits
 fi  # not GPU_BENCH_LONG
 
 $PY - "$rows" <<'PYEOF'

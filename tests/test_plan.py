@@ -140,6 +140,27 @@ def test_slices_and_updates_in_place_are_charged_their_part():
     assert _xla_cost(looped)["bytes accessed"] < 0.2 * _xla_cost(unrolled)["bytes accessed"]
 
 
+def test_a_gather_through_element_wise_ops_reads_what_it_gathers():
+    """A fused gather of a converted, scaled operand (the loss taking each token's target logit
+    from bf16 logits) reads the gathered elements: a fused loop computes each output element
+    from the same elements of its element-wise producers' operands. XLA's own count charges
+    the whole operand. An element-wise fusion's output is computed whole, so it reads its
+    operands whole: there both counts agree."""
+    import jax
+    import jax.numpy as jnp
+
+    x, i = jnp.ones((64, 4096), jnp.bfloat16), jnp.zeros((64, 1), jnp.int32)
+    gather = jax.jit(lambda x, i: jnp.take_along_axis(x.astype(jnp.float32) * 2.0, i, axis=-1)
+                     + 1.0).lower(x, i).compile()
+    assert "gather(" in gather.as_text()
+    read = 64 * x.dtype.itemsize + i.nbytes  # the gathered elements and the indices
+    assert hlo_cost.program_cost(gather.as_text(), 1).bytes == read + 64 * 4
+    assert _xla_cost(gather)["bytes accessed"] > x.nbytes
+    whole = jax.jit(lambda x: x.astype(jnp.float32) * 2.0).lower(x).compile()
+    assert hlo_cost.program_cost(whole.as_text(), 1).bytes == _xla_cost(whole)[
+        "bytes accessed"] == x.nbytes * 3
+
+
 def test_nested_fusions_index_comments_and_on_chip_memory():
     """What the TPU compiler writes: a fusion slicing its operand inside a nested fusion, a
     `/*index=5*/` comment before every fifth operand, arrays in on-chip memory (`S(1)`)."""
