@@ -253,7 +253,37 @@ def _dot_flops(ins: Instruction, shapes: dict[str, str]) -> float:
         return 2.0 * out * _contracted(shapes.get(ins.operands[0], ""),
                                        re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]',
                                                  ins.attributes))
+    if ins.op == "custom-call" and "cudnn_fmha_backend_config" in ins.attributes:
+        return _fused_attention_flops(ins, shapes)
     return 0.0
+
+
+def _fused_attention_flops(ins: Instruction, shapes: dict[str, str]) -> float:
+    """A cuDNN flash-attention call's matmul FLOPs: 2 B N T S H per product over the query-key
+    pairs its mask leaves (causal: each query's keys up to itself; a sliding window: at most
+    that many), two products forward (Q K^T, P V), five backward (Q K^T again, dP, dV, dQ,
+    dK: FlashAttention-2's count). Without them a step compiled for a GPU priced attention by
+    its bytes alone, and a remat policy that runs the forward kernel twice looked free. The
+    score shape [B, N, T, S] is in the call's backend config; H follows from Q (operand 0:
+    B T N H elements)."""
+    scores = re.search(r'"intermediate_tensor_shape":\s*\{[^{]*?"dimensions":\s*\[([^\]]*)\]',
+                       ins.attributes)
+    dims = [int(d.strip(' "')) for d in scores.group(1).split(",") if d.strip(' "')] \
+        if scores else []
+    if len(dims) != 4 or not ins.operands:
+        return 0.0
+    b, n, t, s = dims
+    head = math.prod(dims_of(shapes.get(ins.operands[0], ""))) / max(1, b * n * t)
+    mask = re.search(r'"mask_type":\s*"(\w+)"', ins.attributes)
+    window = re.search(r'"sliding_window_length":\s*"?(\d+)', ins.attributes)
+    reach = min(s, int(window.group(1)) if window and int(window.group(1)) > 0 else s)
+    if mask and "CAUSAL" in mask.group(1):  # query q sees min(q + 1, reach) keys
+        pairs = t * (t + 1) // 2 if reach >= t else reach * (reach + 1) // 2 + (t - reach) * reach
+    else:
+        pairs = t * reach
+    target = re.search(r'custom_call_target="([^"]*)"', ins.attributes)
+    products = 5 if target and "Backward" in target.group(1) else 2
+    return 2.0 * b * n * pairs * head * products
 
 
 def _contracted(lhs_shape: str, found: re.Match[str] | None) -> int:

@@ -23,7 +23,7 @@ from llama_jax.gpu_target import (
     cuda_plugin_requirements,
     target_config,
 )
-from llama_jax.hlo_cost import parse_module
+from llama_jax.hlo_cost import parse_module, program_items
 from llama_jax.topology import parse_topology
 
 ONE_B = ["model.compute_dtype=bfloat16", "data.seq_len=2048", "mesh.fsdp=1",
@@ -164,7 +164,8 @@ def test_sliced_head_on_a_gpu_reads_its_logits_once_and_accumulates_in_the_gemm(
     """The 1B's sliced LM head (two layers: the head is what is checked) as XLA:GPU compiles
     it for an H200. In the loop over slices, the [D, V] float32 weight-gradient sum is only
     ever written by GEMMs (the sum is their accumulation, not a pass of its own), and each
-    slice's float32 logits are read by one reduction (the paired max and sum), not two."""
+    slice's float32 logits are read by one reduction (the paired max and sum), not two. Its
+    cuDNN attention calls are costed by their matmul FLOPs."""
     result = subprocess.run(
         [sys.executable, "-c", SLICED_HEAD, *ONE_B, "model.num_layers=2",
          "train.global_batch_size=8", "model.loss_chunks=16"], capture_output=True, text=True,
@@ -185,3 +186,14 @@ def test_sliced_head_on_a_gpu_reads_its_logits_once_and_accumulates_in_the_gemm(
     reductions = [ins for ins in body if logits[0].name in ins.operands
                   and "kind=kInput" in ins.attributes]
     assert len(reductions) == 1, [ins.name for ins in reductions]
+    # The same program's cuDNN attention is priced by its FLOPs (hlo_cost): per layer two
+    # causal products forward, five backward, of 2 B N H per visible query-key pair.
+    attention = {}
+    for item in program_items(text, 1):
+        target = re.search(r'custom_call_target="(__cudnn\$fmha\w*)"', item.instruction.attributes)
+        if target:
+            attention[target.group(1)] = attention.get(target.group(1), 0.0) + (
+                item.cost.flops * item.times)
+    product = 2.0 * 8 * 32 * (2048 * 2049 // 2) * 64
+    assert attention == {"__cudnn$fmhaSoftmax": 2 * 2 * product,
+                         "__cudnn$fmhaSoftmaxBackward": 2 * 5 * product}

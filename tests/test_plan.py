@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 from conftest import CONFIGS
 from helpers import run_cli
@@ -159,6 +160,30 @@ def test_a_gather_through_element_wise_ops_reads_what_it_gathers():
     whole = jax.jit(lambda x: x.astype(jnp.float32) * 2.0).lower(x).compile()
     assert hlo_cost.program_cost(whole.as_text(), 1).bytes == _xla_cost(whole)[
         "bytes accessed"] == x.nbytes * 3
+
+
+@pytest.mark.parametrize(("mask", "window"), [("NO_MASK", 0), ("CAUSAL", 0), ("CAUSAL", 3),
+                                              ("PADDING_CAUSAL", 32)])
+@pytest.mark.parametrize("target", ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"])
+def test_cudnn_attention_is_priced_by_its_flops(mask, window, target):
+    """A cuDNN attention call (its backend config as XLA:GPU prints it) costs 2 H FLOPs per
+    query-key pair its mask leaves, per product: 2 forward, 5 backward. The pairs are counted
+    here from the mask itself, query by query."""
+    b, n, t, s, h = 2, 4, 8, 8, 16
+    config = ('{"cudnn_fmha_backend_config": {"fmha_scale": 0.25, "intermediate_tensor_shape": '
+              f'{{"element_type": "BF16", "dimensions": ["{b}", "{n}", "{t}", "{s}"], '
+              '"tuple_shapes": [], "layout": {"minor_to_major": ["3", "2", "1", "0"]}}, '
+              f'"mask_type": "{mask}", "sliding_window_length": {window}}}}}')
+    text = (f"HloModule m\n\nENTRY %main (q: bf16[{b},{t},{n},{h}]) -> bf16[{b},{n},{t},{h}] {{\n"
+            f"  %q = bf16[{b},{t},{n},{h}]{{3,2,1,0}} parameter(0)\n"
+            f"  ROOT %a = bf16[{b},{n},{t},{h}]{{3,2,1,0}} custom-call(%q, %q, %q), "
+            f'custom_call_target="{target}", backend_config={config}\n}}\n')
+    causal = np.tril(np.ones((t, s), bool))
+    visible = causal if "CAUSAL" in mask else np.ones((t, s), bool)
+    if window:
+        visible &= np.triu(np.ones((t, s), bool), -(window - 1))  # the last `window` keys
+    products = 5 if "Backward" in target else 2
+    assert hlo_cost.program_cost(text, 1).flops == 2 * b * n * h * visible.sum() * products
 
 
 def test_nested_fusions_index_comments_and_on_chip_memory():
