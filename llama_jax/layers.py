@@ -9,6 +9,7 @@ alone maps those names to a mesh.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.struct
 import jax
@@ -43,21 +44,35 @@ def dtype_of(name: str) -> jnp.dtype:
 #   logical_axes  the dimensions' logical names (sharding.py maps them to the mesh)
 #   decay         whether weight decay applies (optim.decay_mask)
 #   embedding     a token/position table or the LM head (flops.count_params)
+#   compute_cast  the model reads it only cast to the compute dtype (weights, projection
+#                 biases; not the norms' float32 scale and bias), so the train step may cast
+#                 it once (compute_cast_mask)
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float,
           dtype: jnp.dtype, decay: bool = True, embedding: bool = False) -> nnx.Param:
     """A normal(0, std) weight."""
     value = (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
-    return nnx.Param(value, logical_axes=names, decay=decay, embedding=embedding)
+    return nnx.Param(value, logical_axes=names, decay=decay, embedding=embedding,
+                     compute_cast=True)
 
 
-def bias(shape: tuple[int, ...], names: tuple[str, ...], dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=names, decay=False, embedding=False)
+def bias(shape: tuple[int, ...], names: tuple[str, ...], dtype: jnp.dtype,
+         compute_cast: bool = True) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=names, decay=False, embedding=False,
+                     compute_cast=compute_cast)
 
 
 def ones_param(shape: tuple[int, ...], names: tuple[str, ...], dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, dtype), logical_axes=names, decay=False, embedding=False)
+    return nnx.Param(jnp.ones(shape, dtype), logical_axes=names, decay=False, embedding=False,
+                     compute_cast=False)
+
+
+def compute_cast_mask(state: nnx.State) -> Any:
+    """True where a parameter is only read cast to the compute dtype (its `compute_cast`
+    metadata), as a pure-dict tree shaped like the train state's parameters."""
+    return nnx.to_pure_dict(nnx.map_state(
+        lambda _, v: v.replace(value=bool(v.get_metadata().get("compute_cast", False))), state))
 
 
 class Norm(nnx.Module):
@@ -70,7 +85,7 @@ class Norm(nnx.Module):
         self.out_dtype = dtype_of(cfg.compute_dtype)
         self.scale = ones_param((cfg.hidden_size,), ("norm",), pdtype)
         d, is_layernorm = cfg.hidden_size, cfg.norm == "layernorm"
-        self.bias = bias((d,), ("norm",), pdtype) if is_layernorm else None
+        self.bias = bias((d,), ("norm",), pdtype, compute_cast=False) if is_layernorm else None
 
     def __call__(self, x_BxTxD: Array) -> Array:
         x = x_BxTxD.astype(F32)

@@ -27,6 +27,7 @@ from llama_jax.config import Config
 from llama_jax.data.batch import BATCH_KEYS
 from llama_jax.data.feed import source_kind
 from llama_jax.errors import ConfigError
+from llama_jax.layers import compute_cast_mask
 from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
 from llama_jax.model import OFFLOAD_POLICIES, Transformer, fp8_projections
 from llama_jax.ops import HeadProduct
@@ -51,6 +52,7 @@ class Setup:
     tx: optax.GradientTransformation
     state_shardings: PyTree
     abstract_state: PyTree
+    compute_cast: PyTree  # per parameter: read only in the compute dtype (layers.compute_cast_mask)
 
     @property
     def rules(self) -> dict[str, list[str]]:
@@ -86,7 +88,8 @@ def make_setup(cfg: Config, mesh: Mesh | None = None) -> Setup:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
     warn_replicated(cfg, abstract_vars, mesh)
-    return Setup(cfg, mesh, graphdef, tx, shardings, abstract_state)
+    return Setup(cfg, mesh, graphdef, tx, shardings, abstract_state,
+                 compute_cast_mask(abstract_vars))
 
 
 def warn_replicated(cfg: Config, abstract_vars: PyTree, mesh: Mesh) -> None:
@@ -227,24 +230,36 @@ def gradients(setup: Setup, params: PyTree, batch: Batch, loss_scale: jax.Array 
 
     With delayed fp8 `scales`, the amaxes the step observed come back as `fp8_amax` (the
     scales' "gradient", fp8.py), the largest over the microbatches.
+
+    The weights are cast to the compute dtype once, before the forward, and differentiated
+    there; each gradient is cast back to its parameter's dtype (what the cast's own transpose
+    did: the same numbers). Why: cast inside the layers, a remat policy cast every weight
+    again in the backward and each microbatch cast them twice more (4.4 GB of float32 reads
+    per pass for the 1B), and FSDP gathered float32 weights; cast here, the compute-dtype
+    copies (sharded as the weights are) are what the layers gather and the backward keeps.
     """
     k = setup.cfg.train.microbatches
     tokens = jnp.maximum(batch["weights"].sum(), 1.0)
     seed = (loss_scale / tokens).astype(jnp.float32)
+    compute = jnp.dtype(setup.cfg.model.compute_dtype)
+    cast = jax.tree.map(lambda p, c: p.astype(compute) if c else p, params, setup.compute_cast)
 
     def scaled(p: PyTree, s: fp8.LayerScales | None, b: Batch) -> tuple[jax.Array, dict]:
         total, aux = _forward_sums(setup, p, b, s)
         return total * seed, {**aux, "total": total}
 
-    grad_fn = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)
+    def grad_fn(s: fp8.LayerScales | None, b: Batch) -> tuple[tuple, tuple[PyTree, PyTree]]:
+        out, (g, amax) = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)(cast, s, b)
+        return out, (jax.tree.map(lambda g, p: g.astype(p.dtype), g, params), amax)
+
     with sharding.activation_sharding(setup.mesh, setup.rules):
         if k == 1:
-            (_, aux), (grads, amax) = grad_fn(params, scales, batch)
+            (_, aux), (grads, amax) = grad_fn(scales, batch)
         else:
             def micro(carry: tuple, mb: Batch) -> tuple[tuple, None]:
                 g_acc, amax_acc, aux_acc = carry
                 mb = {key: sharding.constrain(x, ("batch", "length")) for key, x in mb.items()}
-                (_, aux), (g, amax) = grad_fn(params, scales, mb)
+                (_, aux), (g, amax) = grad_fn(scales, mb)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.maximum, amax_acc, amax),
                         jax.tree.map(jnp.add, aux_acc, aux)), None
 
