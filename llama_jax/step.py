@@ -235,8 +235,8 @@ def gradients(setup: Setup, params: PyTree, batch: Batch, loss_scale: jax.Array 
     there; each gradient is cast back to its parameter's dtype (what the cast's own transpose
     did: the same numbers). Why: cast inside the layers, a remat policy cast every weight
     again in the backward and each microbatch cast them twice more (4.4 GB of float32 reads
-    per pass for the 1B), and FSDP gathered float32 weights; cast here, the compute-dtype
-    copies (sharded as the weights are) are what the layers gather and the backward keeps.
+    per pass for the 1B); cast here, the compute-dtype copies (sharded as the weights are)
+    are what the layers gather and the backward keeps.
     """
     k = setup.cfg.train.microbatches
     tokens = jnp.maximum(batch["weights"].sum(), 1.0)
