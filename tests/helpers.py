@@ -17,14 +17,21 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
-def metrics_rows(run_dir) -> list[dict]:
-    """metrics.jsonl's rows of steps and evaluations (not the sessions' goodput accounts)."""
+def jsonl_rows(run_dir) -> list[dict]:
+    """Every complete row of a run's metrics.jsonl. A run that is still writing may have a
+    last line half written when it is read (a read does not wait for a write to finish):
+    only lines that end in a newline are rows yet."""
     import json
 
     from etils import epath
 
-    lines = epath.Path(run_dir, "metrics.jsonl").read_text().splitlines()
-    return [row for row in map(json.loads, lines) if row.get("kind") != "goodput"]
+    *complete, _ = epath.Path(run_dir, "metrics.jsonl").read_text().split("\n")
+    return [json.loads(line) for line in complete if line]
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    """metrics.jsonl's rows of steps and evaluations (not the sessions' goodput accounts)."""
+    return [row for row in jsonl_rows(run_dir) if row.get("kind") != "goodput"]
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,

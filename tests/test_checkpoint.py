@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import CONFIGS, ROOT
-from helpers import run_cli
+from helpers import jsonl_rows, run_cli
 
 from llama_jax.checkpoint import Checkpointer
 from llama_jax.config import load_config
@@ -32,8 +32,7 @@ def text_run(run_dir, cache_dir, *extra):
 
 
 def losses(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "grad_norm" in r}
+    return {r["step"]: r["loss"] for r in jsonl_rows(run_dir) if "grad_norm" in r}
 
 
 def final_params(run_dir, step):
@@ -45,8 +44,8 @@ def final_params(run_dir, step):
 
 
 def scales(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss_scale"], r["skipped_steps"]) for r in rows if "grad_norm" in r}
+    return {r["step"]: (r["loss_scale"], r["skipped_steps"])
+            for r in jsonl_rows(run_dir) if "grad_norm" in r}
 
 
 # float16 with a scale that overflows and grows within the run: the loss scale, its counters

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, metrics_rows, run_cli
+from helpers import ROOT, jsonl_rows, metrics_rows, run_cli
 
 from llama_jax import goodput
 from llama_jax.compile_cache import KEPT_PREFIX, step_key
@@ -198,8 +198,7 @@ def test_an_empty_cache_setting_turns_the_cache_off(tmp_path):
 
 
 def _accounts(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if goodput.is_goodput(r)]
+    return [r for r in jsonl_rows(run_dir) if goodput.is_goodput(r)]
 
 
 def test_goodput_counts_steps_computed_again_after_a_kill(tmp_path):
