@@ -382,6 +382,14 @@ _ELEMENTWISE = {
 }
 
 
+def _output_names(body: list[Instruction]) -> list[str]:
+    """A fused computation's results: its root, or the root tuple's elements."""
+    root = next((ins for ins in reversed(body) if ins.root), body[-1] if body else None)
+    if root is None:
+        return []
+    return list(root.operands) if root.op == "tuple" else [root.name]
+
+
 class Traffic:
     """Bytes an instruction outside fusions reads and writes in memory. As XLA's own analysis
     does, a slice reads only the part it takes and an update in place writes only the update:
@@ -429,8 +437,7 @@ class Traffic:
             in_place = set(self._in_place(body))
 
             shapes = {ins.name: ins.shape for ins in body}
-            root = next((ins for ins in reversed(body) if ins.root), body[-1] if body else None)
-            outputs = {root.name, *(root.operands if root.op == "tuple" else ())} if root else set()
+            outputs = set(_output_names(body))
 
             def read(value: str) -> float | None:
                 """Bytes read of `value`, None where whole (the fusion's outputs are)."""
@@ -467,9 +474,7 @@ class Traffic:
         dynamic-update-slice, seen through bitcasts: the buffer they update is their operand's,
         so only the update is written."""
         by_name = {ins.name: ins for ins in body}
-        root = next((ins for ins in reversed(body) if ins.root), body[-1] if body else None)
-        outputs = ([by_name.get(o) for o in root.operands] if root and root.op == "tuple"
-                   else [root])
+        outputs = [by_name.get(name) for name in _output_names(body)]
         found = {}
         for output in outputs:
             update = output

@@ -46,7 +46,7 @@ def dtype_of(name: str) -> jnp.dtype:
 #   embedding     a token/position table or the LM head (flops.count_params)
 #   compute_cast  the model reads it only cast to the compute dtype (weights, projection
 #                 biases; not the norms' float32 scale and bias), so the train step may cast
-#                 it once (compute_cast_mask)
+#                 it once (step.gradients)
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float,
@@ -68,11 +68,11 @@ def ones_param(shape: tuple[int, ...], names: tuple[str, ...], dtype: jnp.dtype)
                      compute_cast=False)
 
 
-def compute_cast_mask(state: nnx.State) -> Any:
-    """True where a parameter is only read cast to the compute dtype (its `compute_cast`
-    metadata), as a pure-dict tree shaped like the train state's parameters."""
+def metadata_mask(state: nnx.State, key: str, default: bool) -> Any:
+    """Each parameter's `key` metadata (`default` where it has none) as a pure-dict tree of
+    bools shaped like the train state's parameters."""
     return nnx.to_pure_dict(nnx.map_state(
-        lambda _, v: v.replace(value=bool(v.get_metadata().get("compute_cast", False))), state))
+        lambda _, v: v.replace(value=bool(v.get_metadata().get(key, default))), state))
 
 
 class Norm(nnx.Module):

@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from llama_jax.config import OptimizerConfig
+from llama_jax.layers import metadata_mask
 
 
 def lr_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -42,8 +43,7 @@ def decay_mask(state: nnx.State) -> Any:
     """True where weight decay applies, as each parameter's `decay` metadata says (norms,
     biases and embedding tables are made with decay=False, layers.py), as a pure-dict tree
     shaped like the train state's parameters."""
-    return nnx.to_pure_dict(nnx.map_state(
-        lambda _, v: v.replace(value=bool(v.get_metadata().get("decay", True))), state))
+    return metadata_mask(state, "decay", True)
 
 
 def make_optimizer(opt: OptimizerConfig, total_steps: int, decay: Any

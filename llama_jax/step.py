@@ -27,7 +27,7 @@ from llama_jax.config import Config
 from llama_jax.data.batch import BATCH_KEYS
 from llama_jax.data.feed import source_kind
 from llama_jax.errors import ConfigError
-from llama_jax.layers import compute_cast_mask
+from llama_jax.layers import metadata_mask
 from llama_jax.loss import auto_chunks, chunked_head_loss_sums, head_loss_sums, loss_sums
 from llama_jax.model import OFFLOAD_POLICIES, Transformer, fp8_projections
 from llama_jax.ops import HeadProduct
@@ -52,7 +52,7 @@ class Setup:
     tx: optax.GradientTransformation
     state_shardings: PyTree
     abstract_state: PyTree
-    compute_cast: PyTree  # per parameter: read only in the compute dtype (layers.compute_cast_mask)
+    compute_cast: PyTree  # per parameter: read only in the compute dtype (its metadata)
 
     @property
     def rules(self) -> dict[str, list[str]]:
@@ -89,7 +89,7 @@ def make_setup(cfg: Config, mesh: Mesh | None = None) -> Setup:
     )
     warn_replicated(cfg, abstract_vars, mesh)
     return Setup(cfg, mesh, graphdef, tx, shardings, abstract_state,
-                 compute_cast_mask(abstract_vars))
+                 metadata_mask(abstract_vars, "compute_cast", False))
 
 
 def warn_replicated(cfg: Config, abstract_vars: PyTree, mesh: Mesh) -> None:

@@ -4,6 +4,7 @@ options."""
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,11 +36,8 @@ def _casts_to_bf16(jaxpr, shape: tuple[int, ...]) -> int:
         if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == jnp.bfloat16:
             aval = eqn.invars[0].aval
             count += aval.dtype == jnp.float32 and tuple(aval.shape) == shape
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, list | tuple) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    count += _casts_to_bf16(inner, shape)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _casts_to_bf16(sub, shape)
     return count
 
 
