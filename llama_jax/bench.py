@@ -118,6 +118,7 @@ def predicted_figures(devices: list[jax.Device], hlo_text: str,
     cost = hlo_cost.program_cost(hlo_text, len(devices), [_network_unit(d) for d in devices],
                                  on_chip_space=1 if devices[0].platform == "tpu" else None)
     out: dict[str, Any] = {"hlo_flops_per_device": cost.flops,
+                           "hlo_fp8_flops_per_device": cost.fp8_flops,
                            "model_flops_per_device": model_flops,
                            "hlo_bytes_per_device": cost.bytes,
                            "ici_bytes_per_device": cost.ici_bytes,

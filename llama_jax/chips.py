@@ -9,8 +9,8 @@ simulated devices share one host: its peak and memory bandwidth are measured on 
 Sources: Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e:
 peak bf16, HBM, HBM bandwidth, DCN); the JAX scaling book ("How to think about TPUs",
 jax-ml.github.io/scaling-book: ICI bandwidth per link); NVIDIA's H100/H200/A100 datasheets
-(dense bf16 without sparsity, HBM, memory bandwidth, NVLink), 400 Gb/s InfiniBand per GPU as
-the GPU's DCN.
+(dense bf16 and fp8 without sparsity, HBM, memory bandwidth, NVLink), 400 Gb/s InfiniBand per
+GPU as the GPU's DCN.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ class Chip:
     ici_bytes_per_s: float  # one device, one mesh axis (see the module docstring)
     dcn_bytes_per_s: float  # one device, between slices or nodes
     source: str
+    # Dense FP8 FLOP/s where the chip multiplies fp8 in hardware; None where XLA upcasts an
+    # fp8 matmul's operands and it runs at the bf16 rate.
+    fp8_peak_flops: float | None = None
 
 
 CHIPS: tuple[Chip, ...] = (
@@ -45,9 +48,11 @@ CHIPS: tuple[Chip, ...] = (
          "Cloud TPU v6e page: 918 TFLOP/s, 32 GiB, 1,640 GB/s; scaling book: ICI 9e10 B/s per "
          "link one way"),
     Chip("h100", ("h100", "gh200"), 989e12, 80 * 10**9, 3.35e12, 4.5e11, 5e10,
-         "NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 dense, 80 GB, 3.35 TB/s, NVLink 900 GB/s"),
+         "NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 dense, 1,979 fp8 dense, 80 GB, 3.35 TB/s, "
+         "NVLink 900 GB/s", 1979e12),
     Chip("h200", ("h200",), 989e12, 141 * 10**9, 4.8e12, 4.5e11, 5e10,
-         "NVIDIA H200 SXM datasheet: 989 TFLOP/s bf16 dense, 141 GB, 4.8 TB/s, NVLink 900 GB/s"),
+         "NVIDIA H200 SXM datasheet: 989 TFLOP/s bf16 dense, 1,979 fp8 dense, 141 GB, 4.8 TB/s, "
+         "NVLink 900 GB/s", 1979e12),
     Chip("a100", ("a100",), 312e12, 80 * 10**9, 2.039e12, 3e11, 2.5e10,
          "NVIDIA A100 SXM 80GB datasheet: 312 TFLOP/s bf16, 2,039 GB/s, NVLink 600 GB/s; "
          "200 Gb/s InfiniBand"),

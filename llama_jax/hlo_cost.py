@@ -73,15 +73,19 @@ class Cost:
     dcn_bytes: float = 0.0
     collectives: dict[str, float] = field(default_factory=dict)  # kind -> bytes sent
     collective_ops: float = 0.0  # collectives run
+    fp8_flops: float = 0.0  # of `flops`, those of matmuls with an fp8 operand
     # Kernels (instructions outside fusions, each fusion one) by the size classes of their
-    # FLOPs and bytes, `"flops_class:bytes_class" -> [FLOPs, bytes, kernels run]`: what a
-    # roofline applied per kernel needs, in a form that JSON keeps. Kernels share a bin only
-    # where both their FLOPs and their bytes are alike, so the bin's max(compute, memory) is
-    # close to the sum of its kernels' own.
+    # FLOPs and bytes, `"flops_class:bytes_class" -> [FLOPs, bytes, kernels run, fp8 FLOPs]`
+    # (`":f8"` after the classes where the kernel multiplies in fp8, which a chip with fp8
+    # units runs at twice the rate): what a roofline applied per kernel needs, in a form that
+    # JSON keeps. Kernels share a bin only where both their FLOPs and their bytes are alike
+    # (and their matmuls' precision), so the bin's max(compute, memory) is close to the sum
+    # of its kernels' own.
     kernels: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, other: Cost, times: float = 1.0) -> None:
         self.flops += other.flops * times
+        self.fp8_flops += other.fp8_flops * times
         self.bytes += other.bytes * times
         self.ici_bytes += other.ici_bytes * times
         self.dcn_bytes += other.dcn_bytes * times
@@ -355,6 +359,13 @@ def _is_matmul(ins: Instruction) -> bool:
         r'custom_call_target="[^"]*(gemm|matmul)', ins.attributes, re.IGNORECASE)))
 
 
+def _is_fp8_matmul(ins: Instruction, shapes: dict[str, str]) -> bool:
+    """A matmul that multiplies fp8 operands (a dot whose operands XLA upcast first reads
+    bf16 ones and is not)."""
+    return _is_matmul(ins) and any(shapes.get(o, "").startswith(("f8e4m3", "f8e5m2"))
+                                   for o in ins.operands)
+
+
 def fp8_matmuls(text: str) -> int:
     """Matmuls of the program text (XLA dots, fused ones included, or library GEMM calls)
     with an fp8 operand: where model.quantization=fp8 really reached the kernels. Each
@@ -362,8 +373,7 @@ def fp8_matmuls(text: str) -> int:
     count = 0
     for instructions in parse_module(text)[0].values():
         shapes = {ins.name: ins.shape for ins in instructions}
-        count += sum(1 for ins in instructions if _is_matmul(ins) and any(
-            shapes.get(o, "").startswith(("f8e4m3", "f8e5m2")) for o in ins.operands))
+        count += sum(1 for ins in instructions if _is_fp8_matmul(ins, shapes))
     return count
 
 
@@ -553,12 +563,19 @@ def program_items(text: str, devices: int, slice_of: Sequence[int] | None = None
     computations, entry = parse_module(text)
     traffic = Traffic(computations, functools.partial(shape_bytes, skip_space=on_chip_space))
 
+    def flops_of(ins: Instruction, shapes: dict[str, str]) -> tuple[float, float]:
+        """An instruction's matmul FLOPs and, of them, those multiplied in fp8."""
+        found = _dot_flops(ins, shapes)
+        return found, found if _is_fp8_matmul(ins, shapes) else 0.0
+
     @functools.cache
-    def fused_flops(name: str) -> float:
+    def fused_flops(name: str) -> tuple[float, float]:
         instructions = computations.get(name, [])
         shapes = {ins.name: ins.shape for ins in instructions}
-        return sum(_dot_flops(ins, shapes) + sum(fused_flops(c) for c in _CALLEE.findall(
-            ins.attributes) if ins.op not in _COMBINING) for ins in instructions)
+        found = [flops_of(ins, shapes) for ins in instructions] + [
+            fused_flops(c) for ins in instructions for c in _CALLEE.findall(ins.attributes)
+            if ins.op not in _COMBINING]
+        return sum(f for f, _ in found), sum(f8 for _, f8 in found)
 
     def own_cost(ins: Instruction, shapes: dict[str, str]) -> Cost | None:
         kind = ins.op.removesuffix("-start")
@@ -572,10 +589,11 @@ def program_items(text: str, devices: int, slice_of: Sequence[int] | None = None
         if ins.op in _NO_TRAFFIC or ins.op.endswith("-done"):
             return None
         callee = _CALLEE.search(ins.attributes) if ins.op == "fusion" else None
-        flops = fused_flops(callee.group(1)) if callee else _dot_flops(ins, shapes)
+        flops, fp8 = fused_flops(callee.group(1)) if callee else flops_of(ins, shapes)
         moved = traffic.of(ins, shapes)
-        return Cost(flops=flops, bytes=moved,
-                    kernels={f"{size_class(flops)}:{size_class(moved)}": [flops, moved, 1.0]})
+        key = f"{size_class(flops)}:{size_class(moved)}" + (":f8" if fp8 else "")
+        return Cost(flops=flops, fp8_flops=fp8, bytes=moved,
+                    kernels={key: [flops, moved, 1.0, fp8]})
 
     @functools.cache
     def own_items(name: str) -> tuple[list[LineItem], list[tuple[str, float]]]:

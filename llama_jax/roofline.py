@@ -43,16 +43,25 @@ class Roofline:
     source: str
     memory_rates: Rates = ()  # by bytes per kernel; none: memory_bytes_per_s
     collective_latency_s: float = 0.0  # per collective, beyond its bytes (CPU: measured)
+    fp8_peak_flops: float = 0.0  # 0: fp8 matmuls run at `peak_flops` (no fp8 units)
+
+    def compute_seconds(self, flops: float, fp8_flops: float = 0.0) -> float:
+        """Matmul FLOPs at peak, `fp8_flops` of them at the fp8 peak: priced at the bf16 one,
+        an fp8 step looked slower than bf16 by its scaling passes alone."""
+        return (flops - fp8_flops) / self.peak_flops \
+            + fp8_flops / (self.fp8_peak_flops or self.peak_flops)
 
     def kernel_seconds(self, kernels: Mapping[str, Sequence[float]]) -> float:
         """The roofline per kernel, summed: kernels run one after another, each bound by its
         matmul work or its memory traffic, whichever is slower (memory at its size's rate).
-        `kernels`: `hlo_cost.Cost.kernels`, `"flops_class:bytes_class" -> [FLOPs, bytes,
-        kernels run]`."""
+        `kernels`: `hlo_cost.Cost.kernels`, `"flops_class:bytes_class[:f8]" -> [FLOPs, bytes,
+        kernels run, fp8 FLOPs]`."""
         total = 0.0
-        for key, (flops, moved, _) in kernels.items():
+        for key, amounts in kernels.items():
+            flops, moved = amounts[0], amounts[1]
+            fp8 = amounts[3] if len(amounts) > 3 else 0.0
             bytes_class = float(key.split(":")[1])
-            total += max(flops / self.peak_flops,
+            total += max(self.compute_seconds(flops, fp8),
                          moved / _rate(self.memory_rates, bytes_class, self.memory_bytes_per_s))
         return total
 
@@ -62,8 +71,11 @@ class Roofline:
         than assumed hidden: an XLA step waits for its gradient reductions and weight gathers
         in large part, and a pessimistic collective term ranks layouts that avoid them
         first."""
+        model = figures.get("model_flops_per_device") or 0.0
+        fp8_share = (figures.get("hlo_fp8_flops_per_device") or 0.0) \
+            / max(figures.get("hlo_flops_per_device") or 0.0, 1.0)
         kernels = max(self.kernel_seconds(figures.get("hlo_kernels") or {}),
-                      (figures.get("model_flops_per_device") or 0.0) / self.peak_flops)
+                      self.compute_seconds(model, model * fp8_share))
         return (kernels
                 + figures.get("ici_bytes_per_device", 0.0) / self.ici_bytes_per_s
                 + figures.get("dcn_bytes_per_device", 0.0) / self.dcn_bytes_per_s
@@ -85,7 +97,8 @@ class Roofline:
             max(self.ici_bytes_per_s, other.ici_bytes_per_s),
             max(self.dcn_bytes_per_s, other.dcn_bytes_per_s), self.source + " (best of two)",
             tuple(sorted(rates.items())),
-            min(self.collective_latency_s, other.collective_latency_s))
+            min(self.collective_latency_s, other.collective_latency_s),
+            max(self.fp8_peak_flops, other.fp8_peak_flops))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,7 +118,8 @@ def _rate(rates: Rates, size: float, default: float) -> float:
 
 def of_chip(chip: Chip) -> Roofline:
     return Roofline(chip.peak_flops, chip.hbm_bytes_per_s, chip.ici_bytes_per_s,
-                    chip.dcn_bytes_per_s, f"{chip.name}: {chip.source}")
+                    chip.dcn_bytes_per_s, f"{chip.name}: {chip.source}",
+                    fp8_peak_flops=chip.fp8_peak_flops or 0.0)
 
 
 def chip_roofline(device_kind: str) -> Roofline | None:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GPU benchmark in one command of at most 8 minutes: the train step on Llama 3.2 1B shapes
 # (fp32 params, bf16 compute, seq 2048, AdamW, one GPU, cuDNN attention): the best bf16
-# settings, fp8 (batch 24) and transformers + torch.compile on the same card (batch 16, in
-# as few accumulated microbatches as fit: on an 80 GB H100 the whole batch may not),
-# then two delayed-scaling fp8 recipes as the time left allows (GPU_BENCH_BUDGET_S, 460 s by
+# settings, fp8 (batch 24, delayed scaling with the LM head in fp8) and transformers +
+# torch.compile on the same card (batch 16, in as few accumulated microbatches as fit: on an
+# 80 GB H100 the whole batch may not), then two more fp8 recipes (current scaling, delayed
+# without the head) as the time left allows (GPU_BENCH_BUDGET_S, 460 s by
 # default: a variant gets what is left, one that cannot start is skipped with a note); one
 # JSON line per variant in OUT_DIR/gpu_bench.jsonl, every variant's output in
 # OUT_DIR/variants.log (one file: the device tool brings few back), and a side-by-side table
-# with ratios last. The bf16 best and fp8
+# with ratios last, and each row's step against the roofline of its compiled program
+# (`predicted_step_s`, priced by the chip table). The bf16 best and first fp8
 # rows also trace 2 more steps (`bench --profile`): their kernel time by kind goes in the
 # row and the table, their trace to OUT_DIR/<variant>.trace.json.gz (`llama-jax kernels`).
 #   usage: scripts/gpu_bench.sh [OUT_DIR]
@@ -24,7 +26,7 @@
 # GPU_BENCH_PACKED=1 to add packed rows after the bf16 best: the same step on synthetic
 # documents through cuDNN's packed layout and through the XLA blocks (the A/B of
 # model.max_segments_per_row); the budget is then 570 s (one 10-minute device call holds
-# the whole benchmark, fp8 and the peer next, the delayed recipes as time allows).
+# the whole benchmark, fp8 and the peer next, the other fp8 recipes as time allows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp}}"
@@ -144,13 +146,16 @@ if [ "${GPU_BENCH_PACKED:-0}" = 1 ]; then
     model.max_segments_per_row=0
 fi
 if [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
-# fp8 scanned: unrolled, its compile took over 2 minutes on the H200. Current scaling with
-# E4M3 gradients (the default recipe; E5M2 measured 1.17x on 2026-11-28), then the peer; then,
-# as the budget allows, delayed scaling with the LM head in fp8 too, and delayed scaling alone
-# (casts that need no reduction first; the head is a fifth of the 1B's FLOPs). A delayed run
-# compiles twice (its first batch is measured with current scaling), hence the longer limit;
-# fp8's own compile took 60-70 s on the H200, close to the default 110 s with start-up.
-LIMIT=150 PROFILE=1 run fp8 "" model.remat=projections_and_attention model.quantization=fp8 \
+# fp8 scanned: unrolled, its compile took over 2 minutes on the H200. First the recipe the
+# roofline puts fastest (docs/performance.md, session 20: 1.40x the bf16 best's roofline):
+# delayed scaling (casts that need no reduction first) with the LM head in fp8 too (a fifth
+# of the 1B's FLOPs); then the peer; then, as the budget allows, current scaling with E4M3
+# gradients (the default recipe, 1.22x; E5M2 measured 1.17x on 2026-11-28) and delayed
+# scaling alone (1.29x). A delayed run compiles twice (its first batch is measured with
+# current scaling), hence the longer limit; fp8's own compile took 60-70 s on the H200, close
+# to the default 110 s with start-up.
+LIMIT=200 PROFILE=1 run fp8-delayed-head "" model.remat=projections_and_attention \
+  model.quantization=fp8 model.fp8_scaling=delayed model.fp8_head=true \
   train.global_batch_size=$big $logits
 
 # The peer: transformers' LlamaForCausalLM, bf16 autocast, SDPA, fused AdamW, torch.compile.
@@ -165,8 +170,7 @@ elif [ "${GPU_BENCH_QUICK:-0}" != 1 ] && $PY -c "import torch, transformers; ass
 else
   echo "== transformers + torch.compile: skipped (torch with CUDA and transformers do not import)"
 fi
-LIMIT=200 run fp8-delayed-head "" model.remat=projections_and_attention \
-  model.quantization=fp8 model.fp8_scaling=delayed model.fp8_head=true \
+LIMIT=150 run fp8 "" model.remat=projections_and_attention model.quantization=fp8 \
   train.global_batch_size=$big $logits
 LIMIT=200 run fp8-delayed "" model.remat=projections_and_attention model.quantization=fp8 \
   model.fp8_scaling=delayed train.global_batch_size=$big $logits
@@ -181,13 +185,18 @@ first = rows[0]["tokens_per_sec"]
 peer = next((r["tokens_per_sec"] for r in rows if "torch" in r["variant"]), None)
 width = max(28, *(len(r["variant"]) for r in rows))
 print(f"\n{'variant':{width}} {'tokens/s':>10} {'step ms':>8} {'MFU':>6} {'vs first':>8} "
-      f"{'vs torch':>8} {'loss':>7} {'peak GiB':>8} {'fp8 dots':>8}")
+      f"{'vs torch':>8} {'loss':>7} {'peak GiB':>8} {'fp8 dots':>8} {'roof ms':>8} "
+      f"{'of roof':>7}")
 for r in rows:
+    # the roofline of the row's own program over its measured step: how much of what the
+    # chip table's peaks allow it reached (none on CPU devices: their rates are measured)
+    roof = r.get("predicted_step_s")
     print(f"{r['variant']:{width}} {r['tokens_per_sec']:>10,.0f} {r['step_time_s'] * 1e3:>8.1f} "
           f"{r['mfu']:>6.1%} {r['tokens_per_sec'] / first:>7.3f}x "
           f"{(r['tokens_per_sec'] / peer if peer else float('nan')):>7.3f}x "
           f"{r.get('loss', float('nan')):>7.3f} {r.get('device_peak_gib', float('nan')):>8.1f}"
-          f" {r.get('fp8_matmuls', ''):>8}")
+          f" {r.get('fp8_matmuls', ''):>8} {roof * 1e3 if roof else float('nan'):>8.1f}"
+          f" {roof / r['step_time_s'] if roof else float('nan'):>7.1%}")
 profiled = [r for r in rows if "kernel_ms_by_kind" in r]
 if profiled:  # where the device time of the traced steps went (bench --profile)
     kinds = sorted({k for r in profiled for k in r["kernel_ms_by_kind"]},

@@ -273,7 +273,67 @@ ENTRY %main (a: f32[8,4], b: f32[4,16]) -> f32[8,16] {
     cost = hlo_cost.program_cost(text, 1)
     matmul, moved = 2 * 8 * 16 * 4, 4 * (8 * 4 + 4 * 16 + 8 * 16)
     key = f"{hlo_cost.size_class(matmul)}:{hlo_cost.size_class(moved)}"
-    assert cost.kernels == {key: [matmul, moved, 1.0], "1:1024": [0.0, 2 * 4 * 8 * 16, 1.0]}
+    assert cost.kernels == {key: [matmul, moved, 1.0, 0.0],
+                            "1:1024": [0.0, 2 * 4 * 8 * 16, 1.0, 0.0]}
+
+
+def test_fp8_matmuls_are_priced_at_the_fp8_peak():
+    """A GEMM with fp8 operands (cuBLASLt's fp8 call, or a dot fused with its scaling) runs at
+    the chip's fp8 peak, twice the bf16 one on an H100/H200; a dot whose fp8 operands XLA
+    upcast first is a bf16 one. In their own bins, so one bin's max(compute, memory) never
+    mixes the two rates."""
+    text = """HloModule m
+
+%scaled (a.0: f8e4m3fn[512,1024], b.0: f8e4m3fn[1024,2048], s.0: f32[]) -> bf16[512,2048] {
+  %a.0 = f8e4m3fn[512,1024]{1,0} parameter(0)
+  %b.0 = f8e4m3fn[1024,2048]{1,0} parameter(1)
+  %s.0 = f32[] parameter(2)
+  %d = f32[512,2048]{1,0} dot(%a.0, %b.0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %s.1 = f32[512,2048]{1,0} broadcast(%s.0), dimensions={}
+  %m = f32[512,2048]{1,0} multiply(%d, %s.1)
+  ROOT %c = bf16[512,2048]{1,0} convert(%m)
+}
+
+%upcast (a.1: f8e4m3fn[512,1024], b.1: bf16[1024,2048]) -> bf16[512,2048] {
+  %a.1 = f8e4m3fn[512,1024]{1,0} parameter(0)
+  %b.1 = bf16[1024,2048]{1,0} parameter(1)
+  %u = bf16[512,1024]{1,0} convert(%a.1)
+  ROOT %e = bf16[512,2048]{1,0} dot(%u, %b.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f8e4m3fn[512,1024], b: f8e4m3fn[1024,2048], s: f32[], w: bf16[]) -> bf16[] {
+  %a = f8e4m3fn[512,1024]{1,0} parameter(0)
+  %b = f8e4m3fn[1024,2048]{1,0} parameter(1)
+  %s = f32[] parameter(2)
+  %w = bf16[1024,2048]{1,0} parameter(3)
+  %g = bf16[512,2048]{1,0} custom-call(%a, %b), custom_call_target="__cublas$lt$matmul$f8", \
+backend_config={"gemm_backend_config":{"dot_dimension_numbers":{\
+"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %f = bf16[512,2048]{1,0} fusion(%a, %b, %s), kind=kCustom, calls=%scaled
+  %x = bf16[512,2048]{1,0} fusion(%a, %w), kind=kCustom, calls=%upcast
+  %y = bf16[512,2048]{1,0} add(%g, %f)
+  ROOT %z = bf16[512,2048]{1,0} add(%y, %x)
+}
+"""
+    assert hlo_cost.fp8_matmuls(text) == 2  # the call and the scaled dot, not the upcast one
+    cost = hlo_cost.program_cost(text, 1)
+    product = 2.0 * 512 * 2048 * 1024
+    assert (cost.flops, cost.fp8_flops) == (3 * product, 2 * product)
+    fp8_bins = {k: v for k, v in cost.kernels.items() if k.endswith(":f8")}
+    assert sum(v[0] for v in fp8_bins.values()) == sum(v[3] for v in fp8_bins.values()) \
+        == 2 * product
+    assert all(v[3] == 0 for k, v in cost.kernels.items() if not k.endswith(":f8"))
+    h200 = chip_roofline("NVIDIA H200")
+    assert h200.fp8_peak_flops == pytest.approx(2 * h200.peak_flops, rel=1e-3)  # datasheet
+    no_memory = {k: [v[0], 0.0, *v[2:]] for k, v in cost.kernels.items()}
+    expected = product / h200.peak_flops + 2 * product / h200.fp8_peak_flops
+    assert h200.kernel_seconds(no_memory) == pytest.approx(expected)
+    a100 = chip_roofline("NVIDIA A100-SXM4-80GB")  # no fp8 units: all at the bf16 peak
+    assert a100.kernel_seconds(no_memory) == pytest.approx(3 * product / a100.peak_flops)
+    # the model's FLOPs as the floor: at the same fp8 share as the program's
+    figures = {"hlo_kernels": {}, "model_flops_per_device": 3 * product,
+               "hlo_flops_per_device": cost.flops, "hlo_fp8_flops_per_device": cost.fp8_flops}
+    assert h200.step_seconds(figures) == pytest.approx(expected)
 
 
 def test_chip_table_matches_device_kinds():
