@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU benchmark in one command of at most 8 minutes: the train step on Llama 3.2 1B shapes
 # (fp32 params, bf16 compute, seq 2048, AdamW, one GPU, cuDNN attention): the best bf16
-# settings, fp8 (batch 24, delayed scaling with the LM head in fp8) and transformers +
-# torch.compile on the same card (batch 16, in as few accumulated microbatches as fit: on an
-# 80 GB H100 the whole batch may not), then two more fp8 recipes (current scaling, delayed
-# without the head) as the time left allows (GPU_BENCH_BUDGET_S, 460 s by
-# default: a variant gets what is left, one that cannot start is skipped with a note); one
+# settings, fp8 (batch 24, layers unrolled, delayed scaling with the LM head in fp8; scanned
+# if its compile does not fit) and transformers + torch.compile on the same card (batch 16,
+# in as few accumulated microbatches as fit: on an 80 GB H100 the whole batch may not), then
+# two more fp8 recipes (current scaling, delayed without the head) as the time left allows
+# (GPU_BENCH_BUDGET_S, 460 s by default: a variant gets what is left, one that cannot start
+# is skipped with a note); one
 # JSON line per variant in OUT_DIR/gpu_bench.jsonl, every variant's output in
 # OUT_DIR/variants.log (one file: the device tool brings few back), and a side-by-side table
 # with ratios last, and each row's step against the roofline of its compiled program
@@ -71,6 +72,7 @@ base+=(model.attention=$attention train.global_batch_size=$batch)
 work=$(mktemp -d)  # each variant's log and trace folder, until copied to OUT_DIR
 trap 'rm -rf "$work"' EXIT
 : > "$out/variants.log"
+last_rc=""  # the last variant's exit status (124: out of time), or "skipped"
 run() {  # name, extra XLA flags, then overrides; LIMIT=seconds overrides the limit,
          # PROFILE=1 traces 2 more steps
   local name=$1 flags=$2; shift 2
@@ -78,7 +80,7 @@ run() {  # name, extra XLA flags, then overrides; LIMIT=seconds overrides the li
   [ "${PROFILE:-0}" = 1 ] && profile=(--profile "$work/$name")
   [ "$left" -lt "$lim" ] && lim=$left
   if [ "$lim" -lt 40 ]; then
-    echo "== $name: skipped (${left}s of the ${budget}s budget left)"; return
+    echo "== $name: skipped (${left}s of the ${budget}s budget left)"; last_rc=skipped; return
   fi
   echo "== $name: ${flags:+XLA_FLAGS=$flags }$*"
   XLA_FLAGS="$(echo ${XLA_FLAGS:-} $flags)" timeout $lim $PY -m llama_jax.cli bench "${base[@]}" "$@" \
@@ -92,6 +94,7 @@ run() {  # name, extra XLA flags, then overrides; LIMIT=seconds overrides the li
     [ -n "$trace" ] && cp "$trace" "$out/$name.trace.json.gz"
   fi
   grep '^{' "$work/$name.log" | tail -n 1 | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$rows"
+  last_rc=$rc
   if [ $rc = 124 ]; then
     echo "== $name: did not finish within ${lim}s"
   elif [ $rc != 0 ]; then
@@ -146,17 +149,27 @@ if [ "${GPU_BENCH_PACKED:-0}" = 1 ]; then
     model.max_segments_per_row=0
 fi
 if [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
-# fp8 scanned: unrolled, its compile took over 2 minutes on the H200. First the recipe the
-# roofline puts fastest (docs/performance.md, session 20: 1.40x the bf16 best's roofline):
+# fp8 with the layers unrolled, as the bf16 best. First the recipe the roofline puts fastest
+# (docs/performance.md, session 20: 1.54x the bf16 best's roofline unrolled, 1.40x scanned):
 # delayed scaling (casts that need no reduction first) with the LM head in fp8 too (a fifth
 # of the 1B's FLOPs); then the peer; then, as the budget allows, current scaling with E4M3
-# gradients (the default recipe, 1.22x; E5M2 measured 1.17x on 2026-11-28) and delayed
-# scaling alone (1.29x). A delayed run compiles twice (its first batch is measured with
-# current scaling), hence the longer limit; fp8's own compile took 60-70 s on the H200, close
-# to the default 110 s with start-up.
-LIMIT=200 PROFILE=1 run fp8-delayed-head "" model.remat=projections_and_attention \
+# gradients (the default recipe; E5M2 measured 1.17x scanned on 2026-11-28) and delayed
+# scaling alone. A delayed run compiles twice (its first batch is measured with current
+# scaling), hence the longer limit. Unrolled fp8 did not finish compiling in 150 s on the
+# H200 on 2026-11-28 (older code, whose unrolled bf16 did not either; it now compiles in
+# 22-27 s, and today's unrolled fp8 step holds fewer distinct GEMM fusions for the autotuner
+# than the scanned one, 23 against 40): if the first fp8 row runs out of time, it and the
+# rows after it run scanned (fp8 scanned compiled in 60-70 s there), named "-scanned".
+unrolled=model.scan_layers=false sfx=""
+LIMIT=200 PROFILE=1 run fp8-delayed-head "" model.remat=projections_and_attention $unrolled \
   model.quantization=fp8 model.fp8_scaling=delayed model.fp8_head=true \
   train.global_batch_size=$big $logits
+if [ "$last_rc" = 124 ]; then
+  unrolled=model.scan_layers=true sfx=-scanned
+  LIMIT=200 PROFILE=1 run fp8-delayed-head$sfx "" model.remat=projections_and_attention \
+    model.quantization=fp8 model.fp8_scaling=delayed model.fp8_head=true \
+    train.global_batch_size=$big $logits
+fi
 
 # The peer: transformers' LlamaForCausalLM, bf16 autocast, SDPA, fused AdamW, torch.compile.
 left=$((budget - SECONDS)); [ "$left" -gt 240 ] && left=240
@@ -170,10 +183,10 @@ elif [ "${GPU_BENCH_QUICK:-0}" != 1 ] && $PY -c "import torch, transformers; ass
 else
   echo "== transformers + torch.compile: skipped (torch with CUDA and transformers do not import)"
 fi
-LIMIT=150 run fp8 "" model.remat=projections_and_attention model.quantization=fp8 \
-  train.global_batch_size=$big $logits
-LIMIT=200 run fp8-delayed "" model.remat=projections_and_attention model.quantization=fp8 \
-  model.fp8_scaling=delayed train.global_batch_size=$big $logits
+LIMIT=150 run fp8$sfx "" model.remat=projections_and_attention $unrolled \
+  model.quantization=fp8 train.global_batch_size=$big $logits
+LIMIT=200 run fp8-delayed$sfx "" model.remat=projections_and_attention $unrolled \
+  model.quantization=fp8 model.fp8_scaling=delayed train.global_batch_size=$big $logits
 fi  # not GPU_BENCH_LONG
 
 $PY - "$rows" <<'PYEOF'

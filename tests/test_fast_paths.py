@@ -425,6 +425,44 @@ def test_gpu_bench_script_runs(tmp_path):
     assert all(f"== {name} (exit 0)" in logged for name in rows), logged[:2000]
 
 
+def test_gpu_bench_runs_fp8_scanned_where_the_unrolled_compile_runs_out_of_time(tmp_path):
+    """The fp8 rows run with the layers unrolled; where the first one runs out of time (exit
+    124, as `timeout` reports it), it runs again scanned and so do the fp8 rows after it
+    (named "-scanned"). A stand-in Python answers each `bench` at once with a row that says
+    its settings (the unrolled fp8 one: out of time); the rest is the real interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+args=" $* "
+if [[ $args != *" llama_jax.cli bench "* ]]; then exec {sys.executable} "$@"; fi
+if [[ $args == *" model.fp8_head=true "* && $args == *" model.scan_layers=false "* ]]; then
+  exit 124
+fi
+scan=true; [[ $args == *" model.scan_layers=false "* ]] && scan=false
+fp8=none; [[ $args == *" model.quantization=fp8 "* ]] && fp8=fp8
+echo '{{"tokens_per_sec": 100.0, "step_time_s": 0.5, "mfu": 0.5, "loss": 7.0, ' \
+  '"scan": "'$scan'", "quantization": "'$fp8'"}}'
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_BENCH_QUICK": "1", "PYTHON": str(fake)}
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "gpu_bench.jsonl").open()]
+    assert [(r["variant"], r["scan"], r["quantization"]) for r in rows] == [
+        ("bf16-best", "false", "none"), ("fp8-delayed-head-scanned", "true", "fp8"),
+        ("fp8-scanned", "true", "fp8"), ("fp8-delayed-scanned", "true", "fp8")]
+    assert "== fp8-delayed-head: did not finish" in done.stdout
+    assert "fp8-delayed-head-scanned" in done.stdout[done.stdout.index("variant "):]
+
+
 def test_gpu_bench_skips_what_its_time_budget_cannot_hold(tmp_path):
     """With no time left every variant is skipped with a note, and with no row the script
     fails in one line rather than printing an empty table."""
