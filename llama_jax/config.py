@@ -119,7 +119,7 @@ class ModelConfig:
     # how attention reaches the keys of other devices when mesh.sequence splits the sequence
     context_parallel: ContextParallel = "all_gather"
     # the LM head and loss over this many slices of the positions (loss.chunked_head_loss_sums);
-    # 0: as few as keep one slice's float32 logits under 1 GiB per device; 1: one pass
+    # 0: as few as keep one slice's logits (in logits_dtype) under 1 GiB per device; 1: one pass
     loss_chunks: int = 0
     quantization: Quantization = "none"  # fp8: the block's projections (fp8.py)
     fp8_gradients: Fp8Gradients = "e4m3"  # the output gradients' format

@@ -94,14 +94,18 @@ class Scaled:
     dtype: Any = flax.struct.field(pytree_node=False)
 
 
+def current_scale(amax: Array, fp8_dtype: jnp.dtype) -> Array:
+    """The scale that puts `amax` on the format's largest finite value (1 for all zeros)."""
+    return jnp.where(amax > 0, amax / fp8_ops.get_fp8_max(fp8_dtype, F32), 1.0)
+
+
 def quantized(x: Array, fp8_dtype: jnp.dtype, scale: Array | None = None
               ) -> tuple[Scaled, Array]:
     """x in `fp8_dtype`, divided by `scale` (clipped to the format's range), or when `scale`
     is None by x's own amax over the format's largest finite value; and x's amax."""
     amax = jnp.max(jnp.abs(x)).astype(F32)
     if scale is None:
-        fp8_max = fp8_ops.get_fp8_max(fp8_dtype, F32)
-        scale = jnp.where(amax > 0, amax / fp8_max, 1.0)
+        scale = current_scale(amax, fp8_dtype)
     # Divided in float32 (inside the fused cast on a GPU): in bf16 the quotient would be
     # rounded twice, to bf16 and then to fp8.
     values = fp8_ops.quantize(x.astype(F32), fp8_dtype, scale, F32)

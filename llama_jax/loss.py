@@ -166,18 +166,20 @@ def chunked_head_loss_sums(x_BxTxD: Array, w_DxV: Array, targets_BxT: Array,
     return total, {"ce_sum": ce, "tokens": weights_BxT.sum()}
 
 
-CHUNK_LOGITS_BYTES = 1 << 30  # model.loss_chunks=0: one slice's float32 logits per device
+CHUNK_LOGITS_BYTES = 1 << 30  # model.loss_chunks=0: one slice's logits per device
 
 
 def auto_chunks(seq_len: int, tokens_per_device: float, vocab_per_device: float,
-                sequence_shards: int = 1) -> int:
+                sequence_shards: int = 1, logits_bytes: int = 4) -> int:
     """The fewest slices (dividing `seq_len`, each still split over the sequence shards) that
-    keep one slice's float32 logits per device under CHUNK_LOGITS_BYTES; the most there can
-    be when none does."""
+    keep one slice's logits per device (`logits_bytes` each: model.logits_dtype's) under
+    CHUNK_LOGITS_BYTES; the most there can be when none does. Fewer slices, fewer passes
+    over the head's float32 weight-gradient sum, which each slice's GEMM reads and writes
+    (1 GB for the 1B's [2048, 128256]): bf16 logits take half as many."""
     admissible = [n for n in range(1, seq_len + 1)
                   if seq_len % n == 0 and (n == 1 or (seq_len // n) % sequence_shards == 0)]
     for n in admissible:
-        if tokens_per_device * vocab_per_device * 4 / n <= CHUNK_LOGITS_BYTES:
+        if tokens_per_device * vocab_per_device * logits_bytes / n <= CHUNK_LOGITS_BYTES:
             return n
     return admissible[-1]
 

@@ -24,6 +24,7 @@ from llama_jax.fp8 import (
     GRADIENT_FORMATS,
     Fp8Weight,
     Scaled,
+    current_scale,
     fp8_matmul,
     gradient_products,
     quantized,
@@ -123,7 +124,14 @@ class HeadProduct:
         loss asks for float32, so that its running sum over slices is the GEMM's own
         accumulation (loss.chunked_head_loss_sums)."""
         if isinstance(x, Scaled):
-            g, _ = quantized(d_logits, GRADIENT_FORMATS[self.gradient_format])
+            fp8_dtype = GRADIENT_FORMATS[self.gradient_format]
+            # Scaled by its own amax (current scaling), taken in the pass that makes the
+            # gradient; the barrier keeps that pass's output in the compute dtype. Without
+            # it XLA drops the rounding to bf16 (it removes f32 -> bf16 -> f32 converts as
+            # excess precision) and writes the [B, T, V] gradient in float32, re-read by
+            # the cast to fp8: twice the bytes, twice (docs/performance.md, session 20).
+            scale = current_scale(jnp.max(jnp.abs(d_logits)).astype(jnp.float32), fp8_dtype)
+            g, _ = quantized(jax.lax.optimization_barrier(d_logits), fp8_dtype, scale)
             return gradient_products(x, w, g, d_logits, self.weight_gradient == "fp8",
                                      weight_dtype)
         return dense_bwd((x, w), d_logits, weight_dtype)

@@ -195,8 +195,9 @@ def _forward(setup: Setup, params: PyTree, batch: Batch, scales: fp8.LayerScales
 
 
 def loss_chunks(setup: Setup, rows: int) -> int:
-    """`model.loss_chunks`, or when 0 the slices that keep one slice's float32 logits per
-    device under `loss.CHUNK_LOGITS_BYTES`, from how the mesh splits batch, length and vocab."""
+    """`model.loss_chunks`, or when 0 the slices that keep one slice's logits (in
+    model.logits_dtype) per device under `loss.CHUNK_LOGITS_BYTES`, from how the mesh splits
+    batch, length and vocab."""
     cfg = setup.cfg
     if cfg.model.loss_chunks:
         return cfg.model.loss_chunks
@@ -207,7 +208,8 @@ def loss_chunks(setup: Setup, rows: int) -> int:
 
     t = cfg.data.seq_len
     return auto_chunks(t, rows * t / (shards("batch") * shards("length")),
-                       cfg.model.vocab_size / shards("vocab"), shards("length"))
+                       cfg.model.vocab_size / shards("vocab"), shards("length"),
+                       jnp.dtype(cfg.model.logits_dtype).itemsize)
 
 
 def _split_microbatches(batch: Batch, k: int) -> Batch:

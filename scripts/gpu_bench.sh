@@ -150,7 +150,7 @@ if [ "${GPU_BENCH_PACKED:-0}" = 1 ]; then
 fi
 if [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
 # fp8 with the layers unrolled, as the bf16 best. First the recipe the roofline puts fastest
-# (docs/performance.md, session 20: 1.54x the bf16 best's roofline unrolled, 1.40x scanned):
+# (docs/performance.md, session 20: 1.58x the bf16 best's roofline unrolled, 1.44x scanned):
 # delayed scaling (casts that need no reduction first) with the LM head in fp8 too (a fifth
 # of the 1B's FLOPs); then the peer; then, as the budget allows, current scaling with E4M3
 # gradients (the default recipe; E5M2 measured 1.17x scanned on 2026-11-28) and delayed

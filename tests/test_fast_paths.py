@@ -595,11 +595,26 @@ def test_loss_chunks_cut_the_compiled_steps_temporaries(tmp_path):
 def test_loss_chunks_by_default_keep_a_slice_under_a_gib():
     # Llama 3.2 1B on one H200: batch 16 x 2048, 128k vocabulary = 16.8 GB of float32 logits
     assert auto_chunks(2048, 16 * 2048, 128256) == 16
+    assert auto_chunks(2048, 16 * 2048, 128256, logits_bytes=2) == 8  # model.logits_dtype=bf16
     assert auto_chunks(256, 8 * 256, 32000) == 1  # small: one pass
     # a sequence split 4 ways stays split in every slice: T/n divisible by 4
     n = auto_chunks(32768, 8 * 32768 / 8, 128256, sequence_shards=4)
     assert (32768 // n) % 4 == 0 and 32768 * 128256 * 4 / n <= 2**30
     assert auto_chunks(96, 2**40, 1, sequence_shards=16) == 6  # 96 / 6 = 16: the most it can
+
+
+def test_bf16_logits_take_half_the_default_slices(tmp_path):
+    """The step's default slices count the logits in their own dtype: a vocabulary whose
+    float32 logits take 4 slices under the limit takes 2 in bf16 (per device: batch 8 over
+    the 8 devices' fsdp axis, 64 positions)."""
+    from llama_jax.step import loss_chunks
+
+    vocab = 4 * (1 << 30) // (64 * 4)  # 4 GiB of float32 logits per device's row
+
+    def chunks(*overrides: str) -> int:
+        return loss_chunks(make_setup(tiny(tmp_path, f"model.vocab_size={vocab}", *overrides)), 8)
+
+    assert chunks() == 4 and chunks("model.logits_dtype=bfloat16") == 2
 
 
 @pytest.mark.parametrize("overrides, message", [
