@@ -128,8 +128,8 @@ class HeadProduct:
             # Scaled by its own amax (current scaling), taken in the pass that makes the
             # gradient; the barrier keeps that pass's output in the compute dtype. Without
             # it XLA drops the rounding to bf16 (it removes f32 -> bf16 -> f32 converts as
-            # excess precision) and writes the [B, T, V] gradient in float32, re-read by
-            # the cast to fp8: twice the bytes, twice (docs/performance.md, session 20).
+            # excess precision), so that pass wrote the [B, T, V] gradient in float32 and
+            # the cast to fp8 read it back (docs/performance.md, session 20).
             scale = current_scale(jnp.max(jnp.abs(d_logits)).astype(jnp.float32), fp8_dtype)
             g, _ = quantized(jax.lax.optimization_barrier(d_logits), fp8_dtype, scale)
             return gradient_products(x, w, g, d_logits, self.weight_gradient == "fp8",
