@@ -276,16 +276,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"llama-jax bench {args.config}", show_header=False)
+    for label, value in bench_rows(result, args.steps):
+        table.add_row(label, value)
+    Console().print(table)
+    return _profile_failed(result)
+
+
+def bench_rows(result: dict[str, Any], steps: int) -> list[tuple[str, str]]:
+    """`bench`'s figures as the table's (label, value) rows."""
     rows = [
         ("device", result["device"]),
         ("compile", f"{result['compile_s']:.1f} s"),
-        (f"step time (median of {args.steps})", f"{result['step_time_s'] * 1e3:.1f} ms "
+        (f"step time (median of {steps})", f"{result['step_time_s'] * 1e3:.1f} ms "
          f"(min {result['step_time_min_s'] * 1e3:.1f}, max {result['step_time_max_s'] * 1e3:.1f})"),
         ("tokens / s", f"{result['tokens_per_sec']:,.0f}"),
         ("model FLOPs / token", f"{result['flops_per_token']:.4g}"),
         ("peak FLOP/s", f"{result['peak_flops']:.4g} ({result['peak_source']})"),
         ("MFU", f"{result['mfu']:.1%}"),
     ]
+    if result.get("predicted_step_s"):  # an accelerator in the chip table
+        roof = result["predicted_step_s"]
+        rows.append(("roofline step (this program at the chip's peaks)",
+                     f"{roof * 1e3:.1f} ms; the measured step reached "
+                     f"{roof / result['step_time_s']:.0%} of its speed"))
     for key, label in (("device_peak_gib", "device peak memory"),
                        ("compiled_per_device_gib", "compiled memory per device"),
                        ("host_peak_rss_gib", "host peak RSS")):
@@ -306,10 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      f"launches"))
         rows += [(f"  {kind}", f"{ms:.1f} ms") for kind, ms in
                  sorted(result["kernel_ms_by_kind"].items(), key=lambda kv: -kv[1])]
-    for label, value in rows:
-        table.add_row(label, value)
-    Console().print(table)
-    return _profile_failed(result)
+    return rows
 
 
 def _profile_failed(result: dict[str, Any]) -> int:

@@ -123,6 +123,24 @@ def test_bench_cli_reports_the_figures():
                                        / out["peak_flops"])
 
 
+def test_bench_table_sets_the_step_against_its_roofline_where_the_chip_is_known():
+    """On a GPU or TPU in the chip table `bench` has the roofline of its own program; the
+    table says it and how much of its speed the measured step reached. CPU devices have
+    none (their rates are measured by `plan`), and the table says nothing of it."""
+    from llama_jax.cli import bench_rows
+
+    gpu = {"device": "1 x NVIDIA H200", "compile_s": 30.0, "step_time_s": 0.7,
+           "step_time_min_s": 0.69, "step_time_max_s": 0.71, "tokens_per_sec": 70216.0,
+           "flops_per_token": 7.82e9, "peak_flops": 989e12, "peak_source": "chip table",
+           "mfu": 0.555, "predicted_step_s": 0.4593}
+    rows = dict(bench_rows(gpu, 6))
+    assert rows["roofline step (this program at the chip's peaks)"] == (
+        "459.3 ms; the measured step reached 66% of its speed")
+    assert rows["step time (median of 6)"].startswith("700.0 ms")
+    cpu = {k: v for k, v in gpu.items() if k != "predicted_step_s"}
+    assert not any(label.startswith("roofline") for label, _ in bench_rows(cpu, 6))
+
+
 def test_compile_only_needs_no_parameters():
     """2 layers of 7B width (2.7 GB of fp32 parameters, 8 GB with AdamW) compile from
     abstract shapes: the process's peak memory stays far below the parameters' size."""
