@@ -43,6 +43,7 @@ Quantization = Literal["none", "fp8"]
 Fp8Gradients = Literal["e4m3", "e5m2"]
 Fp8WeightGradient = Literal["fp8", "bf16"]
 Fp8Scaling = Literal["current", "delayed"]
+GradReduceDtype = Literal["float32", "compute"]
 Schedule = Literal["constant", "cosine", "linear", "wsd"]
 Enabled = Literal["auto", "true", "false"]
 NonFinitePolicy = Literal["auto", "skip", "stop", "rollback"]
@@ -108,6 +109,10 @@ class ModelConfig:
     # or rounded to the compute dtype as MaxText (logits_dot_in_fp32=false), transformers and
     # torchtitan do, which halves the bytes the loss reads (docs/precision.md)
     logits_dtype: Dtype = "float32"
+    # the dtype weight gradients leave their matmuls in, and so the one XLA sums them across
+    # devices in: float32 (torchtitan's FSDP reduce_dtype, DDP's f32 .grad), or the compute
+    # dtype (half the interconnect bytes; what XLA does when nothing says otherwise)
+    grad_reduce_dtype: GradReduceDtype = "float32"
     remat: Remat = "none"
     scan_layers: bool = True
     attention: AttentionImpl = "xla"

@@ -130,32 +130,36 @@ def scaled_dot(a: Scaled, b: Scaled, contract: tuple[tuple[int, ...], tuple[int,
 
 
 def gradient_products(x: Scaled, w: Scaled, g: Scaled, dy: Array, wgrad_fp8: bool,
-                      weight_dtype: jnp.dtype | None = None) -> tuple[Array, Array]:
+                      weight_dtype: jnp.dtype | None = None, reduce_in_f32: bool = False
+                      ) -> tuple[Array, Array]:
     """The input and weight gradients of `x @ w` (x [..., D], w [D, F]) from the quantised
     operands and output gradient `g` (`dy` quantised), in the operands' own dtypes (the
     weight's in `weight_dtype` if given); the weight gradient's product in `dy`'s dtype, on
     fp8-rounded activations, unless `wgrad_fp8`. Contracting every leading axis in place (not
     merged into one) keeps a batch and a length split over different mesh axes split (as
-    `ops.dense_bwd` does)."""
+    `ops.dense_bwd` does). `reduce_in_f32`: the weight gradient's product in float32, cast
+    after, so that XLA sums it across devices in float32 (`ops.dense_bwd`)."""
     lead = tuple(range(dy.ndim - 1))
     out = weight_dtype or w.dtype
+    product = F32 if reduce_in_f32 else out
     dx = scaled_dot(g, w, ((dy.ndim - 1,), (1,)), x.dtype)
     if wgrad_fp8:
-        return dx, scaled_dot(x, g, (lead, lead), out)
+        return dx, scaled_dot(x, g, (lead, lead), product).astype(out)
     x_rounded = fp8_ops.dequantize(x.values, dy.dtype, x.scale)
     return dx, jax.lax.dot_general(x_rounded, dy, ((lead, lead), ((), ())),
-                                   preferred_element_type=out)
+                                   preferred_element_type=product).astype(out)
 
 
 @functools.cache
-def fp8_matmul(gradients: str = "e4m3", weight_gradient: str = "fp8"
-               ) -> Callable[[Array, Array | Fp8Weight], Array]:
+def fp8_matmul(gradients: str = "e4m3", weight_gradient: str = "fp8",
+               reduce_in_f32: bool = False) -> Callable[[Array, Array | Fp8Weight], Array]:
     """`x @ w` over the last axis of x (w 2-D) in fp8, output in x's dtype: the forward and
     the input gradient always, the weight gradient unless `weight_gradient="bf16"` (then the
     output gradient is not rounded where it meets the activations, torchtitan's
     "rowwise_with_gw_hp" choice; the activations stay fp8-rounded). `w` alone is current
     scaling; an `Fp8Weight` brings delayed scales and receives the observed amaxes as its
-    scales' gradient. One function per setting, so that it can be a static argument of
+    scales' gradient. `reduce_in_f32`: the weight gradient's product in float32
+    (`gradient_products`). One function per setting, so that it can be a static argument of
     other custom VJPs."""
     grad_dtype = GRADIENT_FORMATS[gradients]
     wgrad_fp8 = {"fp8": True, "bf16": False}[weight_gradient]
@@ -166,20 +170,21 @@ def fp8_matmul(gradients: str = "e4m3", weight_gradient: str = "fp8"
         else:  # nothing observes the amaxes: the scales are a dead input
             weight, scales, delayed = w, jnp.ones(len(OPERANDS), F32), False
         y = _fp8_matmul(x.reshape(-1, x.shape[-1]), weight.astype(x.dtype), scales,
-                        grad_dtype, wgrad_fp8, delayed)
+                        grad_dtype, wgrad_fp8, delayed, reduce_in_f32)
         return y.reshape(*x.shape[:-1], weight.shape[-1])
 
     return matmul
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _fp8_matmul(x_NxD: Array, w_DxF: Array, scales: Array, grad_dtype: jnp.dtype,
-                wgrad_fp8: bool, delayed: bool) -> Array:
-    return _fp8_matmul_fwd(x_NxD, w_DxF, scales, grad_dtype, wgrad_fp8, delayed)[0]
+                wgrad_fp8: bool, delayed: bool, reduce_in_f32: bool) -> Array:
+    return _fp8_matmul_fwd(x_NxD, w_DxF, scales, grad_dtype, wgrad_fp8, delayed,
+                           reduce_in_f32)[0]
 
 
 def _fp8_matmul_fwd(x: Array, w: Array, scales: Array, grad_dtype: jnp.dtype, wgrad_fp8: bool,
-                    delayed: bool) -> tuple[Array, tuple[Any, ...]]:
+                    delayed: bool, reduce_in_f32: bool) -> tuple[Array, tuple[Any, ...]]:
     x8, ax = quantized(x, E4M3, scales[0] if delayed else None)
     w8, aw = quantized(w, E4M3, scales[1] if delayed else None)
     # The fp8 operands are what the backward needs: half the bytes of bf16 residuals.
@@ -187,10 +192,11 @@ def _fp8_matmul_fwd(x: Array, w: Array, scales: Array, grad_dtype: jnp.dtype, wg
 
 
 def _fp8_matmul_bwd(grad_dtype: jnp.dtype, wgrad_fp8: bool, delayed: bool,
-                    residuals: tuple[Any, ...], dy: Array) -> tuple[Array, Array, Array]:
+                    reduce_in_f32: bool, residuals: tuple[Any, ...], dy: Array
+                    ) -> tuple[Array, Array, Array]:
     x, w, ax, aw, scales = residuals
     g8, ag = quantized(dy, grad_dtype, scales[2] if delayed else None)
-    dx, dw = gradient_products(x, w, g8, dy, wgrad_fp8)
+    dx, dw = gradient_products(x, w, g8, dy, wgrad_fp8, reduce_in_f32=reduce_in_f32)
     # The scales' "gradient": what this step observed, for the history (see the module's doc).
     return dx, dw, jnp.stack([ax, aw, ag])
 

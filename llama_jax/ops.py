@@ -41,8 +41,8 @@ NEG = float(jnp.finfo(jnp.float32).min)  # a masked score: exp() of it minus any
 # Matmuls with hand-written gradients
 
 
-@jax.custom_vjp
-def dense(x: Array, w: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: Array, w: Array, reduce_in_f32: bool = False) -> Array:
     """`x @ w` over the last axis of `x` (`w` is 2-D), with the weight gradient taken as
     `transpose(x) @ dy`.
 
@@ -51,33 +51,46 @@ def dense(x: Array, w: Array) -> Array:
     element-wise backward (SwiGLU's), a slow strided loop in every layer. Transposing the input
     instead (once, shared by the projections that read the same input) took 23% off an MLP's
     forward + backward on CPU (docs/performance.md). Same numbers, bit for bit.
+    `reduce_in_f32`: the weight gradient leaves its product in float32 (see `dense_bwd`).
     """
     return x @ w
 
 
-def _dense_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+def _dense_fwd(x: Array, w: Array, reduce_in_f32: bool = False
+               ) -> tuple[Array, tuple[Array, Array]]:
     return x @ w, (x, w)
 
 
-def dense_bwd(residuals: tuple[Array, Array], dy: Array, weight_dtype: jnp.dtype | None = None
-              ) -> tuple[Array, Array]:
+def _dense_bwd(reduce_in_f32: bool, residuals: tuple[Array, Array], dy: Array
+               ) -> tuple[Array, Array]:
+    return dense_bwd(residuals, dy, reduce_in_f32=reduce_in_f32)
+
+
+def dense_bwd(residuals: tuple[Array, Array], dy: Array, weight_dtype: jnp.dtype | None = None,
+              reduce_in_f32: bool = False) -> tuple[Array, Array]:
     """The input and weight gradients of `x @ w`; the weight's accumulated in float32 and
-    returned in `weight_dtype` (default: the operands' dtype)."""
+    returned in `weight_dtype` (default: the operands' dtype). `reduce_in_f32`
+    (`model.grad_reduce_dtype=float32`): the product's output is float32, cast after; the
+    weight gradient is a sum over tokens that XLA's partitioner completes across the devices
+    holding them right at the product, so its output dtype is the dtype of that sum (bf16
+    under bf16 compute otherwise, on a GPU; docs/performance.md, session 20)."""
     x, w = residuals
     dy = dy.astype(x.dtype)  # the LM head's float32 output gradient, to the compute dtype
     out = weight_dtype or x.dtype
+    product = jnp.float32 if reduce_in_f32 else out
     if is_sharded("length"):
         # Merging a batch split over one mesh axis and a length split over another into one
         # token axis makes XLA's partitioner gather the whole output gradient (for the LM
         # head: the [B, T, V] logits' gradient); contracting both axes in place does not.
         lead = tuple(range(x.ndim - 1))
-        return dy @ jnp.transpose(w), jnp.tensordot(x, dy, axes=(lead, lead),
-                                                    preferred_element_type=out)
+        return dy @ jnp.transpose(w), jnp.tensordot(
+            x, dy, axes=(lead, lead), preferred_element_type=product).astype(out)
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    return dy @ jnp.transpose(w), jnp.matmul(jnp.transpose(x2), dy2, preferred_element_type=out)
+    return dy @ jnp.transpose(w), jnp.matmul(
+        jnp.transpose(x2), dy2, preferred_element_type=product).astype(out)
 
 
-dense.defvjp(_dense_fwd, dense_bwd)
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +110,14 @@ class HeadProduct:
     gradient_format: str = "e4m3"
     weight_gradient: str = "fp8"
     logits_dtype: str = "float32"
+    reduce_in_f32: bool = False  # model.grad_reduce_dtype=float32 (ops.dense_bwd)
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> HeadProduct:
+        f32 = cfg.grad_reduce_dtype == "float32"
         if cfg.fp8_head:
-            return cls(True, cfg.fp8_gradients, cfg.fp8_weight_gradient, cfg.logits_dtype)
-        return cls(logits_dtype=cfg.logits_dtype)
+            return cls(True, cfg.fp8_gradients, cfg.fp8_weight_gradient, cfg.logits_dtype, f32)
+        return cls(logits_dtype=cfg.logits_dtype, reduce_in_f32=f32)
 
     def operand(self, a: Array) -> Array | Scaled:
         """x or w as the products take it: itself, or quantised once for the forward and the
@@ -133,8 +148,8 @@ class HeadProduct:
             scale = current_scale(jnp.max(jnp.abs(d_logits)).astype(jnp.float32), fp8_dtype)
             g, _ = quantized(jax.lax.optimization_barrier(d_logits), fp8_dtype, scale)
             return gradient_products(x, w, g, d_logits, self.weight_gradient == "fp8",
-                                     weight_dtype)
-        return dense_bwd((x, w), d_logits, weight_dtype)
+                                     weight_dtype, self.reduce_in_f32)
+        return dense_bwd((x, w), d_logits, weight_dtype, self.reduce_in_f32)
 
 
 HEAD_IN_COMPUTE_DTYPE = HeadProduct()
@@ -178,9 +193,10 @@ def projection_matmul(cfg: ModelConfig) -> Matmul:
     """The product the block's projections use: `dense`, or an fp8 one with
     `model.quantization=fp8` (attention stays in the compute dtype, and the LM head too
     unless `model.fp8_head`, as torchtitan's float8 recipes keep them)."""
+    f32 = cfg.grad_reduce_dtype == "float32"
     if cfg.quantization == "fp8":
-        return fp8_matmul(cfg.fp8_gradients, cfg.fp8_weight_gradient)
-    return dense
+        return fp8_matmul(cfg.fp8_gradients, cfg.fp8_weight_gradient, f32)
+    return functools.partial(dense, reduce_in_f32=f32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -592,6 +592,31 @@ def test_loss_chunks_cut_the_compiled_steps_temporaries(tmp_path):
     assert temp[8] < temp[1] - logits_per_device, temp
 
 
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_a_float32_weight_gradient_product_rounds_to_the_same_bf16(quantization):
+    """`model.grad_reduce_dtype=float32` only moves where the weight gradient is rounded to
+    bf16 (after the product, so after XLA's cross-device sum): on one device the gradients
+    equal the bf16-output product's within one bf16 rounding, and come out in bf16."""
+    from llama_jax.config import ModelConfig
+    from llama_jax.ops import projection_matmul
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 16, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((64, 32)) / 8, jnp.bfloat16)
+
+    def grads(reduce: str) -> tuple[jax.Array, jax.Array]:
+        cfg = ModelConfig(quantization=quantization, grad_reduce_dtype=reduce)
+        matmul = projection_matmul(cfg)
+        return jax.grad(lambda a, b: jnp.sum(matmul(a, b).astype(jnp.float32) ** 2),
+                        argnums=(0, 1))(x, w)
+
+    (dx32, dw32), (dx16, dw16) = grads("float32"), grads("compute")
+    assert dw32.dtype == dw16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(dx32, np.float32), np.asarray(dx16, np.float32))
+    np.testing.assert_allclose(np.asarray(dw32, np.float32), np.asarray(dw16, np.float32),
+                               rtol=2**-7, atol=1e-2)
+
+
 def test_loss_chunks_by_default_keep_a_slice_under_a_gib():
     # Llama 3.2 1B on one H200: batch 16 x 2048, 128k vocabulary = 16.8 GB of float32 logits
     assert auto_chunks(2048, 16 * 2048, 128256) == 16

@@ -113,6 +113,51 @@ def test_what_the_gpu_refuses_is_one_line(cuda_plugin):
     assert "cannot compile the step for h100:1" in lines[0] and "float32" in lines[0]
 
 
+_REDUCTION_DTYPES = """
+import collections, re, sys
+from llama_jax.topology import prepare_compile_only
+target = prepare_compile_only("h100:8")
+import jax, numpy as np
+from llama_jax.config import load_config
+from llama_jax.sharding import make_mesh
+from llama_jax.step import make_setup, make_train_step
+from llama_jax.topology import topology_devices
+cfg = load_config("configs/tiny.yaml", ["model.compute_dtype=bfloat16", "mesh.fsdp=8",
+                                        *sys.argv[1:]])
+setup = make_setup(cfg, make_mesh(cfg, topology_devices(target)))
+rows, length = cfg.train.global_batch_size, cfg.data.seq_len
+batch = {k: jax.ShapeDtypeStruct((rows, length), np.float32 if k == "weights" else np.int32,
+                                 sharding=s) for k, s in setup.batch_shardings().items()}
+text = make_train_step(setup).lower(setup.abstract_state, batch).compile().as_text()
+found = collections.Counter()
+for line in text.splitlines():
+    if op := re.search(r"= (.*?) reduce-scatter(?:-start)?\\(", line):
+        found.update(re.findall(r"(bf16|f32)\\[", op.group(1)))
+print(dict(found))
+"""
+
+
+def test_gradients_are_summed_across_gpus_in_float32_unless_asked(cuda_plugin):
+    """Under bf16 compute XLA:GPU sums a weight gradient across devices in the dtype its
+    product leaves in (bf16; CPU devices upcast, so only a GPU program shows it):
+    `model.grad_reduce_dtype=float32` (the default, as torchtitan) makes every matmul's weight
+    gradient reduce-scatter in float32; `compute` leaves them bf16. The embedding table's
+    gradient (a scatter-add, not a matmul) stays bf16 either way."""
+    def reductions(*overrides: str) -> dict[str, int]:
+        done = subprocess.run([sys.executable, "-c", _REDUCTION_DTYPES, *overrides], cwd=ROOT,
+                              env={**os.environ, ENV_CUDA_PLUGIN: str(cuda_plugin)},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"'))
+
+    f32 = reductions()
+    compute = reductions("model.grad_reduce_dtype=compute")
+    # 4 layers x 7 projections (some XLA combines into one reduce-scatter of a tuple)
+    assert f32.get("f32", 0) >= 7 and f32.get("bf16", 0) <= 2, f32
+    assert compute.get("bf16", 0) >= 7 and compute.get("f32", 0) == 0, compute
+    assert sum(f32.values()) == sum(compute.values())
+
+
 def test_two_gpu_nodes_reduce_gradients_over_the_network(cuda_plugin):
     """Two nodes of four, the data axis across them: the gradient reduction crosses the
     network (DCN bytes), the fsdp gathers stay in the node (ICI bytes)."""
