@@ -136,6 +136,10 @@ class ModelConfig:
     fp8_amax_history: int = 16
 
     @property
+    def reduce_grads_in_f32(self) -> bool:
+        return self.grad_reduce_dtype == "float32"
+
+    @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 

@@ -114,7 +114,7 @@ class HeadProduct:
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> HeadProduct:
-        f32 = cfg.grad_reduce_dtype == "float32"
+        f32 = cfg.reduce_grads_in_f32
         if cfg.fp8_head:
             return cls(True, cfg.fp8_gradients, cfg.fp8_weight_gradient, cfg.logits_dtype, f32)
         return cls(logits_dtype=cfg.logits_dtype, reduce_in_f32=f32)
@@ -193,10 +193,9 @@ def projection_matmul(cfg: ModelConfig) -> Matmul:
     """The product the block's projections use: `dense`, or an fp8 one with
     `model.quantization=fp8` (attention stays in the compute dtype, and the LM head too
     unless `model.fp8_head`, as torchtitan's float8 recipes keep them)."""
-    f32 = cfg.grad_reduce_dtype == "float32"
     if cfg.quantization == "fp8":
-        return fp8_matmul(cfg.fp8_gradients, cfg.fp8_weight_gradient, f32)
-    return functools.partial(dense, reduce_in_f32=f32)
+        return fp8_matmul(cfg.fp8_gradients, cfg.fp8_weight_gradient, cfg.reduce_grads_in_f32)
+    return functools.partial(dense, reduce_in_f32=cfg.reduce_grads_in_f32)
 
 
 # ---------------------------------------------------------------------------------------------

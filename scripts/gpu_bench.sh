@@ -160,12 +160,12 @@ if [ "${GPU_BENCH_LONG:-0}" != 1 ]; then
 # 22-27 s, and today's unrolled fp8 step holds fewer distinct GEMM fusions for the autotuner
 # than the scanned one, 23 against 40): if the first fp8 row runs out of time, it and the
 # rows after it run scanned (fp8 scanned compiled in 60-70 s there), named "-scanned".
-unrolled=model.scan_layers=false sfx=""
-LIMIT=200 PROFILE=1 run fp8-delayed-head "" model.remat=projections_and_attention $unrolled \
+layers=model.scan_layers=false sfx=""
+LIMIT=200 PROFILE=1 run fp8-delayed-head "" model.remat=projections_and_attention $layers \
   model.quantization=fp8 model.fp8_scaling=delayed model.fp8_head=true \
   train.global_batch_size=$big $logits
 if [ "$last_rc" = 124 ]; then
-  unrolled=model.scan_layers=true sfx=-scanned
+  layers=model.scan_layers=true sfx=-scanned
   LIMIT=200 PROFILE=1 run fp8-delayed-head$sfx "" model.remat=projections_and_attention \
     model.quantization=fp8 model.fp8_scaling=delayed model.fp8_head=true \
     train.global_batch_size=$big $logits
@@ -183,9 +183,9 @@ elif [ "${GPU_BENCH_QUICK:-0}" != 1 ] && $PY -c "import torch, transformers; ass
 else
   echo "== transformers + torch.compile: skipped (torch with CUDA and transformers do not import)"
 fi
-LIMIT=150 run fp8$sfx "" model.remat=projections_and_attention $unrolled \
+LIMIT=150 run fp8$sfx "" model.remat=projections_and_attention $layers \
   model.quantization=fp8 train.global_batch_size=$big $logits
-LIMIT=200 run fp8-delayed$sfx "" model.remat=projections_and_attention $unrolled \
+LIMIT=200 run fp8-delayed$sfx "" model.remat=projections_and_attention $layers \
   model.quantization=fp8 model.fp8_scaling=delayed train.global_batch_size=$big $logits
 fi  # not GPU_BENCH_LONG
 
