@@ -109,9 +109,10 @@ class ModelConfig:
     # or rounded to the compute dtype as MaxText (logits_dot_in_fp32=false), transformers and
     # torchtitan do, which halves the bytes the loss reads (docs/precision.md)
     logits_dtype: Dtype = "float32"
-    # the dtype weight gradients leave their matmuls in, and so the one XLA sums them across
-    # devices in: float32 (torchtitan's FSDP reduce_dtype, DDP's f32 .grad), or the compute
-    # dtype (half the interconnect bytes; what XLA does when nothing says otherwise)
+    # the dtype weight gradients leave their matmuls in (and embedding rows sum their tokens'
+    # gradients in), and so the one XLA sums them across devices in: float32 (torchtitan's
+    # FSDP reduce_dtype, DDP's f32 .grad), or the compute dtype (half the interconnect bytes;
+    # what XLA does when nothing says otherwise)
     grad_reduce_dtype: GradReduceDtype = "float32"
     remat: Remat = "none"
     scan_layers: bool = True

@@ -23,6 +23,7 @@ from llama_jax.ops import (
     ATTENTION_OUT,
     ATTENTION_Q,
     HeadProduct,
+    embedding_lookup,
     head_matmul,
 )
 from llama_jax.sharding import constrain
@@ -142,12 +143,11 @@ class Transformer(nnx.Module):
 
     def embed_tokens(self, tokens_BxT: Array, positions_BxT: Array) -> Array:
         cd = dtype_of(self.cfg.compute_dtype)
-        # Gather the table's `embed` shards first (as FSDP does for every weight): a gather
-        # from a table sharded on both dims cannot be partitioned without replicating it.
-        table_VxD = constrain(self.embed[...], ("vocab", None))
-        x = jnp.take(table_VxD, tokens_BxT, axis=0).astype(cd)
+        f32 = self.cfg.reduce_grads_in_f32
+        x = embedding_lookup(self.embed[...], tokens_BxT, ("vocab", "embed"), f32).astype(cd)
         if self.cfg.position == "learned":
-            x = x + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(cd)
+            x = x + embedding_lookup(self.pos_embed[...], positions_BxT, ("position", "embed"),
+                                     f32).astype(cd)
         return constrain(x, ("batch", "length", "embed"))
 
     def head_weight(self, dtype: jnp.dtype) -> Array:

@@ -1,6 +1,7 @@
 """The kernels with hand-written gradients, behind plain functions: projections (`dense`,
-`head_matmul`), attention (one `attention` dispatcher over our masked and causal-block kernels
-and the fused ones), and the MLP's activation fused with its down projection.
+`head_matmul`), the embedding lookup, attention (one `attention` dispatcher over our masked
+and causal-block kernels and the fused ones), and the MLP's activation fused with its down
+projection.
 
 Tensor names carry their shape as in `layers.py`. Each custom VJP exists because autodiff's
 version costs measurably more on some platform (docs/performance.md); each is tested against
@@ -196,6 +197,44 @@ def projection_matmul(cfg: ModelConfig) -> Matmul:
     if cfg.quantization == "fp8":
         return fp8_matmul(cfg.fp8_gradients, cfg.fp8_weight_gradient, cfg.reduce_grads_in_f32)
     return functools.partial(dense, reduce_in_f32=cfg.reduce_grads_in_f32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def embedding_lookup(table_VxD: Array, ids_BxT: Array, table_axes: tuple[str, str],
+                     sum_in_f32: bool = False) -> Array:
+    """The table's rows at `ids` (`jnp.take` on axis 0). The table (a parameter with logical
+    axes `table_axes`) is gathered along its second axis first, and its gradient, a sum of
+    every token's output gradient into its row, is summed in float32 when `sum_in_f32`
+    (`model.grad_reduce_dtype=float32`) and handed back split as the table is.
+
+    Why the float32 sum: autodiff scatter-adds in the table's dtype, so under bf16 compute
+    each add rounds to bf16 and a row that thousands of tokens share loses most of its sum
+    (4,096 gradients of 1.0 add up to 256, on a GPU as on CPU); torch's embedding backward
+    sums in float32 too. Why the gathers: a gather from a table split on both axes cannot be
+    partitioned without replicating it (FSDP gathers every weight so); the gradient made to
+    leave split as the table is lets XLA's partitioner reduce-scatter it in the sum's dtype,
+    or send the tokens' gradients to the rows' devices when that is fewer bytes (left to
+    itself it all-reduced the float32 table and sliced it).
+    """
+    return _lookup_fwd(table_VxD, ids_BxT, table_axes)[0]
+
+
+def _lookup_fwd(table_VxD: Array, ids_BxT: Array, table_axes: tuple[str, str],
+                sum_in_f32: bool = False) -> tuple[Array, tuple[Array, Array]]:
+    rows = jnp.take(constrain(table_VxD, (table_axes[0], None)), ids_BxT, axis=0)
+    # The table is a residual for its shape and dtype only: a parameter, alive anyway.
+    return rows, (table_VxD, ids_BxT)
+
+
+def _lookup_bwd(table_axes: tuple[str, str], sum_in_f32: bool,
+                residuals: tuple[Array, Array], d_rows: Array) -> tuple[Array, None]:
+    table, ids = residuals
+    dtype = jnp.float32 if sum_in_f32 else table.dtype
+    sums = jnp.zeros(table.shape, dtype).at[ids].add(d_rows.astype(dtype), mode="drop")
+    return constrain(sums, table_axes).astype(table.dtype), None
+
+
+embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -617,6 +617,40 @@ def test_a_float32_weight_gradient_product_rounds_to_the_same_bf16(quantization)
                                rtol=2**-7, atol=1e-2)
 
 
+def test_a_row_many_tokens_share_sums_its_gradient_in_float32():
+    """An embedding row's gradient is the sum of every token's output gradient that looked it
+    up. Autodiff adds them in the table's dtype: in bf16 each add rounds, and 4,096 tokens of
+    one id lose most of it (on CPU as on a GPU). `model.grad_reduce_dtype=float32` sums
+    each row in float32 and rounds once; `compute` keeps autodiff's sum."""
+    from llama_jax.ops import embedding_lookup
+
+    rng = np.random.default_rng(0)
+    ids = np.where(rng.random(4096) < 0.9, 3, rng.integers(0, 16, 4096)).astype(np.int32)
+    d_rows = rng.standard_normal((4096, 32)).astype(np.float32) + 0.5
+    exact = np.zeros((16, 32))
+    np.add.at(exact, ids, d_rows.astype(jnp.bfloat16).astype(np.float64))
+
+    def grad(table: jax.Array, sum_in_f32: bool) -> np.ndarray:
+        g = jax.jit(jax.grad(lambda t: jnp.sum(
+            embedding_lookup(t, jnp.asarray(ids), ("vocab", "embed"), sum_in_f32)
+            .astype(jnp.float32) * d_rows.astype(jnp.bfloat16).astype(jnp.float32))))(table)
+        assert g.dtype == table.dtype
+        return np.asarray(g, np.float64)
+
+    table = jnp.zeros((16, 32), jnp.bfloat16)
+    np.testing.assert_allclose(grad(table, True), exact, rtol=2**-8, atol=1e-6)
+    autodiff = jax.grad(lambda t: jnp.sum(jnp.take(t, jnp.asarray(ids), axis=0)
+                                          .astype(jnp.float32) * d_rows.astype(jnp.bfloat16)
+                                          .astype(jnp.float32)))(table)
+    np.testing.assert_array_equal(grad(table, False), np.asarray(autodiff, np.float64))
+    # row 3 took ~3,700 gradients: bf16 sums are off by far more than one rounding
+    assert np.abs(grad(table, False)[3] - exact[3]).max() > 8 * 2**-8 * np.abs(exact[3]).max()
+    # a float32 table: autodiff's own numbers
+    table32 = jnp.zeros((16, 32), jnp.float32)
+    np.testing.assert_array_equal(grad(table32, True), grad(table32, False))
+    np.testing.assert_allclose(grad(table32, True), exact, rtol=1e-5, atol=1e-4)
+
+
 def test_loss_chunks_by_default_keep_a_slice_under_a_gib():
     # Llama 3.2 1B on one H200: batch 16 x 2048, 128k vocabulary = 16.8 GB of float32 logits
     assert auto_chunks(2048, 16 * 2048, 128256) == 16
