@@ -230,7 +230,10 @@ def _lookup_bwd(table_axes: tuple[str, str], sum_in_f32: bool,
                 residuals: tuple[Array, Array], d_rows: Array) -> tuple[Array, None]:
     table, ids = residuals
     dtype = jnp.float32 if sum_in_f32 else table.dtype
-    sums = jnp.zeros(table.shape, dtype).at[ids].add(d_rows.astype(dtype), mode="drop")
+    # Summed into -0.0 (x + -0.0 is x for every x, +0.0 included), not 0.0: XLA merges a
+    # zero table with the optimizer's zeros and then copies it for the in-place scatter,
+    # a write and a read of the float32 table more (2.1 GB, 0.5 ms for the 1B on an H200).
+    sums = jnp.full(table.shape, -0.0, dtype).at[ids].add(d_rows.astype(dtype), mode="drop")
     return constrain(sums, table_axes).astype(table.dtype), None
 
 
