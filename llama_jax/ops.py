@@ -209,8 +209,8 @@ def embedding_lookup(table_VxD: Array, ids_BxT: Array, table_axes: tuple[str, st
 
     Why the float32 sum: autodiff scatter-adds in the table's dtype, so under bf16 compute
     each add rounds to bf16 and a row that thousands of tokens share loses most of its sum
-    (4,096 gradients of 1.0 add up to 256, on a GPU as on CPU); torch's embedding backward
-    sums in float32 too. Why the gathers: a gather from a table split on both axes cannot be
+    (4,096 gradients of 1.0 add up to 256, on a GPU as on CPU); torch's CUDA embedding
+    backward sums each row in float32 too (its CPU one does not). Why the gathers: a gather from a table split on both axes cannot be
     partitioned without replicating it (FSDP gathers every weight so); the gradient made to
     leave split as the table is lets XLA's partitioner reduce-scatter it in the sum's dtype,
     or send the tokens' gradients to the rows' devices when that is fewer bytes (left to
