@@ -210,11 +210,12 @@ def embedding_lookup(table_VxD: Array, ids_BxT: Array, table_axes: tuple[str, st
     Why the float32 sum: autodiff scatter-adds in the table's dtype, so under bf16 compute
     each add rounds to bf16 and a row that thousands of tokens share loses most of its sum
     (4,096 gradients of 1.0 add up to 256, on a GPU as on CPU); torch's CUDA embedding
-    backward sums each row in float32 too (its CPU one does not). Why the gathers: a gather from a table split on both axes cannot be
-    partitioned without replicating it (FSDP gathers every weight so); the gradient made to
-    leave split as the table is lets XLA's partitioner reduce-scatter it in the sum's dtype,
-    or send the tokens' gradients to the rows' devices when that is fewer bytes (left to
-    itself it all-reduced the float32 table and sliced it).
+    backward sums each row in float32 too (its CPU one does not). Why the gathers: a gather
+    from a table split on both axes cannot be partitioned without replicating it (FSDP
+    gathers every weight so); the gradient made to leave split as the table is lets XLA's
+    partitioner reduce-scatter it in the sum's dtype, or send the tokens' gradients to the
+    rows' devices when that is fewer bytes (left to itself it all-reduced the float32 table
+    and sliced it).
     """
     return _lookup_fwd(table_VxD, ids_BxT, table_axes)[0]
 
@@ -230,10 +231,7 @@ def _lookup_bwd(table_axes: tuple[str, str], sum_in_f32: bool,
                 residuals: tuple[Array, Array], d_rows: Array) -> tuple[Array, None]:
     table, ids = residuals
     dtype = jnp.float32 if sum_in_f32 else table.dtype
-    # Summed into -0.0 (x + -0.0 is x for every x, +0.0 included), not 0.0: XLA merges a
-    # zero table with the optimizer's zeros and then copies it for the in-place scatter,
-    # a write and a read of the float32 table more (2.1 GB, 0.5 ms for the 1B on an H200).
-    sums = jnp.full(table.shape, -0.0, dtype).at[ids].add(d_rows.astype(dtype), mode="drop")
+    sums = jnp.zeros(table.shape, dtype).at[ids].add(d_rows.astype(dtype), mode="drop")
     return constrain(sums, table_axes).astype(table.dtype), None
 
 
