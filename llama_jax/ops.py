@@ -4,8 +4,8 @@ and causal-block kernels and the fused ones), and the MLP's activation fused wit
 projection.
 
 Tensor names carry their shape as in `layers.py`. Each custom VJP exists because autodiff's
-version costs measurably more on some platform (docs/performance.md); each is tested against
-autodiff of the plain formula.
+version costs measurably more on some platform (docs/performance.md) or, for the lookup, sums
+in too narrow a dtype; each is tested against autodiff of the plain formula.
 """
 
 from __future__ import annotations
