@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import ROOT, run_cli
 
@@ -113,8 +114,8 @@ def test_what_the_gpu_refuses_is_one_line(cuda_plugin):
     assert "cannot compile the step for h100:1" in lines[0] and "float32" in lines[0]
 
 
-_REDUCTION_DTYPES = """
-import collections, re, sys
+_COLLECTIVES = """
+import collections, json, re, sys
 from llama_jax.topology import prepare_compile_only
 target = prepare_compile_only("h100:8")
 import jax, numpy as np
@@ -129,12 +130,28 @@ rows, length = cfg.train.global_batch_size, cfg.data.seq_len
 batch = {k: jax.ShapeDtypeStruct((rows, length), np.float32 if k == "weights" else np.int32,
                                  sharding=s) for k, s in setup.batch_shardings().items()}
 text = make_train_step(setup).lower(setup.abstract_state, batch).compile().as_text()
-found = collections.Counter()
+ops, results = collections.Counter(), collections.defaultdict(list)
 for line in text.splitlines():
-    if op := re.search(r"= (.*?) (reduce-scatter|all-reduce)(?:-start)?\\(", line):
-        found.update(f"{op.group(2)} {t}" for t in re.findall(r"(bf16|f32)\\[", op.group(1)))
-print(dict(found))
+    op = re.search(r"= (.*?) (reduce-scatter|all-reduce|all-gather)(-start)?\\(", line)
+    if op:
+        shapes = re.findall(r"(\\w+)\\[([0-9,]*)\\]", op.group(1))
+        if op.group(3):  # an async start's value: (operands, results)
+            shapes = shapes[len(shapes) // 2:]
+        for t, dims in shapes:
+            ops[f"{op.group(2)} {t}"] += 1
+            results[f"{op.group(2)} {t}"].append([int(d) for d in dims.split(",") if d])
+print(json.dumps({"ops": ops, "results": results}))
 """
+
+
+def _collectives(cuda_plugin: Path, *overrides: str) -> dict:
+    """The tiny model's train step compiled for eight H100s under fsdp=8, by collective and
+    dtype (`"all-gather bf16"`): `ops`, how many results carry it; `results`, their shapes."""
+    done = subprocess.run([sys.executable, "-c", _COLLECTIVES, *overrides], cwd=ROOT,
+                          env={**os.environ, ENV_CUDA_PLUGIN: str(cuda_plugin)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_gradients_are_summed_across_gpus_in_float32_unless_asked(cuda_plugin):
@@ -143,21 +160,32 @@ def test_gradients_are_summed_across_gpus_in_float32_unless_asked(cuda_plugin):
     `model.grad_reduce_dtype=float32` (the default, as torchtitan) makes every weight
     gradient, the embedding table's scatter-add included, reduce in float32; `compute`
     leaves the matmuls' bf16."""
-    def reductions(*overrides: str) -> dict[str, int]:
-        done = subprocess.run([sys.executable, "-c", _REDUCTION_DTYPES, *overrides], cwd=ROOT,
-                              env={**os.environ, ENV_CUDA_PLUGIN: str(cuda_plugin)},
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"'))
-
-    f32 = reductions()
-    compute = reductions("model.grad_reduce_dtype=compute")
+    f32 = _collectives(cuda_plugin)["ops"]
+    compute = _collectives(cuda_plugin, "model.grad_reduce_dtype=compute")["ops"]
+    reductions = ("reduce-scatter", "all-reduce")
     # 4 layers x 7 projections and the tables (XLA combines some into one reduce-scatter of
     # a tuple); the scalars (loss, token count, norms) are all-reduced in float32
     assert f32.get("reduce-scatter f32", 0) >= 8, f32
-    assert not any(kind.endswith("bf16") for kind in f32), f32
+    assert not any(k.endswith("bf16") for k in f32 if k.startswith(reductions)), f32
     assert compute.get("reduce-scatter bf16", 0) >= 7, compute
     assert compute.get("reduce-scatter f32", 0) == 0, compute
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_fp8_weights_are_gathered_across_gpus_in_fp8(cuda_plugin, scaling):
+    """Under fsdp each GPU quantises its shard of a block's weight and the shards are
+    gathered in fp8, half the bytes of bf16 (what torchtitan's float8 all-gather does by
+    hand): XLA moves the cast before the gather, current scaling's amax being a reduction
+    of the shards' amaxes. Only the vocabulary tables (the embedding and the head, not in
+    fp8) are gathered in bf16. Layers unrolled, so each weight's gathers appear in the
+    program as often as they run."""
+    fp8 = _collectives(cuda_plugin, "model.quantization=fp8", f"model.fp8_scaling={scaling}",
+                       "model.scan_layers=false")["results"]
+    vocab, hidden, layers = 1024, 128, 4  # configs/tiny.yaml
+    block_weights = layers * hidden * (2 * hidden + 2 * 64 + 3 * 352)  # q, o, k, v, the MLP
+    gathered_fp8 = sum(np.prod(shape) for shape in fp8.get("all-gather f8e4m3fn", []))
+    assert gathered_fp8 >= block_weights, fp8
+    assert fp8["all-gather bf16"] and all(vocab in shape for shape in fp8["all-gather bf16"]), fp8
 
 
 def test_two_gpu_nodes_reduce_gradients_over_the_network(cuda_plugin):
