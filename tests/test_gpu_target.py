@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, run_cli
 
+from llama_jax.config import load_config
 from llama_jax.errors import ConfigError
 from llama_jax.gpu_target import (
     ENV_CUDA_PLUGIN,
@@ -181,11 +182,15 @@ def test_fp8_weights_are_gathered_across_gpus_in_fp8(cuda_plugin, scaling):
     program as often as they run."""
     fp8 = _collectives(cuda_plugin, "model.quantization=fp8", f"model.fp8_scaling={scaling}",
                        "model.scan_layers=false")["results"]
-    vocab, hidden, layers = 1024, 128, 4  # configs/tiny.yaml
-    block_weights = layers * hidden * (2 * hidden + 2 * 64 + 3 * 352)  # q, o, k, v, the MLP
+    m = load_config(ROOT / "configs/tiny.yaml").model
+    kv = m.num_kv_heads * m.hidden_size // m.num_heads
+    # q and o, k and v, the MLP's three
+    block_weights = m.num_layers * m.hidden_size * (2 * m.hidden_size + 2 * kv
+                                                    + 3 * m.intermediate_size)
     gathered_fp8 = sum(np.prod(shape) for shape in fp8.get("all-gather f8e4m3fn", []))
     assert gathered_fp8 >= block_weights, fp8
-    assert fp8["all-gather bf16"] and all(vocab in shape for shape in fp8["all-gather bf16"]), fp8
+    tables = fp8["all-gather bf16"]
+    assert tables and all(m.vocab_size in shape for shape in tables), fp8
 
 
 def test_two_gpu_nodes_reduce_gradients_over_the_network(cuda_plugin):
