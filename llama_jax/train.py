@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from etils import epath
@@ -27,7 +27,7 @@ from llama_jax.evaluate import Evaluator, with_run_tokenizer
 from llama_jax.goodput import Clock
 from llama_jax.metrics import MetricsWriter, Profiler, StepLog
 from llama_jax.precision import NonFiniteStep, on_nonfinite
-from llama_jax.run_dir import check_resume, locked
+from llama_jax.run_dir import RunDirError, check_resume, locked
 from llama_jax.step import (
     PyTree,
     Setup,
@@ -91,24 +91,32 @@ class _StopSignals:
             signal.signal(s, handler)
 
 
-def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any,
-                   announce: bool = True) -> tuple[PyTree, int]:
+class Start(NamedTuple):
+    """The state a session begins from, its step, and where it came from (None: initialised),
+    `resumed` when that is this run's own checkpoint."""
+
+    state: PyTree
+    step: int
+    origin: Any
+    resumed: bool
+
+
+def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any) -> Start:
     """Resume from this run's newest good checkpoint, else start from `restore_from`, else
-    initialise. Returns the state and the step it is at."""
+    initialise."""
     restored = restore_latest_good(ckpt, setup.abstract_state)
     if restored is not None:
         state, data_state, meta = restored
         if data_state and hasattr(source, "set_state"):
             source.set_state(data_state)
-        if announce and jax.process_index() == 0:
-            print(f"resuming from {ckpt.directory / str(meta['step'])}", file=sys.stderr)
-        return completed(setup, state), int(meta["step"])
+        step = int(meta["step"])
+        return Start(completed(setup, state), step, ckpt.directory / str(step), True)
     if ckpt.steps() or ckpt.incomplete():
         print(f"warning: no usable checkpoint in {ckpt.directory}; starting afresh",
               file=sys.stderr)
     origin = cfg.checkpoint.restore_from
     if not origin:
-        return init_state(setup), 0
+        return Start(init_state(setup), 0, None, False)
     where = resolve(origin)
     other = Checkpointer(cfg, where.directory, read_only=True)
     step = where.pick(other.steps())
@@ -117,10 +125,24 @@ def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any,
     params_only = cfg.checkpoint.restore_params_only
     loaded, _, _ = other.restore(step, setup.abstract_state, params_only=params_only)
     if not params_only:
-        return completed(setup, loaded), int(loaded["step"])
+        return Start(completed(setup, loaded), int(loaded["step"]), where.directory / str(step),
+                     False)
     fresh = init_state(setup)
     fresh["params"] = loaded["params"]
-    return fresh, 0
+    return Start(fresh, 0, where.directory / str(step), False)
+
+
+def _check_not_past(cfg: Config, start: Start) -> None:
+    """Refuse a `train.steps` below the step the state is at, before anything is written: the
+    loop would not run and the final save would label the newer state with the older step."""
+    if start.step <= cfg.train.steps:
+        return
+    other = "start a new run_dir with checkpoint.restore_from=DIR/STEP" if start.resumed else \
+        "set checkpoint.restore_params_only=true to begin at step 0 with its weights"
+    raise RunDirError(
+        f"train.steps={cfg.train.steps} is behind the state this run starts from (step "
+        f"{start.step}, {start.origin}): a run cannot go back. Nothing was changed; raise "
+        f"train.steps, or {other}")
 
 
 def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False,
@@ -176,10 +198,14 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     ckpt = Checkpointer(cfg, run_dir / "checkpoints")
     clock.enter("restore")
     dog.doing(0, "restoring or initialising the state")
-    state, first_step = _initial_state(cfg, setup, ckpt, source)
+    start = _initial_state(cfg, setup, ckpt, source)
+    _check_not_past(cfg, start)
+    state, first_step = start.state, start.step
     clock.first_step = first_step
     clock.enter("startup")
     if is_main:
+        if start.resumed:
+            print(f"resuming from {start.origin}", file=sys.stderr)
         if applied:
             print(f"resuming with changed settings: {'; '.join(applied)}", file=sys.stderr)
         save_config(cfg, run_dir / "config.yaml")
@@ -256,7 +282,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
         position = source.get_state() if hasattr(source, "get_state") else None
         clock.enter("restore")
         dog.doing(bad.step, "rolling back")
-        restored, back_to = _initial_state(cfg, setup, ckpt, source, announce=False)
+        restored, back_to, _, _ = _initial_state(cfg, setup, ckpt, source)
         calibrating = calibrate is not None and fp8.is_empty(restored["fp8"])
         clock.enter("step")
         clock.recomputed += max(0, step - back_to)

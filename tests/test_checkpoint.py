@@ -17,6 +17,7 @@ from helpers import jsonl_rows, run_cli
 
 from llama_jax.checkpoint import Checkpointer
 from llama_jax.config import load_config
+from llama_jax.run_dir import RunDirError
 from llama_jax.step import make_setup
 from llama_jax.train import train
 
@@ -232,6 +233,13 @@ def test_restore_from_another_run(tmp_path, params_only):
                              strict=True):
             np.testing.assert_array_equal(got, want)
         assert int(restored["step"]) == 4
+        # Asked for fewer steps than the state has taken: refused, and nothing written.
+        behind = load_config(CONFIGS / "tiny.yaml", [
+            f"run_dir={tmp_path / 'c'}", "train.steps=3",
+            f"checkpoint.restore_from={tmp_path / 'a'}"])
+        with pytest.raises(RunDirError, match=r"train.steps=3 is behind .*\(step 4, "):
+            train(behind, quiet=True)
+        assert [p for p in (tmp_path / "c").rglob("*") if p.is_file()] == []
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

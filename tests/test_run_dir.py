@@ -45,6 +45,7 @@ def run(tmp_path_factory):
     (["model.param_dtype=bfloat16", "data.seq_len=32"],
      "data.seq_len: 64 -> 32; model.param_dtype: 'float32' -> 'bfloat16'"),
     (["mesh.data=3", "mesh.fsdp=1"], "3 devices, but 8 are available"),
+    (["train.steps=7"], "train.steps=7 is behind the state this run starts from (step 10"),
 ])
 def test_refused_resume_leaves_the_run_byte_for_byte(run, overrides, named):
     before = snapshot(run)
