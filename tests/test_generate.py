@@ -11,6 +11,7 @@ from conftest import CONFIGS
 from flax import nnx
 
 from llama_jax.config import load_config
+from llama_jax.errors import LlamaJaxError
 from llama_jax.generate import SamplingConfig, generate_ids, sample_token
 from llama_jax.model import Transformer
 
@@ -71,3 +72,18 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert nucleus == {0, 1}
     free = {int(sample_token(logits, k, SamplingConfig(temperature=1.0))[0]) for k in keys}
     assert free == {0, 1, 2, 3}
+
+
+def test_learned_positions_bound_the_length(tiny_overrides):
+    """A continuation that would run past a learned position table is refused (its gather
+    would clamp and sample garbage with no error); the longest that fits runs."""
+    cfg = load_config(CONFIGS / "tiny.yaml", [*tiny_overrides, "model.position=learned",
+                                              "model.max_position_embeddings=16"]).model
+    graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    prompts = [[1, 2, 3, 4], [5]]  # the longest prompt sets the positions used
+    assert len(generate_ids(graphdef, params, prompts, SamplingConfig(max_new_tokens=13))[0]) \
+        == 13
+    with pytest.raises(LlamaJaxError, match=r"reach position 16, past the model's 16 learned "
+                                            r"positions .* at most 13 new tokens"):
+        generate_ids(graphdef, params, prompts, SamplingConfig(max_new_tokens=14))
