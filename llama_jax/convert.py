@@ -27,7 +27,7 @@ from llama_jax.config import (
     save_config,
     validate,
 )
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import LlamaJaxError, first_line
 from llama_jax.storage import is_remote
 
 if TYPE_CHECKING:
@@ -283,13 +283,25 @@ NEOX_HEAD = "embed_out.weight"  # what save_pretrained writes; transformers 5 ca
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 
 
+@contextlib.contextmanager
+def _shard(file: Path) -> Iterator[Any]:
+    """A safetensors shard opened for reading: a torn or foreign file (a download cut short)
+    is one line naming it, not the Rust reader's traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="flax") as f:
+            yield f
+    except SafetensorError as e:
+        raise ConversionError(f"{file}: not a readable safetensors file "
+                              f"({first_line(e)})") from None
+
+
 def _tensor_index(hf_dir: Path, m: ModelConfig, sources: Sources
                   ) -> dict[str, tuple[Path, str]]:
     """Which shard holds each tensor, from the shards' headers alone (no tensor is read). A
     tensor the model has no place for, or one it needs and no shard has, is refused here,
     before a byte is written."""
-    from safetensors import safe_open
-
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{hf_dir}: no *.safetensors weights")
@@ -299,7 +311,7 @@ def _tensor_index(hf_dir: Path, m: ModelConfig, sources: Sources
         wanted.add("lm_head.weight")  # some tied exports carry it anyway: ignored
     index: dict[str, tuple[Path, str]] = {}  # wanted name -> (shard, name stored there)
     for file in files:
-        with safe_open(str(file), framework="flax") as f:
+        with _shard(file) as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name.endswith(BUFFER_SUFFIXES):
                     continue
@@ -316,14 +328,12 @@ def _tensor_index(hf_dir: Path, m: ModelConfig, sources: Sources
 def _read_leaf(hf_dir: Path, index: dict[str, tuple[Path, str]], names: list[str],
                transform: Any, target: Any) -> np.ndarray:
     """One parameter of ours, built from its HF tensors: only this leaf is ever in memory."""
-    from safetensors import safe_open
-
     stacked = ".layers." in names[0]  # one tensor per layer, stacked on axis 0
     shape = tuple(target.shape[1:] if stacked else target.shape)
     out = np.empty(target.shape, target.dtype)
     for i, name in enumerate(names):
         file, stored = index[name]
-        with safe_open(str(file), framework="flax") as f:
+        with _shard(file) as f:
             value = transform(np.asarray(f.get_tensor(stored)))
         if tuple(value.shape) != shape:
             raise ConversionError(f"{hf_dir}: tensor {name} has shape {tuple(value.shape)}, "

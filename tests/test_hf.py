@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -69,6 +70,7 @@ def test_cli_round_trip_hf_orbax_hf(tmp_path):
     ("missing-tensor", "missing tensor model.layers.1.mlp.up_proj.weight"),
     ("bad-shape", "tensor model.norm.weight has shape (3,), expected (64,)"),
     ("bad-dtype", "dtype 'int8' cannot be represented"),
+    ("torn-weights", "model.safetensors: not a readable safetensors file"),
 ])
 def test_bad_hf_folders_are_refused_in_one_line(tmp_path, damage, message):
     from safetensors.numpy import load_file, save_file
@@ -87,6 +89,8 @@ def test_bad_hf_folders_are_refused_in_one_line(tmp_path, damage, message):
     elif damage == "bad-dtype":
         config["torch_dtype"] = "int8"
         config.pop("dtype", None)
+    elif damage == "torn-weights":  # a download cut short
+        os.truncate(weights, weights.stat().st_size // 2)
     elif damage in ("missing-tensor", "bad-shape"):
         tensors = load_file(str(weights))
         if damage == "missing-tensor":
