@@ -259,9 +259,7 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
             ))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            raise CheckpointError(f"checkpoint {where} is damaged: {type(e).__name__}: {first}"
-                                  ) from None
+            raise CheckpointError(f"checkpoint {where} is damaged: {_root_cause(e)}") from None
         state = restored["state"]
         expected = meta.get("fingerprint", {})
         actual = _fingerprint_host(state)
@@ -269,6 +267,18 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} is damaged: its arrays do not match "
                                   f"the fingerprint written at save time")
         return state, dict(restored.get("data") or {}), meta
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error of a chain that says something, as `Type: first line`: Orbax wraps
+    TensorStore's precise status (which file, which byte range) in an exception whose own text
+    is a repr of the whole TensorStore spec."""
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and \
+            nxt not in chain:
+        chain.append(nxt)
+    said = [x for x in chain if str(x).strip()] or [e]
+    return f"{type(said[-1]).__name__}: {first_line(said[-1])[:300]}"
 
 
 @dataclass
