@@ -6,9 +6,7 @@ batches come from in `data/feed.py`, what it reports in `metrics.py`.
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -37,6 +35,7 @@ from llama_jax.step import (
     make_setup,
     make_train_step,
 )
+from llama_jax.stopping import Preempted, StopSignals
 from llama_jax.storage import as_path, ensure_dir
 from llama_jax.watchdog import Watchdog
 
@@ -46,49 +45,6 @@ class TrainResult:
     state: PyTree
     history: list[dict[str, Any]]
     evals: list[dict[str, Any]]
-
-
-class Preempted(LlamaJaxError):
-    """SIGTERM or SIGINT arrived; a checkpoint of the current step was saved."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class _StopSignals:
-    """Turns SIGTERM (a preemption notice) and a first SIGINT (Ctrl-C) into a flag the loop
-    polls between steps, so either ends the run with a checkpoint of the step reached; a
-    second Ctrl-C interrupts at once, as users expect."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    @property
-    def raised(self) -> bool:
-        return self.received is not None
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def stopped(self, step: int, where: epath.Path) -> Preempted:
-        name = signal.Signals(self.received).name
-        return Preempted(f"stopped by {name} after step {step}; checkpoint saved in {where}",
-                         128 + int(self.received))
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 class Start(NamedTuple):
@@ -301,7 +257,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     compiles = CompileLog.get()
     step = first_step
     try:
-        with progress, _StopSignals() as stop:
+        with progress, StopSignals() as stop:
             if first_step == 0:
                 evaluate(0)
             while step < total:
@@ -321,6 +277,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                 dog.doing(step, "train step", compiling=first)
                 before = (compiles.hits, compiles.misses, time.time())
                 state, metrics = train_step(state, batch)
+                stopping = stop.due(step)  # every process asks at every step, here
                 if first:
                     compiled = (compiles.hits - before[0], compiles.misses - before[1],
                                 compiles.seconds_between(before[2], time.time()))
@@ -335,7 +292,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                                 f"step began {clock.ready_s:.1f} s after start and ended "
                                 f"{clock.first_step_s:.1f} s after",
                                 highlight=False, soft_wrap=True)
-                    if ckpt.due(step) or step == total or stop.raised:
+                    if ckpt.due(step) or step == total or stopping:
                         save(step)
                 except NonFiniteStep as bad:
                     state, step = recover(bad)
@@ -345,7 +302,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
                     dog.observed(row["step_time_s"])
                     account(step, "running")
                     progress.update(task, completed=step, stats=_stats(row))
-                if stop.raised:
+                if stopping:
                     clock.enter("checkpoint")
                     ckpt.wait()
                     account(step, "stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import ROOT
 from helpers import metrics_rows, run_cli
@@ -108,6 +110,68 @@ def test_launcher_reports_a_failing_process(tmp_path):
     result = launch("train", "configs/tiny.yaml", f"run_dir={tmp_path}", "model.num_heads=3")
     assert result.returncode != 0
     assert "exited with status" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["peer", "launcher"])
+def test_a_signal_to_one_process_stops_all_at_one_step_with_a_checkpoint(tmp_path, target):
+    """A SIGTERM to one process (a scheduler's notice to one host), or a SIGKILL to the
+    launcher (each process gets a SIGTERM as it dies), stops every process after the same
+    step, with a checkpoint of it: before, the signalled one saved while the others stepped
+    on, and both hung until the watchdog ended them with nothing saved. The run then resumes
+    and equals one never stopped."""
+    run = ["train", "configs/tiny.yaml", "optimizer.schedule=constant", "train.log_every=1",
+           "mesh.data=2", "mesh.fsdp=4", "checkpoint.every=100000"]
+    cut, logs = tmp_path / "cut", tmp_path / "logs"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "llama_jax.cli", "launch", "--processes", "2",
+         "--devices-per-process", "4", "--log-dir", str(logs), "--", *run, f"run_dir={cut}",
+         "train.steps=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((cut / "metrics.jsonl").is_file() and len(
+            [r for r in rows(cut) if "grad_norm" in r]) >= 3):
+        time.sleep(0.5)
+    processes = psutil.Process(launcher.pid).children()
+    try:
+        assert len(processes) == 2
+        if target == "peer":
+            [peer] = [p for p in processes if p.environ()["LLAMA_JAX_PROCESS_ID"] == "1"]
+            peer.send_signal(signal.SIGTERM)
+        else:
+            launcher.kill()
+        _, err = launcher.communicate(timeout=300)  # process 0 holds the pipe until it ends
+        _, alive = psutil.wait_procs(processes, timeout=120)
+        assert not alive
+    finally:  # a failure leaves no process training on
+        for p in [launcher, *processes]:
+            with contextlib.suppress(Exception):
+                p.kill()
+    assert launcher.returncode == (143 if target == "peer" else -signal.SIGKILL)
+    said = [err.strip().splitlines()[-1], (logs / "process-1.log").read_text().strip()
+            .splitlines()[-1]]
+    steps = {int(m.group(1)) for m in (re.search(
+        r"stopped by SIGTERM to one of the 2 processes after step (\d+); checkpoint saved in "
+        + re.escape(str(cut / "checkpoints")), line) for line in said) if m}
+    assert len(steps) == 1, said  # both processes, one step
+    [step] = steps
+    from llama_jax.checkpoint import Checkpointer
+    from llama_jax.config import load_config
+
+    assert Checkpointer(load_config(cut / "config.yaml"), cut / "checkpoints",
+                        read_only=True).steps() == [step]
+    if target == "launcher":
+        return
+    resumed = launch(*run, f"run_dir={cut}", f"train.steps={step + 2}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {cut / 'checkpoints' / str(step)}" in resumed.stderr
+    whole = launch(*run, f"run_dir={tmp_path / 'whole'}", f"train.steps={step + 2}")
+    assert whole.returncode == 0, whole.stderr
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in rows(run_dir) if "grad_norm" in r}
+
+    assert losses(cut) == losses(tmp_path / "whole")
+    assert sorted(losses(cut)) == list(range(1, step + 3))
 
 
 @pytest.mark.slow
