@@ -19,7 +19,7 @@ from flax import nnx
 from llama_jax import sharding
 from llama_jax.convert import hf_to_orbax, is_hf_folder
 from llama_jax.evaluate import Loaded, load_for_inference
-from llama_jax.generate import SamplingConfig, check_token_ids, generate_ids
+from llama_jax.generate import SamplingConfig, check_positions, check_token_ids, generate_ids
 from llama_jax.storage import PathLike, as_path
 
 
@@ -42,6 +42,7 @@ class Model:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
         check_token_ids(tokens, self.cfg.model.vocab_size)
+        check_positions(tokens.shape[1], self.loaded.params)
         return np.asarray(self._forward(self.loaded.params, tokens), np.float32)
 
     def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64,

@@ -113,19 +113,19 @@ def check_token_ids(ids: np.ndarray | list[list[int]], vocab_size: int) -> None:
                             f"tokens: ids 0..{vocab_size - 1})")
 
 
-def check_positions(width: int, max_new_tokens: int, params: PyTree) -> None:
-    """Refuse a prompt and continuation longer than a learned position table: its gather
-    past the last row would clamp or fill, and the samples turn to garbage with no error.
-    Rotary positions have no table and extrapolate, as in transformers."""
-    if "pos_embed" not in params:
-        return
-    rows = params["pos_embed"].shape[0]
-    last = width + max_new_tokens - 2  # the last token sampled is never fed back
-    if last >= rows:
-        raise LlamaJaxError(
-            f"the longest prompt ({width} tokens) and max_new_tokens={max_new_tokens} reach "
-            f"position {last}, past the model's {rows} learned positions "
-            f"(model.max_position_embeddings); ask for at most {rows - width + 1} new tokens")
+def check_positions(length: int, params: PyTree, hint: str = "") -> None:
+    """Refuse a sequence of `length` positions longer than a learned position table: its
+    gather past the last row would clamp or fill, and the logits turn to garbage with no
+    error. Rotary positions have no table and extrapolate, as in transformers."""
+    rows = learned_positions(params)
+    if rows is not None and length > rows:
+        raise LlamaJaxError(f"{length} positions (0..{length - 1}) run past the model's {rows} "
+                            f"learned positions (model.max_position_embeddings){hint}")
+
+
+def learned_positions(params: PyTree) -> int | None:
+    """The rows of the learned position table, None under rotary positions."""
+    return params["pos_embed"].shape[0] if "pos_embed" in params else None
 
 
 def generate_ids(graphdef: nnx.GraphDef, params: PyTree, prompts: list[list[int]],
@@ -136,7 +136,10 @@ def generate_ids(graphdef: nnx.GraphDef, params: PyTree, prompts: list[list[int]
         raise LlamaJaxError("every prompt needs at least one token")
     check_token_ids(prompts, params["embed"].shape[0])
     width = max(len(p) for p in prompts)
-    check_positions(width, sampling.max_new_tokens, params)
+    # The last token sampled is never fed back, so it takes no position.
+    room = max(0, (learned_positions(params) or 0) - width + 1)
+    check_positions(width + sampling.max_new_tokens - 1, params,
+                    f"; the longest prompt has {width} tokens, so at most {room} new tokens")
     pad = np.array([width - len(p) for p in prompts], np.int32)
     tokens = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):

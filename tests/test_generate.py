@@ -84,6 +84,6 @@ def test_learned_positions_bound_the_length(tiny_overrides):
     prompts = [[1, 2, 3, 4], [5]]  # the longest prompt sets the positions used
     assert len(generate_ids(graphdef, params, prompts, SamplingConfig(max_new_tokens=13))[0]) \
         == 13
-    with pytest.raises(LlamaJaxError, match=r"reach position 16, past the model's 16 learned "
-                                            r"positions .* at most 13 new tokens"):
+    with pytest.raises(LlamaJaxError, match=r"17 positions \(0..16\) run past the model's 16 "
+                                            r"learned positions .* at most 13 new tokens"):
         generate_ids(graphdef, params, prompts, SamplingConfig(max_new_tokens=14))
