@@ -117,8 +117,7 @@ def test_a_signal_to_one_process_stops_all_at_one_step_with_a_checkpoint(tmp_pat
     """A SIGTERM to one process (a scheduler's notice to one host), or a SIGKILL to the
     launcher (each process gets a SIGTERM as it dies), stops every process after the same
     step, with a checkpoint of it: before, the signalled one saved while the others stepped
-    on, and both hung until the watchdog ended them with nothing saved. The run then resumes
-    and equals one never stopped."""
+    on, and both hung until the watchdog ended them with nothing saved."""
     run = ["train", "configs/tiny.yaml", "optimizer.schedule=constant", "train.log_every=1",
            "mesh.data=2", "mesh.fsdp=4", "checkpoint.every=100000"]
     cut, logs = tmp_path / "cut", tmp_path / "logs"
@@ -161,17 +160,12 @@ def test_a_signal_to_one_process_stops_all_at_one_step_with_a_checkpoint(tmp_pat
                         read_only=True).steps() == [step]
     if target == "launcher":
         return
+    # The checkpoint resumes (that a resume is exact across processes is
+    # test_two_processes_resume_a_mixture_exactly_and_count_it_once's).
     resumed = launch(*run, f"run_dir={cut}", f"train.steps={step + 2}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {cut / 'checkpoints' / str(step)}" in resumed.stderr
-    whole = launch(*run, f"run_dir={tmp_path / 'whole'}", f"train.steps={step + 2}")
-    assert whole.returncode == 0, whole.stderr
-
-    def losses(run_dir: Path) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in rows(run_dir) if "grad_norm" in r}
-
-    assert losses(cut) == losses(tmp_path / "whole")
-    assert sorted(losses(cut)) == list(range(1, step + 3))
+    assert [r["step"] for r in rows(cut) if "grad_norm" in r] == list(range(1, step + 3))
 
 
 @pytest.mark.slow
