@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llama_jax.children import end_with_parent
 from llama_jax.errors import LlamaJaxError, check_can_write, os_error_line
 
 STARTED = time.time()  # this session's start, for goodput (before the heavy imports)
@@ -617,6 +618,7 @@ def _quiet_closed_loop_callbacks(unraisable: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    end_with_parent()  # when started by `launch`, `sweep` or `plan`
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.unraisablehook = _quiet_closed_loop_callbacks
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -5,7 +5,6 @@ launcher goes to every process."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llama_jax.children import child_environment
 from llama_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 
@@ -26,16 +26,6 @@ def free_port() -> int:
 # `train`'s status after a signal made it save and stop (stopping.Preempted): the others
 # are stopping at the same step, so they are waited for, and it is not a failure.
 STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)
-
-
-def _die_with_parent() -> None:
-    """In each child, before it runs: a SIGTERM when the launcher dies, even by SIGKILL, so
-    that no process trains on unattended (holding the run's lock) and each saves and stops as
-    on a preemption notice. Linux only; elsewhere the launcher's own handler covers it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def launch(command: list[str], processes: int, devices_per_process: int, port: int = 0,
@@ -61,14 +51,14 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
     previous = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for i in range(processes):
-            env = {**os.environ,
+            env = {**child_environment(signal.SIGTERM),
                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
                    ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(processes),
                    ENV_PROCESS_ID: str(i)}
             out = None if i == 0 else (logs / f"process-{i}.log").open("w")
             procs.append(subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *command],
                                           env=env, stdout=out, stderr=subprocess.STDOUT if out
-                                          else None, preexec_fn=_die_with_parent))
+                                          else None))
             if asked:  # a signal while starting: the ones already running have it
                 break
         failed = _wait(procs, asked)
@@ -77,9 +67,10 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
             signal.signal(s, handler)
     if asked or (failed and all(code in STOPPED for _, code in failed)):
         # Stopped on a signal, to the launcher or to one of them: process 0 said where the
-        # checkpoint is, their status says which signal.
-        first = asked[0] if asked else signal.SIGTERM
-        return next((p.returncode for p in procs if p.returncode), 128 + first)
+        # checkpoint is, their status says which signal (a command with no handler for it
+        # was ended by it: the shell's 128 + N).
+        code = next((p.returncode for p in procs if p.returncode), 0)
+        return 128 - code if code < 0 else code
     if failed:
         i, code = failed[0]
         where = "" if i == 0 else f" (log: {logs / f'process-{i}.log'})"

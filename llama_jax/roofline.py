@@ -197,4 +197,7 @@ def measured_cpu_roofline(devices: list[jax.Device], repeats: int = 5) -> Roofli
 
 
 if __name__ == "__main__":  # plan: the CPU roofline of N simulated devices, in this process
+    from llama_jax.children import end_with_parent
+
+    end_with_parent()
     print(json.dumps(measured_cpu_roofline(jax.devices()[:int(sys.argv[1])]).to_json()))

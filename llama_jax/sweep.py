@@ -12,7 +12,6 @@ import csv
 import datetime
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama_jax.children import child_environment
 from llama_jax.config import MESH_AXES, Config, apply_overrides, load_config
 from llama_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, env_int
 from llama_jax.errors import ConfigError
@@ -172,7 +172,7 @@ _TPU_OOM = re.compile(r"memory required for (?P<what>.+?) \((?P<need>[\d.]+)G\) 
 
 
 def _child_environment(devices: int, index: int, tpu: Target | None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = child_environment(signal.SIGKILL)  # a measurement that ends with this process
     processes = env_int(ENV_NUM_PROCESSES, 0)
     if tpu is not None:  # one process compiles for the whole slice (or all the GPUs)
         env.update(compile_only_environment(tpu))

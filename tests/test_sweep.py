@@ -3,6 +3,7 @@ outputs written, per-device memory as the shardings say, and TPU slices compiled
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -231,3 +232,33 @@ def test_long_context_layouts_compile_for_a_tpu_slice(tmp_path, libtpu_path):
     assert slices.stderr.strip() == (
         "llama-jax bench: error: the devices come from 2 TPU slices joined by the data-center "
         "network: say which mesh axis spans them, e.g. mesh.dcn_data=2")
+
+
+def test_a_sweep_stopped_by_sigterm_leaves_no_measurement_running(tmp_path):
+    """A scheduler's SIGTERM to the sweep alone: the layout's `bench` it had started ends with
+    it (Linux's parent-death signal), instead of running on and holding the devices."""
+    import signal
+    import time
+
+    import psutil
+    from conftest import ROOT
+
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "llama_jax.cli", "sweep", "configs/tiny.yaml", "--layouts",
+         "fsdp=8", "--steps", "1000000", "--out", str(tmp_path)], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not children:
+            children = psutil.Process(sweep.pid).children()
+            time.sleep(0.2)
+        assert children, "the sweep started no bench"
+        sweep.send_signal(signal.SIGTERM)
+        sweep.wait(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive
+    finally:
+        for p in [sweep, *children]:
+            with contextlib.suppress(Exception):
+                p.kill()
