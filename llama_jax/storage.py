@@ -51,6 +51,24 @@ def ensure_dir(path: epath.Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
+def missing_folders(path: epath.Path) -> list[epath.Path]:
+    """The local folders `ensure_dir(path)` would make, `path` first (none on a store)."""
+    missing: list[epath.Path] = []
+    if not is_remote(path):
+        p = epath.Path(os.path.abspath(os.fspath(path)))
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+    return missing
+
+
+def remove_if_empty(folders: list[epath.Path]) -> None:
+    """Remove each folder that is empty, in order; one that is not (or is gone) stays as is."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def create_exclusive(path: epath.Path, data: bytes) -> bool:
     """Write `data` to `path` only if nothing is there; False if something already was.
 

@@ -36,7 +36,7 @@ from llama_jax.step import (
     make_train_step,
 )
 from llama_jax.stopping import Preempted, StopSignals
-from llama_jax.storage import as_path, ensure_dir
+from llama_jax.storage import as_path, ensure_dir, missing_folders, remove_if_empty
 from llama_jax.watchdog import Watchdog
 
 
@@ -115,14 +115,20 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False,
     run_dir = as_path(cfg.run_dir)
     is_main = jax.process_index() == 0
     tasks = _task_manager(cfg)  # a missing extra or a wrong task name: before anything is written
+    made = missing_folders(run_dir / "checkpoints") if is_main else []  # Orbax makes the last
     if is_main:
         ensure_dir(run_dir)
     session = goodput.next_session(run_dir / "metrics.jsonl") if is_main else 0
-    with locked(run_dir, enabled=is_main), \
-            persistent_cache(cfg.train.compilation_cache_dir, is_main) as cache_dir, \
-            Watchdog(run_dir, jax.process_index(), cfg.train.step_timeout_s) as dog:
-        return _train_locked(cfg, run_dir, mesh, quiet, Clock(session, 0, started), dog,
-                             cache_dir, tasks)
+    try:
+        with locked(run_dir, enabled=is_main), \
+                persistent_cache(cfg.train.compilation_cache_dir, is_main) as cache_dir, \
+                Watchdog(run_dir, jax.process_index(), cfg.train.step_timeout_s) as dog:
+            return _train_locked(cfg, run_dir, mesh, quiet, Clock(session, 0, started), dog,
+                                 cache_dir, tasks)
+    except BaseException:
+        # A new run refused before it wrote anything leaves no empty folders behind.
+        remove_if_empty(made)
+        raise
 
 
 def _task_manager(cfg: Config) -> Any:

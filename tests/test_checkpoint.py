@@ -242,7 +242,7 @@ def test_restore_from_another_run(tmp_path, params_only):
             f"checkpoint.restore_from={tmp_path / 'a'}"])
         with pytest.raises(RunDirError, match=r"train.steps=3 is behind .*\(step 4, "):
             train(behind, quiet=True)
-        assert [p for p in (tmp_path / "c").rglob("*") if p.is_file()] == []
+        assert not (tmp_path / "c").exists()
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

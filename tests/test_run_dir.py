@@ -57,6 +57,20 @@ def test_refused_resume_leaves_the_run_byte_for_byte(run, overrides, named):
     assert snapshot(run) == before
 
 
+def test_a_refused_new_run_leaves_no_folder_behind(tmp_path):
+    """The folders a new run's start made (and Orbax's checkpoints/) are removed again when it
+    is refused before writing anything; a folder that was there stays."""
+    (tmp_path / "kept").mkdir()
+    for run_dir, refused, why in [
+            (tmp_path / "new" / "deeper", "mesh.data=3", "does not divide the 8 devices"),
+            (tmp_path / "kept", "mesh.data=3", "does not divide the 8 devices"),
+            (tmp_path / "kept", f"checkpoint.restore_from={tmp_path / 'none'}", "no such run")]:
+        done = run_cli("train", "configs/tiny.yaml", f"run_dir={run_dir}", refused)
+        assert done.returncode == 2 and why in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
 def test_resume_applies_and_lists_allowed_changes(tmp_path):
     """Allowed changes are applied and listed; a torn last metrics line (a crash mid-write)
     is dropped with a note, and the rows read as one uninterrupted run."""
