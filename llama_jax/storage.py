@@ -63,10 +63,11 @@ def missing_folders(path: epath.Path) -> list[epath.Path]:
 
 
 def remove_if_empty(folders: list[epath.Path]) -> None:
-    """Remove each folder that is empty, in order; one that is not (or is gone) stays as is."""
+    """Remove each local folder that is empty, in order; one that is not (or is gone) stays
+    as is. (os.rmdir: epath's raises ValueError for a folder that is not empty.)"""
     for folder in folders:
         with contextlib.suppress(OSError):
-            folder.rmdir()
+            os.rmdir(os.fspath(folder))
 
 
 def create_exclusive(path: epath.Path, data: bytes) -> bool:

@@ -126,8 +126,10 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False,
             return _train_locked(cfg, run_dir, mesh, quiet, Clock(session, 0, started), dog,
                                  cache_dir, tasks)
     except BaseException:
-        # A new run refused before it wrote anything leaves no empty folders behind.
-        remove_if_empty(made)
+        # A new run refused before it wrote anything leaves no empty folders behind; the
+        # error on its way out is the one to report.
+        with contextlib.suppress(Exception):
+            remove_if_empty(made)
         raise
 
 
