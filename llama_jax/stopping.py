@@ -35,9 +35,14 @@ class Preempted(LlamaJaxError):
 
 def _preemption_service() -> bool:
     """Whether JAX's preemption service runs here (a multi-process run with it enabled)."""
-    from jax._src import distributed  # the service's handle has no public accessor
+    if jax.process_count() <= 1:
+        return False
+    try:  # the service's handle has no public accessor
+        from jax._src import distributed
 
-    return jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+        return distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):  # moved in a later JAX: then its switch says
+        return bool(getattr(jax.config, "jax_enable_preemption_service", True))
 
 
 class StopSignals:
