@@ -82,6 +82,28 @@ def test_prefetching_pipeline_resumes_exactly(corpus, tmp_path):
     resumed.close()
 
 
+def test_a_resume_on_changed_data_says_so(corpus, tmp_path, capsys):
+    """The data position is saved with a fingerprint of the corpus: restored onto a corpus
+    that changed since (a file appended to), it warns, since the run no longer reads what an
+    uninterrupted one would; on the same corpus it says nothing."""
+    import shutil
+
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    cfg = data_cfg(copy, tmp_path)
+    data = prepare_data(cfg)
+    pipe = TextPipeline(cfg, data, "train", 4, seed=1)
+    take(pipe, 2)
+    state = json.loads(json.dumps(pipe.get_state()))
+    capsys.readouterr()
+    TextPipeline(cfg, data, "train", 4, seed=1).set_state(state)
+    assert "changed since this checkpoint" not in capsys.readouterr().err
+    with (copy / "more.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "A document added later. " * 40}) + "\n")
+    TextPipeline(cfg, prepare_data(cfg), "train", 4, seed=1).set_state(state)
+    assert "data source text_files changed since this checkpoint" in capsys.readouterr().err
+
+
 def numbered(n: int, start: int = 0) -> Source:
     """A token-id source whose document i is the one token start + i."""
     docs = grain.MapDataset.source([{"tokens": np.array([start + i])} for i in range(n)])

@@ -85,6 +85,7 @@ class TextPipeline:
                 it, prefetch_buffer_size=cfg.data.prefetch
             )
         self._iter = iter(it)
+        self.corpus = corpus_fingerprint(data.sources)
         self.keep_source = keep_source
         self.sources = data.sources
         self.tally = SourceTally(data.names)
@@ -132,7 +133,8 @@ class TextPipeline:
         is its own (its documents, so its packing, differ): on multi-host runs every
         process's position is gathered into `iterators`, and each takes back its own."""
         mine = self._iter.get_state()
-        state = {"iterator": mine, "tokens_by_source": self.tally.total()}
+        state = {"iterator": mine, "tokens_by_source": self.tally.total(),
+                 "corpus": self.corpus}
         if jax.process_count() > 1:
             state["iterators"] = _gathered(mine)
         return state
@@ -144,9 +146,39 @@ class TextPipeline:
         mine = each[jax.process_index()] if len(each) == jax.process_count() else \
             state["iterator"]
         self._iter.set_state(_tuples_restored(mine))
+        changed = [name for name, digest in state.get("corpus", {}).items()
+                   if self.corpus.get(name, digest) != digest]
+        if changed and jax.process_index() == 0:
+            print(f"warning: data source {', '.join(changed)} changed since this checkpoint "
+                  f"was written (its files or documents differ); the run goes on from its "
+                  f"saved position in the new documents, so it no longer reads what an "
+                  f"uninterrupted run would", file=sys.stderr)
         saved = state.get("tokens_by_source", {})
         self.tally.restore(saved)
         self._epochs_begun = {name: int(p) for name, p in epochs(saved, self.sources)}
+
+
+def corpus_fingerprint(sources: list[Source]) -> dict[str, str]:
+    """Per source, a digest of what it reads: its local files' names and sizes and its
+    documents per split. Saved with the data position, so a resume can say when the data
+    changed under the run (a file appended to, a TFDS version rebuilt); cheap, and blind to
+    an edit that keeps every size."""
+    out = {}
+    for src in sources:
+        h = hashlib.sha1()
+        for f in sorted(src.files):
+            h.update(f"{f.name}:{_size(f)}|".encode())
+        for split in sorted(src.splits):
+            h.update(f"{split}:{len(src.splits[split])}|".encode())
+        out[src.name] = h.hexdigest()[:16]
+    return out
+
+
+def _size(path: Any) -> int:
+    try:
+        return int(path.stat().st_size)
+    except Exception:  # noqa: BLE001 - gone, or a store without sizes: the same every time
+        return -1
 
 
 def _gathered(value: Any) -> list[Any]:
