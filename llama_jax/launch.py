@@ -65,7 +65,7 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if asked or (failed and all(code in STOPPED for _, code in failed)):
+    if asked or _stopped_on_signal(failed):
         # Stopped on a signal, to the launcher or to one of them: process 0 said where the
         # checkpoint is, their status says which signal (a command with no handler for it
         # was ended by it: the shell's 128 + N).
@@ -80,6 +80,11 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
     return 0
 
 
+def _stopped_on_signal(failed: list[tuple[int, int]]) -> bool:
+    """Whether the processes that ended badly all ended with `train`'s stop status."""
+    return bool(failed) and all(code in STOPPED for _, code in failed)
+
+
 def _wait(procs: list[subprocess.Popen], asked: list[int]) -> list[tuple[int, int]]:
     """Wait for every process; the (index, status) of those that failed. When one fails
     unasked, the others are stopped (they could only wait for it in a collective): SIGTERM,
@@ -90,12 +95,12 @@ def _wait(procs: list[subprocess.Popen], asked: list[int]) -> list[tuple[int, in
         while any(p.poll() is None for p in procs):
             failed = [(i, p.returncode) for i, p in enumerate(procs)
                       if p.returncode not in (None, 0)]
-            if failed and not asked and any(code not in STOPPED for _, code in failed):
+            if failed and not asked and not _stopped_on_signal(failed):
                 break
             time.sleep(0.2)
         failed = failed or [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
     finally:
-        if not asked and any(code not in STOPPED for _, code in failed):
+        if not asked and not _stopped_on_signal(failed):
             for p in procs:
                 if p.poll() is None:
                     p.terminate()
