@@ -434,7 +434,10 @@ def staged(out_dir: Path) -> Iterator[Path]:
     """A temporary folder beside `out_dir`, renamed to it when the block succeeds and removed
     when it fails: a conversion leaves either the whole output or nothing, and a retry
     starts clean. An existing, non-empty `out_dir` is never written into."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"{out_dir} is a file; choose a new output folder (nothing "
+                              f"was changed)")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} already exists and is not empty; choose a new "
                               f"output folder (nothing was changed)")
     tmp = out_dir.with_name(f".{out_dir.name}.partial")

@@ -141,6 +141,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def report(run_dir: epath.Path) -> dict[str, Any]:
+    if not run_dir.is_dir():
+        raise LlamaJaxError(f"{run_dir}: no such run directory")
     rows = _rows(run_dir / "metrics.jsonl")
     if not rows:
         raise LlamaJaxError(f"{run_dir}: no goodput rows in metrics.jsonl (not a run directory, "

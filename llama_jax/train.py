@@ -20,7 +20,7 @@ from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore
 from llama_jax.compile_cache import CompileLog, KeptStep, describe, persistent_cache
 from llama_jax.config import Config, save_config
 from llama_jax.data.feed import global_batches, make_source, prepare, source_kind
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import LlamaJaxError, check_can_write
 from llama_jax.evaluate import Evaluator, with_run_tokenizer
 from llama_jax.goodput import Clock
 from llama_jax.metrics import MetricsWriter, Profiler, StepLog
@@ -36,7 +36,7 @@ from llama_jax.step import (
     make_train_step,
 )
 from llama_jax.stopping import Preempted, StopSignals
-from llama_jax.storage import as_path, ensure_dir, missing_folders, remove_if_empty
+from llama_jax.storage import as_path, ensure_dir, is_remote, missing_folders, remove_if_empty
 from llama_jax.watchdog import Watchdog
 
 
@@ -117,6 +117,8 @@ def train(cfg: Config, mesh: Mesh | None = None, quiet: bool = False,
     tasks = _task_manager(cfg)  # a missing extra or a wrong task name: before anything is written
     made = missing_folders(run_dir / "checkpoints") if is_main else []  # Orbax makes the last
     if is_main:
+        if not is_remote(run_dir):
+            check_can_write(run_dir, "run_dir")  # a file in its place: one line, not EEXIST
         ensure_dir(run_dir)
     session = goodput.next_session(run_dir / "metrics.jsonl") if is_main else 0
     try:

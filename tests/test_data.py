@@ -219,6 +219,9 @@ def test_non_utf8_text_is_refused_in_one_line_or_skipped_and_counted(tmp_path):
     ("corpus", ["data.files={root}/*.txt", "model.vocab_size=400",
                 "data.tokenizer={root}/big.model"], "has 512 pieces but model.vocab_size=400"),
     ("badjson", ["data.files={root}/*.jsonl"], "{root}/bad.jsonl:2: invalid JSON"),
+    ("small", ["data.files={root}/*.txt", "data.validation_fraction=0.5"],
+     "could not train a 512-piece tokenizer (the size is data.tokenizer_vocab_size, or "
+     "model.vocab_size where that is 0): Vocabulary size too high (512). Please set it to"),
 ])
 def test_bad_input_gives_one_line(tmp_path, setup, overrides, message):
     from pydoc_data.topics import topics
@@ -237,6 +240,9 @@ def test_bad_input_gives_one_line(tmp_path, setup, overrides, message):
         import shutil
 
         shutil.copy(prepare_data(cfg).tokenizer.path, root / "big.model")
+    if setup == "small":
+        for i in range(8):
+            (root / f"{i}.txt").write_text(f"corpus {i}, too small for 512 pieces\n" * 20)
     if setup == "badjson":
         (root / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     args = [o.format(root=root) for o in overrides]

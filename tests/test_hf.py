@@ -131,6 +131,11 @@ def test_failed_convert_leaves_nothing_and_a_retry_works(tmp_path):
     assert "already exists and is not empty" in again.stderr.strip().splitlines()[-1]
     exported = run_cli("convert", "orbax-to-hf", str(out), str(hf))
     assert exported.returncode != 0 and "already exists" in exported.stderr
+    (tmp_path / "a-file").write_text("notes")
+    onto_a_file = run_cli("convert", "orbax-to-hf", str(out), str(tmp_path / "a-file"))
+    assert onto_a_file.returncode != 0
+    assert f"{tmp_path / 'a-file'} is a file" in onto_a_file.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "a-file").read_text() == "notes"
 
 
 @pytest.mark.parametrize("form", ["rope_parameters", "legacy"])

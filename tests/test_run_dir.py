@@ -64,11 +64,17 @@ def test_a_refused_new_run_leaves_no_folder_behind(tmp_path):
     for run_dir, refused, why in [
             (tmp_path / "new" / "deeper", "mesh.data=3", "does not divide the 8 devices"),
             (tmp_path / "kept", "mesh.data=3", "does not divide the 8 devices"),
-            (tmp_path / "kept", f"checkpoint.restore_from={tmp_path / 'none'}", "no such run")]:
-        done = run_cli("train", "configs/tiny.yaml", f"run_dir={run_dir}", refused)
-        assert done.returncode == 2 and why in done.stderr, done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+            (tmp_path / "kept", f"checkpoint.restore_from={tmp_path / 'none'}", "no such run"),
+            (tmp_path / "a-file", "", f"run_dir: {tmp_path / 'a-file'} is not a directory"),
+            (tmp_path / "a-file" / "run", "", f"run_dir: {tmp_path / 'a-file'} is not a dir")]:
+        (tmp_path / "a-file").write_text("notes")
+        done = run_cli("train", "configs/tiny.yaml", f"run_dir={run_dir}",
+                       *([refused] if refused else []))
+        [line] = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and why in line, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "kept"]
     assert list((tmp_path / "kept").iterdir()) == []
+    assert (tmp_path / "a-file").read_text() == "notes"
 
 
 def test_resume_applies_and_lists_allowed_changes(tmp_path):

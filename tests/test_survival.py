@@ -270,11 +270,13 @@ def test_resume_keeps_each_sessions_last_account(tmp_path):
     assert kept == [lines[0], lines[3]]
 
 
-def test_goodput_of_a_folder_without_accounts_is_one_line(tmp_path):
-    shown = run_cli("goodput", str(tmp_path))
+@pytest.mark.parametrize("where, why", [(".", "no goodput rows"),
+                                        ("typo", "no such run directory")])
+def test_goodput_of_a_folder_without_accounts_is_one_line(tmp_path, where, why):
+    shown = run_cli("goodput", str(tmp_path / where))
     assert shown.returncode != 0
     [line] = shown.stderr.strip().splitlines()
-    assert str(tmp_path) in line and "no goodput rows" in line
+    assert str(tmp_path / where) in line and why in line
 
 
 # slow (make test-all): a 300-step soak; what leaked per save is checked in CI by

@@ -100,9 +100,13 @@ def train_tokenizer(parts: list[tuple[Any, str]], vocab_size: int, out_path: Pat
             minloglevel=2,
         )
     except RuntimeError as e:
+        # sentencepiece's reason follows its check's source location: "INTERNAL: x.cc(744)
+        # [(a) == (b)] Vocabulary size too high (512). Please set it to a value <= 324."
+        reason = str(e).strip().splitlines()[-1].rpartition("] ")[2]
         raise LlamaJaxError(
-            f"sentencepiece could not train a {vocab_size}-piece tokenizer: "
-            f"{str(e).strip().splitlines()[-1]}"
+            f"sentencepiece could not train a {vocab_size}-piece tokenizer (the size is "
+            f"data.tokenizer_vocab_size, or model.vocab_size where that is 0): "
+            f"{reason}"
         ) from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
