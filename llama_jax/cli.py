@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     result = train(cfg, started=STARTED)
     if jax.process_index() == 0 and result.evals:
-        first, last = result.evals[0], result.evals[-1]
+        first, last = _run_first_evaluation(cfg.run_dir, result.evals[0]), result.evals[-1]
         print(f"\nrun directory: {cfg.run_dir}")
         # Training validates on train.eval_batches batches; `eval` on the whole split (real
         # data): the token counts say which number is which.
@@ -135,6 +135,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         prompt = "--prompt 'The'" if has_tokenizer else "--prompt-ids 1,2,3"
         print(f"sample:    llama-jax generate {cfg.run_dir} {prompt}")
     return 0
+
+
+def _run_first_evaluation(run_dir: str, session_first: dict[str, Any]) -> dict[str, Any]:
+    """The run's first validation row: a resumed session validates only from its own steps
+    on, and the line that closes `train` sets the run's start against its end."""
+    from llama_jax.storage import as_path, json_rows
+
+    earlier = [row for row in json_rows(as_path(run_dir) / "metrics.jsonl")
+               if "perplexity" in row and "kind" not in row
+               and row.get("step", session_first["step"]) < session_first["step"]]
+    return earlier[0] if earlier else session_first
 
 
 def cmd_goodput(args: argparse.Namespace) -> int:

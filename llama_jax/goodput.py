@@ -19,7 +19,6 @@ time after its last row is not known and not counted.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from etils import epath
 
 from llama_jax.compile_cache import CompileLog
 from llama_jax.errors import LlamaJaxError
+from llama_jax.storage import json_rows
 
 PHASES = ("step", "compile", "data_wait", "checkpoint", "evaluation", "restore", "startup")
 LABELS = {
@@ -88,17 +88,7 @@ def next_session(metrics_path: epath.Path) -> int:
 
 
 def _rows(metrics_path: epath.Path) -> list[dict[str, Any]]:
-    if not metrics_path.is_file():
-        return []
-    rows = []
-    for line in metrics_path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a torn last line; the metrics writer reports it
-        if isinstance(row, dict) and is_goodput(row):
-            rows.append(row)
-    return rows
+    return [row for row in json_rows(metrics_path) if is_goodput(row)]
 
 
 def sessions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

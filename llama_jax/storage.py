@@ -13,9 +13,11 @@ alike. Object stores differ from disks in these ways, which this module absorbs:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
+from typing import Any
 
 import fsspec
 from etils import epath
@@ -37,6 +39,22 @@ def as_path(path: PathLike) -> epath.Path:
 
 def is_remote(path: PathLike) -> bool:
     return "://" in os.fspath(path)
+
+
+def json_rows(path: epath.Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file such as metrics.jsonl (none if it is missing); a line
+    that does not parse (a torn last line: a crash mid-write) is passed over."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def absolute(path: PathLike) -> epath.Path:

@@ -84,8 +84,9 @@ def test_prefetching_pipeline_resumes_exactly(corpus, tmp_path):
 
 def test_a_resume_on_changed_data_says_so(corpus, tmp_path, capsys):
     """The data position is saved with a fingerprint of the corpus: restored onto a corpus
-    that changed since (a file appended to), it warns, since the run no longer reads what an
-    uninterrupted one would; on the same corpus it says nothing."""
+    that changed since (a file appended to), or by another number of processes than saved
+    it, it warns, since the run no longer reads what an uninterrupted one would; on the same
+    corpus and processes it says nothing."""
     import shutil
 
     copy = tmp_path / "corpus"
@@ -102,6 +103,14 @@ def test_a_resume_on_changed_data_says_so(corpus, tmp_path, capsys):
         f.write(json.dumps({"text": "A document added later. " * 40}) + "\n")
     TextPipeline(cfg, prepare_data(cfg), "train", 4, seed=1).set_state(state)
     assert "data source text_files changed since this checkpoint" in capsys.readouterr().err
+    # A position saved by two processes (each reads its own share of the documents) cannot
+    # be continued by one: it says so too.
+    pipe = TextPipeline(cfg, prepare_data(cfg), "train", 4, seed=1)
+    take(pipe, 1)
+    two = {**pipe.get_state(), "iterators": [state["iterator"], state["iterator"]]}
+    capsys.readouterr()
+    TextPipeline(cfg, prepare_data(cfg), "train", 4, seed=1).set_state(two)
+    assert "saved by 2 process(es) and this run has 1" in capsys.readouterr().err
 
 
 def numbered(n: int, start: int = 0) -> Source:

@@ -100,6 +100,10 @@ def test_resume_applies_and_lists_allowed_changes(tmp_path):
     assert "dropping a torn last line" in again.stderr
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows if "grad_norm" in r] == list(range(1, 13))
+    # The closing line sets the run's first validation against its last, across sessions.
+    start, end = (next(r["loss"] for r in rows if "perplexity" in r and r["step"] == s)
+                  for s in (0, 12))
+    assert f"validation loss: {start:.4f} at step 0 -> {end:.4f} at step 12" in again.stdout
 
 
 def test_a_checkpoint_that_does_not_fit_is_not_called_damaged(tmp_path):

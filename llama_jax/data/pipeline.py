@@ -143,9 +143,19 @@ class TextPipeline:
         if "iterator" not in state:  # saved before the tally existed: Grain's state alone
             state = {"iterator": state}
         each = state.get("iterators") or []
-        mine = each[jax.process_index()] if len(each) == jax.process_count() else \
+        written_by = len(each) or 1
+        mine = each[jax.process_index()] if each and written_by == jax.process_count() else \
             state["iterator"]
         self._iter.set_state(_tuples_restored(mine))
+        if written_by != jax.process_count() and jax.process_index() == 0:
+            # Each process reads every process_count-th document and packs its own rows,
+            # so no position of the new processes continues the old order; process 0's is
+            # the nearest (documents of this pass may be read twice or not at all).
+            print(f"warning: the data position was saved by {written_by} process(es) and "
+                  f"this run has {jax.process_count()}; each process goes on from process "
+                  f"0's saved position in its new share of the documents, so this pass may "
+                  f"repeat or skip documents that an uninterrupted run would not",
+                  file=sys.stderr)
         changed = [name for name, digest in state.get("corpus", {}).items()
                    if self.corpus.get(name, digest) != digest]
         if changed and jax.process_index() == 0:
