@@ -220,26 +220,34 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_ids(text: str) -> list[int]:
+    """`--prompt-ids 1,2,3`: every comma-separated item an integer (`1,,2` is a typo, not
+    `1,2`); none at all is refused later with the other empty prompts."""
+    items = [t.strip() for t in text.split(",")] if text.strip() else []
+    try:
+        return [int(t) for t in items]
+    except ValueError:
+        raise LlamaJaxError(f"--prompt-ids {text!r}: expected comma-separated token ids, "
+                            f"e.g. 1,2,3") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from llama_jax.evaluate import load_for_inference
     from llama_jax.generate import SamplingConfig, generate_ids
 
+    if not args.prompt and not args.prompt_ids:
+        raise LlamaJaxError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
+    id_prompts = [_token_ids(p) for p in args.prompt_ids]  # before minutes of loading
     _join_from_environment()
     loaded = load_for_inference(args.path, args.overrides, step=args.step)
     vocab = loaded.cfg.model.vocab_size
     if args.top_k > vocab:
         raise LlamaJaxError(f"--top-k {args.top_k} exceeds the vocabulary ({vocab} tokens)")
     tok = loaded.tokenizer
-    if not args.prompt and not args.prompt_ids:
-        raise LlamaJaxError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
     if args.prompt and tok is None:
         raise LlamaJaxError(f"{args.path} has no tokenizer (trained on synthetic tokens?): "
                             f"give token ids with --prompt-ids 1,2,3, or a sentencepiece "
                             f"model with data.tokenizer=PATH")
-    try:
-        id_prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
-    except ValueError:
-        raise LlamaJaxError("--prompt-ids takes comma-separated integers") from None
     prompts = [tok.encode(p, bos=True, eos=False) for p in args.prompt] + id_prompts
     as_text = [True] * len(args.prompt) + [False] * len(id_prompts)
     prompts = [p for p in prompts for _ in range(args.num_samples)]

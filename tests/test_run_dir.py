@@ -253,6 +253,9 @@ def test_launch_refuses_zero(flag):
     (["--top-k", "5000"], "--top-k 5000 exceeds the vocabulary (1024 tokens)"),
     (["--num-samples", "0"], "--num-samples: must be >= 1"),
     (["--prompt-ids", "1,2,4096"], "token id 4096 is outside the vocabulary (1024 tokens"),
+    (["--prompt-ids", "1,,2"], "--prompt-ids '1,,2': expected comma-separated token ids"),
+    (["--prompt-ids", "1,2;3"], "--prompt-ids '1,2;3': expected comma-separated token ids"),
+    (["--prompt-ids", ""], "every prompt needs at least one token"),
     (["--prompt", "The"], "has no tokenizer (trained on synthetic tokens?)"),
     ([], "give a prompt"),
 ])
