@@ -273,7 +273,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 500  # steps; 0: only at the end (SIGTERM/SIGINT also save)
-    keep: int = 3
+    keep: int = 3  # the newest N checkpoints; 0: all
     keep_every: int = 0
     restore_from: str = ""
     restore_params_only: bool = False
@@ -462,14 +462,17 @@ _POSITIVE = (
     "data.seq_len", "train.steps", "train.global_batch_size", "train.microbatches",
     "train.log_every", "train.eval_batches", "train.loss_scale_init", "train.loss_scale_window",
     "train.loss_scale_hysteresis", "train.loss_scale_min", "data.read_threads",
-    "model.fp8_amax_history",
+    "model.fp8_amax_history", "distributed.timeout_s", "model.rope_scaling.factor",
+    "model.rope_scaling.low_freq_factor", "model.rope_scaling.high_freq_factor",
+    "model.rope_scaling.original_max_position_embeddings",
 )
 _NON_NEGATIVE = (
     "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
     "train.eval_every", "train.z_loss", "train.profile_steps", "checkpoint.every",
     "data.tokenizer_vocab_size", "data.prefetch", "data.num_workers",
     "checkpoint.keep_every", "model.init_std", "train.max_rollbacks", "train.eval_tasks_every",
-    "train.eval_tasks_limit",
+    "train.eval_tasks_limit", "checkpoint.keep", "train.profile_start", "optimizer.eps",
+    "distributed.num_processes",
 )
 
 
@@ -540,8 +543,10 @@ def validate(cfg: Config) -> None:
             f"model.rotary_pct={m.rotary_pct} gives an odd rotary width {m.rotary_dim} "
             f"(head_dim {m.head_size}); it must be even"
         )
-    if m.rope_scaling.type != "none" and m.rope_scaling.factor <= 0:
-        raise ConfigError(f"model.rope_scaling.factor={m.rope_scaling.factor} must be positive")
+    r = m.rope_scaling
+    if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:  # they bound a ramp
+        raise ConfigError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must "
+                          f"exceed model.rope_scaling.low_freq_factor={r.low_freq_factor}")
     if m.position == "learned" and cfg.data.seq_len > m.max_position_embeddings:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
@@ -549,6 +554,16 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.optimizer.min_lr_ratio <= 1.0:
         raise ConfigError(f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio} must be in [0, 1]")
+    if not 0 <= cfg.train.seed < 2**31:  # Grain's shuffles take seeds in [0, 2**32)
+        raise ConfigError(f"train.seed={cfg.train.seed} must be in [0, 2**31)")
+    for key in ("optimizer.b1", "optimizer.b2"):  # as torch.optim.AdamW checks them
+        if not 0.0 <= _get(cfg, key) < 1.0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be in [0, 1)")
+    d = cfg.distributed
+    if d.process_id < -1 or (d.num_processes and d.process_id >= d.num_processes):
+        raise ConfigError(f"distributed.process_id={d.process_id} must be -1 (from the "
+                          f"environment) or in [0, distributed.num_processes"
+                          f"{f'={d.num_processes}' if d.num_processes else ''})")
     if not 0.0 <= cfg.optimizer.decay_fraction <= 1.0:
         raise ConfigError(
             f"optimizer.decay_fraction={cfg.optimizer.decay_fraction} must be in [0, 1]"

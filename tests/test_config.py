@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import CONFIGS
 from helpers import run_cli
@@ -118,6 +120,12 @@ def test_rule_override_changes_one_rule_only():
                                          "rows never reach cuDNN) or at least 2"),
         ("model.max_segments_per_row=-3", "model.max_segments_per_row=-3 must be 0"),
         ("data.synthetic_document_tokens=-1", "data.synthetic_document_tokens=-1 must be >= 0"),
+        ("optimizer.b2=1.0", "optimizer.b2=1.0 must be in [0, 1)"),
+        ("model.rope_scaling={type: llama3, factor: 8, low_freq_factor: 4}",
+         "model.rope_scaling.high_freq_factor=4.0 must exceed model.rope_scaling.low_freq_"),
+        ("train.seed=4294967296", "train.seed=4294967296 must be in [0, 2**31)"),
+        ("distributed.process_id=-2", "distributed.process_id=-2 must be -1 (from the "
+                                      "environment) or in [0, distributed.num_processes)"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key(override, fragment):
@@ -125,6 +133,34 @@ def test_bad_settings_are_refused_with_the_key(override, fragment):
         load_config(CONFIGS / "tiny.yaml", [override])
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+# Settings where -1 means something (fill the mesh axis from the device count; take the
+# process id from the environment).
+MINUS_ONE_MEANS_SOMETHING = {"mesh.data", "mesh.fsdp", "mesh.sequence", "mesh.tensor",
+                             "distributed.process_id"}
+
+
+def _numeric_settings(node: object, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _numeric_settings(value, f"{prefix}{f.name}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_no_numeric_setting_takes_minus_one_without_a_word():
+    """-1 is refused in one line naming the key wherever it means nothing (a negative
+    checkpoint.keep, train.seed or optimizer.b2 reached a library's traceback, or worse)."""
+    keys = _numeric_settings(load_config(CONFIGS / "tiny.yaml"))
+    assert "checkpoint.keep" in keys and "optimizer.b2" in keys and len(keys) > 50
+    for key in sorted(set(keys) - MINUS_ONE_MEANS_SOMETHING):
+        with pytest.raises(ConfigError) as e:
+            load_config(CONFIGS / "tiny.yaml", [f"{key}=-1"])
+        assert key in str(e.value) and "\n" not in str(e.value)
 
 
 def test_synthetic_documents_need_the_synthetic_dataset():
