@@ -589,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--split", default="validation", choices=SPLITS)
             p.add_argument("--batches", type=_bounded(int, 0), default=0,
-                           help="batches to evaluate (default 0: one pass over the split)")
+                           help="batches to evaluate, at most one pass over the split "
+                                "(default 0: one pass)")
         if name == "generate":
             p.add_argument("--prompt", action="append", default=[],
                            help="prompt text; repeat for a batch of prompts")

@@ -151,12 +151,17 @@ def evaluate_checkpoint(path: PathLike, overrides: list[str] | tuple[str, ...] =
                             f"data.dataset=synthetic if random tokens are what you want")
     data = prepare(loaded.cfg)
     rows = loaded.cfg.train.global_batch_size
-    if not batches:
-        if data is None:
-            batches = loaded.cfg.train.eval_batches
-        else:
-            split_tokens = data.stats[split]["tokens"]
-            batches = max(1, math.ceil(split_tokens / (rows * loaded.cfg.data.seq_len)))
+    if data is None:
+        batches = batches or loaded.cfg.train.eval_batches
+    else:
+        split_tokens = data.stats[split]["tokens"]
+        one_pass = max(1, math.ceil(split_tokens / (rows * loaded.cfg.data.seq_len)))
+        if batches > one_pass and jax.process_index() == 0:
+            # The split repeats: more batches would score the same documents again.
+            print(f"note: the {split} split holds {one_pass:,} batch(es) of {rows} x "
+                  f"{loaded.cfg.data.seq_len} tokens; evaluating those, not {batches:,}",
+                  file=sys.stderr)
+        batches = min(batches, one_pass) if batches else one_pass
     names = data.names if data else None
     eval_step = make_eval_step(loaded.setup, len(names or ()))
     result = evaluate(eval_step, loaded.params,
