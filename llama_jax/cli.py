@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--profile-steps", type=_bounded(int, 1), default=2,
                            help="steps traced with --profile")
         if name == "sweep":
-            p.add_argument("--devices", type=int, default=None,
+            p.add_argument("--devices", type=_bounded(int, 1), default=None,
                            help="device count (default: all; on CPU, simulated devices)")
             p.add_argument("--axes", default="data,fsdp,tensor",
                            help="mesh axes to factor the devices over")
