@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help='explicit layouts instead, e.g. "data=2,fsdp=4;fsdp=8"')
             p.add_argument("--out", default="", help="folder for sweep.csv/json/png "
                            "(default: sweeps/<config>-<time>)")
-            p.add_argument("--timeout", type=float, default=900.0,
+            p.add_argument("--timeout", type=_bounded(float, 0.0, low_open=True), default=900.0,
                            help="seconds one layout may take before it is recorded as failed")
         if name == "plan":
             where = p.add_mutually_exclusive_group(required=True)
@@ -616,7 +616,8 @@ def _launch(argv: list[str]) -> int:
                                 description="run N local processes of one llama-jax command")
     p.add_argument("--processes", type=int, required=True)
     p.add_argument("--devices-per-process", type=int, default=1)
-    p.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+    p.add_argument("--port", type=_bounded(int, 0, 65535), default=0,
+                   help="coordinator port (default: a free one)")
     p.add_argument("--log-dir", default=None, help="where processes 1..N-1 write their output")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS ...")
     args = p.parse_args(argv)

@@ -235,12 +235,15 @@ def test_yaml_errors_name_file_line_and_column(tmp_path):
     assert f"{bad}:3:" in done.stderr and "invalid YAML" in done.stderr
 
 
-@pytest.mark.parametrize("flag", ["--processes", "--devices-per-process"])
-def test_launch_refuses_zero(flag):
-    args = ["--processes", "2", "--devices-per-process", "1"]
-    args[args.index(flag) + 1] = "0"
+@pytest.mark.parametrize("flag, value, why", [
+    ("--processes", "0", "--processes must be at least 1"),
+    ("--devices-per-process", "0", "--devices-per-process must be at least 1"),
+    ("--port", "99999", "argument --port: must be >= 0 and <= 65535, got 99999")])
+def test_launch_refuses_impossible_numbers(flag, value, why):
+    args = ["--processes", "2", "--devices-per-process", "1", "--port", "0"]
+    args[args.index(flag) + 1] = value
     done = run_cli("launch", *args, "--", "info", "configs/tiny.yaml")
-    assert done.returncode == 2 and f"{flag} must be at least 1" in done.stderr
+    assert done.returncode == 2 and why in done.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -45,9 +45,11 @@ def test_bad_layouts_are_refused_in_one_line():
     result = run_cli("sweep", "configs/tiny.yaml", "--layouts", "data=2;fsdp=x")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "fsdp=x" in result.stderr
-    zero = run_cli("sweep", "configs/tiny.yaml", "--devices", "0")  # was "all devices"
-    assert zero.returncode == 2
-    assert "argument --devices: must be >= 1, got 0" in zero.stderr.strip().splitlines()[-1]
+    for flag, value, why in [("--devices", "0", "must be >= 1, got 0"),  # was "all devices"
+                             ("--timeout", "0", "must be > 0.0, got 0")]:  # failed every layout
+        refused = run_cli("sweep", "configs/tiny.yaml", flag, value)
+        assert refused.returncode == 2
+        assert f"argument {flag}: {why}" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_sweep_of_every_layout_isolates_a_crash(tmp_path):
