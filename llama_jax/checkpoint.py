@@ -26,7 +26,7 @@ from etils import epath
 
 from llama_jax import host_memory, tensorstore_leaks
 from llama_jax.config import Config, config_from_yaml_text, to_yaml
-from llama_jax.errors import LlamaJaxError, first_line
+from llama_jax.errors import LlamaJaxError, brief
 from llama_jax.storage import PathLike, absolute, as_path, is_remote
 
 PyTree = Any
@@ -153,11 +153,11 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001 - OSError, tensorstore's ValueError, ...
             kept: list[int] = []
-            text = first_line(e)
+            text = brief(e)
             with contextlib.suppress(OSError):
                 kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
             last = f"step {kept[-1]}" if kept else "none"
-            raise CheckpointError(f"{what} in {self.directory} failed: {text[:300]} (last "
+            raise CheckpointError(f"{what} in {self.directory} failed: {text} (last "
                                   f"complete checkpoint: {last})") from None
 
     def incomplete(self) -> list[epath.Path]:
@@ -203,14 +203,16 @@ class Checkpointer:
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = value
-            partial.save(where, {"params": tree})
+            with self._writing("a parameters-only checkpoint save"):  # only the writes:
+                partial.save(where, {"params": tree})  # the leaves' own errors stay theirs
             del value, tree, node
-        partial.finalize(where)
         meta = {"step": step, "config": to_yaml(self.cfg), "contents": ["params"],
                 "fingerprint": {"params": sums}}
-        items = ocp.Checkpointer(ocp.JsonCheckpointHandler())
-        items.save(where / "data", args=ocp.args.JsonSave({}))
-        items.save(where / "meta", args=ocp.args.JsonSave(meta))
+        with self._writing("a parameters-only checkpoint save"):
+            partial.finalize(where)
+            items = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+            items.save(where / "data", args=ocp.args.JsonSave({}))
+            items.save(where / "meta", args=ocp.args.JsonSave(meta))
 
     def wait(self) -> None:
         with self._writing("a checkpoint save"):
@@ -278,7 +280,7 @@ def _root_cause(e: BaseException) -> str:
             nxt not in chain:
         chain.append(nxt)
     said = [x for x in chain if str(x).strip()] or [e]
-    return f"{type(said[-1]).__name__}: {first_line(said[-1])[:300]}"
+    return f"{type(said[-1]).__name__}: {brief(said[-1])}"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_jax.children import end_with_parent
-from llama_jax.errors import LlamaJaxError, check_can_write, os_error_line
+from llama_jax.errors import LlamaJaxError, brief, check_can_write, os_error_line
 
 STARTED = time.time()  # this session's start, for goodput (before the heavy imports)
 
@@ -666,8 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(e, storage_errors()):
             raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        print(f"llama-jax {args.command}: error: storage: {type(e).__name__}: {first}",
+        print(f"llama-jax {args.command}: error: storage: {type(e).__name__}: {brief(e)}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -28,7 +28,7 @@ from llama_jax.config import (
     validate,
 )
 from llama_jax.errors import LlamaJaxError, first_line
-from llama_jax.storage import is_remote
+from llama_jax.storage import failures_named, is_remote
 
 if TYPE_CHECKING:
     from llama_jax.data.tokenizer import Tokenizer
@@ -448,7 +448,8 @@ def staged(out_dir: Path) -> Iterator[Path]:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        yield tmp
+        with failures_named(out_dir):  # a full disk: one line naming the output
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -493,6 +494,7 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = 
 
 
 def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     from llama_jax.evaluate import load_for_inference
@@ -503,8 +505,12 @@ def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) 
     hf_cfg = hf_config_from_model(loaded.cfg.model)
     tensors = params_to_hf(jax.device_get(loaded.params), loaded.cfg.model)
     with staged(out_dir) as tmp:
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as e:  # the Rust writer's I/O errors (a full disk)
+            raise ConversionError(f"{out_dir}: model.safetensors could not be written "
+                                  f"({first_line(e)}); nothing was kept") from None
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if loaded.tokenizer is not None:  # the run's own, local or on an object store
             (tmp / "tokenizer.model").write_bytes(loaded.tokenizer.path.read_bytes())

@@ -15,7 +15,7 @@ import time
 import jax
 
 from llama_jax.config import DistributedConfig
-from llama_jax.errors import LlamaJaxError, first_line
+from llama_jax.errors import LlamaJaxError, brief
 from llama_jax.output_filter import FatalReport, LineFilter
 
 ENV_COORDINATOR = "LLAMA_JAX_COORDINATOR"
@@ -78,7 +78,7 @@ def initialize(d: DistributedConfig) -> bool:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - jaxlib raises several kinds for one cause
         where = coordinator or "the detected cluster"
-        first = first_line(e)[:200]
+        first = brief(e, 200)
         raise LlamaJaxError(f"distributed: could not join {where} within "
                             f"{d.timeout_s}s: {first}") from None
     FatalReport.install(jax.process_index())

@@ -16,6 +16,18 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def brief(e: BaseException, limit: int = 300) -> str:
+    """`first_line(e)` within `limit` characters, its start and its end kept: a storage
+    library's line names the operation first and the cause last ("Error writing X in OCDBT
+    database at local file Y: ...: No space left on device"), and a cut at the limit lost
+    the cause."""
+    text = first_line(e)
+    if len(text) <= limit:
+        return text
+    tail = limit * 3 // 5
+    return f"{text[:limit - tail - 5]} ... {text[-tail:]}"
+
+
 def os_error_line(e: OSError) -> str:
     """An I/O fault (disk full, read-only, permission denied, a vanished directory) as the
     path and the system's words for it."""
@@ -32,7 +44,9 @@ def check_can_write(out: Path, what: str) -> None:
     if not existing.is_dir():
         raise LlamaJaxError(f"{what}: {existing} is not a directory")
     if not os.access(existing, os.W_OK):
-        raise LlamaJaxError(f"{what}: {existing} is not writable")
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise LlamaJaxError(f"{what}: {existing} is " + (
+            "on a read-only file system" if read_only else "not writable"))
 
 
 def script_main(name: str, main: Callable[[], int | None]) -> NoReturn:

@@ -25,7 +25,7 @@ import psutil
 from etils import epath
 
 from llama_jax.config import Config, config_from_yaml_text
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import LlamaJaxError, brief
 from llama_jax.storage import create_exclusive, replace_text
 
 LOCK_NAME = ".lock"
@@ -155,7 +155,7 @@ class RunLock:
                               f"{e.strerror or e}") from None
         except ValueError as e:  # TensorStore's error for a refused or failed request
             raise RunDirError(f"{self.path}: cannot create the run's lock: "
-                              f"{str(e).splitlines()[0][:200]}") from None
+                              f"{brief(e, 200)}") from None
 
     def acquire(self) -> None:
         for _ in range(2):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -128,10 +129,31 @@ def replace_bytes(path: epath.Path, data: bytes) -> None:
         return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        with failures_named(path):
+            tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def named(e: OSError, path: PathLike) -> OSError:
+    """`e` with `path` as its file name where it has none: a `write()` that fails (a full
+    disk) raises an OSError that names no file, and the one-line report names the path."""
+    if e.filename is None and e.errno is not None:
+        return OSError(e.errno, e.strerror, os.fspath(path))
+    return e
+
+
+@contextlib.contextmanager
+def failures_named(path: PathLike) -> Iterator[None]:
+    """Within the block, an OSError without a file name is raised as `named(e, path)`."""
+    try:
+        yield
+    except OSError as e:
+        renamed = named(e, path)
+        if renamed is e:
+            raise
+        raise renamed from None
 
 
 class Appender:

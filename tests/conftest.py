@@ -61,3 +61,24 @@ def unsharded():
 
     with sharding.unsharded():
         yield
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of 3 MiB (a full disk after one tiny checkpoint; `resize` makes it another
+    size); root only."""
+    where = tmp_path / "fs"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def resize(fs: Path, size: str) -> None:
+    """Give the `small_fs` tmpfs `size` (e.g. "64k", "64m")."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(fs)], check=True)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, resize
 from helpers import assert_matches_transformers, hf_logits, run_cli, save_hf_model
 
 pytestmark = pytest.mark.usefixtures("unsharded")  # direct model calls
@@ -136,6 +136,21 @@ def test_failed_convert_leaves_nothing_and_a_retry_works(tmp_path):
     assert onto_a_file.returncode != 0
     assert f"{tmp_path / 'a-file'} is a file" in onto_a_file.stderr.strip().splitlines()[-1]
     assert (tmp_path / "a-file").read_text() == "notes"
+
+
+def test_a_full_disk_fails_a_conversion_in_one_line_and_keeps_nothing(tmp_path, small_fs):
+    """Both directions onto a disk too small: Orbax's and safetensors' write errors as one line
+    that names the cause, and no partial output."""
+    tiny_hf(tmp_path)
+    assert run_cli("convert", "hf-to-orbax", str(tmp_path / "hf"),
+                   str(tmp_path / "run")).returncode == 0
+    resize(small_fs, "64k")
+    for direction, src in [("hf-to-orbax", tmp_path / "hf"), ("orbax-to-hf", tmp_path / "run")]:
+        done = run_cli("convert", direction, str(src), str(small_fs / "out"))
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode != 0 and len(lines) == 1, done.stderr
+        assert "No space left on device" in lines[0]
+        assert list(small_fs.iterdir()) == []
 
 
 @pytest.mark.parametrize("form", ["rope_parameters", "legacy"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, resize
 from helpers import run_cli
 
 from llama_jax.config import load_config
@@ -179,21 +179,6 @@ def test_boolean_like_choices_from_the_command_line_and_yaml(tmp_path, value, ex
     assert load_config(preset).distributed.enabled == expected
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A tmpfs of 3 MiB (a full disk after one tiny checkpoint); root only."""
-    where = tmp_path / "fs"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_disk_full_is_one_line_and_the_run_resumes_once_fixed(small_fs):
     run_dir = small_fs / "run"
     args = ["train", "configs/tiny.yaml", f"run_dir={run_dir}", "checkpoint.every=5",
@@ -203,16 +188,30 @@ def test_disk_full_is_one_line_and_the_run_resumes_once_fixed(small_fs):
     lines = [line for line in full.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, full.stderr
     assert "checkpoint save" in lines[0] and str(run_dir / "checkpoints") in lines[0]
-    assert "RESOURCE_EXHAUSTED" in lines[0] or "No space left" in lines[0]
+    assert "No space left on device" in lines[0]  # the cause, at the end of a long line
     # Fixed: more room. The run resumes from its last complete checkpoint, if any.
-    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    resize(small_fs, "64m")
     resumed = run_cli(*args, "train.steps=12")
     assert resumed.returncode == 0, resumed.stderr
     assert (run_dir / "checkpoints" / "12").is_dir()
 
 
+@pytest.mark.parametrize("size, where", [("1m", "corpus/python_docs-"),
+                                         ("3m", "text/python_docs-")])
+def test_a_full_disk_while_preparing_data_is_one_line_and_leaves_no_part(small_fs, size, where):
+    """The corpus file (a Python write) and the array_record shards (whose writer raises a
+    RuntimeError) on a full disk: one line naming the file, and its part removed."""
+    resize(small_fs, size)
+    done = run_cli("prepare-data", "configs/default.yaml", f"data.cache_dir={small_fs}")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert f"{small_fs}/{where}" in lines[0] and "No space left on device" in lines[0]
+    left = [p.name for p in small_fs.rglob("*") if p.suffix in (".tmp", ".partial")]
+    assert left == []
+
+
 def test_read_only_run_dir_is_one_line_and_changes_nothing(small_fs):
-    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    resize(small_fs, "64m")
     run_dir = small_fs / "run"
     args = ["train", "configs/tiny.yaml", f"run_dir={run_dir}", "checkpoint.every=5"]
     assert run_cli(*args, "train.steps=5").returncode == 0
@@ -221,8 +220,8 @@ def test_read_only_run_dir_is_one_line_and_changes_nothing(small_fs):
     refused = run_cli(*args, "train.steps=10")
     assert refused.returncode != 0
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Read-only file system" in lines[0], refused.stderr
-    assert str(run_dir) in lines[0]
+    assert lines == [f"llama-jax train: error: run_dir: {run_dir} is on a read-only file "
+                     f"system"], refused.stderr
     subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
     assert snapshot(run_dir) == before
 

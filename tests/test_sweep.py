@@ -186,7 +186,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_layout_runs(tmp_pat
         subprocess.run(["umount", str(ro)], check=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"llama-jax sweep: error: --out {ro / 'sweep'}: {ro} is not writable"]
+        f"llama-jax sweep: error: --out {ro / 'sweep'}: {ro} is on a read-only file system"]
     assert list(ro.iterdir()) == []
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import zstandard
 
 from llama_jax.errors import LlamaJaxError
+from llama_jax.storage import failures_named
 
 _SKIP_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3",
                      "turtledemo", "ensurepip"}
@@ -221,8 +222,11 @@ def write_python_docs(out_dir: Path) -> Path:
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for name, text in python_docs_documents():
-            f.write(json.dumps({"name": name, "text": text}) + "\n")
-    tmp.replace(path)
+    try:
+        with failures_named(tmp), tmp.open("w") as f:
+            for name, text in python_docs_documents():
+                f.write(json.dumps({"name": name, "text": text}) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back
     return path

@@ -16,6 +16,7 @@ shard when one file changed. Here a file is streamed from reader to writer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import grain
+
+from llama_jax.errors import LlamaJaxError, first_line
+from llama_jax.storage import named
 
 SPLITS = ("train", "validation")
 INDEX = "index.json"
@@ -101,14 +105,28 @@ def write(item: FileShards, records: Iterable[Record],
             c["documents"] += 1
             c["tokens"] += tokens
             c["bytes"] += text_bytes
-    finally:
+        while writers:
+            writers.popitem()[1].close()  # a full disk often shows only here
+        index = {"file": str(item.path), **counts, **(extra() if extra else {})}
+        (partial / INDEX).write_text(json.dumps(index))
+    except BaseException as e:
         for w in writers.values():
-            w.close()
-    index = {"file": str(item.path), **counts, **(extra() if extra else {})}
-    (partial / INDEX).write_text(json.dumps(index))
+            with contextlib.suppress(Exception):
+                w.close()
+        shutil.rmtree(partial, ignore_errors=True)  # gives a full disk its space back
+        raise _write_error(e, partial) from None
     shutil.rmtree(item.folder, ignore_errors=True)
     os.replace(partial, item.folder)
     return index
+
+
+def _write_error(e: BaseException, partial: Path) -> BaseException:
+    """A failed write as one line that names the file: array_record's writer raises a
+    RuntimeError ("write() failed: No space left on device; writing PATH; at byte N; ..."),
+    and a failed `write()` of a Python file is an OSError without the file's name."""
+    if isinstance(e, RuntimeError) and "failed" in str(e) and str(partial) in str(e):
+        return LlamaJaxError(first_line(e))
+    return named(e, partial) if isinstance(e, OSError) else e
 
 
 def read(items: list[FileShards], split: str, decode: grain.transforms.Map

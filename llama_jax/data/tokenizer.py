@@ -13,7 +13,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llama_jax.errors import LlamaJaxError
-from llama_jax.storage import as_path
+from llama_jax.storage import as_path, replace_bytes
 
 MAX_TRAINING_DOCS = 50_000
 
@@ -109,7 +109,5 @@ def train_tokenizer(parts: list[tuple[Any, str]], vocab_size: int, out_path: Pat
             f"{reason}"
         ) from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)
+    replace_bytes(out_path, model.getvalue())
     return out_path
