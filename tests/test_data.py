@@ -113,6 +113,38 @@ def test_a_resume_on_changed_data_says_so(corpus, tmp_path, capsys):
     assert "saved by 2 process(es) and this run has 1" in capsys.readouterr().err
 
 
+def test_a_second_builder_of_a_data_cache_waits_for_the_first(corpus, tmp_path):
+    """While another process holds the cache's build lock, `prepare-data` says it waits and
+    builds nothing; once the lock is let go it builds. (Two builders at once interleaved the
+    python_docs corpus file and removed each other's half-written shards.)"""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    held = os.open(cache / ".build.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    cfg = data_cfg(corpus, tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_jax.cli", "prepare-data", "configs/tiny.yaml",
+         "data.dataset=text_files", f"data.files={cfg.data.files}", f"data.cache_dir={cache}",
+         "model.vocab_size=512", "data.validation_fraction=0.2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = proc.stderr.readline()
+        assert said.startswith(f"waiting for another process that is building {cache}"), said
+        assert sorted(p.name for p in cache.iterdir()) == [".build.lock"]
+    finally:
+        os.close(held)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert re.search(r"[\d,]+ train / [\d,]+ validation", out), out
+
+
 def numbered(n: int, start: int = 0) -> Source:
     """A token-id source whose document i is the one token start + i."""
     docs = grain.MapDataset.source([{"tokens": np.array([start + i])} for i in range(n)])

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -24,6 +25,7 @@ from etils import epath
 
 from llama_jax.config import Config
 from llama_jax.data.batch import model_row
+from llama_jax.data.cache_lock import building
 from llama_jax.data.mixture import (
     SPLITS,
     Source,
@@ -306,6 +308,11 @@ def prepare_data(cfg: Config) -> PreparedData:
 
 
 def _prepare(cfg: Config) -> PreparedData:
+    with building(Path(cfg.data.cache_dir)):
+        return _prepare_locked(cfg)
+
+
+def _prepare_locked(cfg: Config) -> PreparedData:
     sources = [load_source(*named) for named in source_settings(cfg.data)]
     tokenizer = None
     if any(src.text_key is not None for src in sources):
@@ -363,9 +370,10 @@ def tokenize_once(cfg: Config, data: PreparedData) -> list[tuple[str, dict[str, 
     todo = [(src, token_cache.cached_files(src.settings, data.tokenizer, src.files))
             for src in data.sources if src.files]
     done = []
-    with Progress(TextColumn("[bold]tokenizing {task.fields[name]}"), BarColumn(),
-                  DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                  transient=not sys.stderr.isatty()) as bar:
+    with building(Path(cfg.data.cache_dir)), \
+            Progress(TextColumn("[bold]tokenizing {task.fields[name]}"), BarColumn(),
+                     DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                     transient=not sys.stderr.isatty()) as bar:
         for src, cached in todo:
             text_bytes = sum(src.stats[s]["tokens"] * src.stats[s]["bytes_per_token"]
                              for s in SPLITS)  # an estimate: the size of the text, not files
