@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +17,19 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def brief(e: BaseException, limit: int = 300) -> str:
-    """`first_line(e)` within `limit` characters, its start and its end kept: a storage
-    library's line names the operation first and the cause last ("Error writing X in OCDBT
-    database at local file Y: ...: No space left on device"), and a cut at the limit lost
-    the cause."""
+# TensorStore's annotations at the end of a status: `[tensorstore_spec='{...}']` (the
+# whole JSON spec, often twice), `[source locations='...']`, `[os_error_code='28']`.
+_ANNOTATION = re.compile(r"\s*\[[\w\[\] ]+='[^']*'\]\s*$")
+
+
+def brief(e: BaseException, limit: int = 500) -> str:
+    """`first_line(e)` without TensorStore's trailing annotations and within `limit`
+    characters, its start and its end kept: a storage library's line names the operation
+    first and the cause last ("Error writing X in OCDBT database at local file Y: ...: No
+    space left on device"); a cut at 300 characters had lost the cause."""
     text = first_line(e)
+    while (trimmed := _ANNOTATION.sub("", text)) != text:
+        text = trimmed
     if len(text) <= limit:
         return text
     tail = limit * 3 // 5

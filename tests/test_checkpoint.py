@@ -117,6 +117,21 @@ def _truncate_array_data(directory: Path) -> None:
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
 
+def test_a_storage_errors_line_keeps_its_cause_and_drops_the_spec():
+    """TensorStore's status names the operation first, the cause last, then the JSON spec:
+    the line kept for the user drops the spec and, when long, the middle, never the end."""
+    from llama_jax.errors import brief
+
+    spec = "[tensorstore_spec='{\"driver\":\"zarr\"," + "\"x\":1," * 200 + "}']"
+    full = ValueError(f'RESOURCE_EXHAUSTED: Error writing "p/c/0" in OCDBT database at local '
+                      f'file "/r/{"d" * 400}/state/": Failed to write 29 bytes to file 17: No '
+                      f"space left on device [os_error_code='28'] {spec}")
+    line = brief(full)
+    assert len(line) <= 500 and line.startswith("RESOURCE_EXHAUSTED: Error writing")
+    assert line.endswith("Failed to write 29 bytes to file 17: No space left on device")
+    assert brief(ValueError(f"OUT_OF_RANGE: short {spec} {spec}")) == "OUT_OF_RANGE: short"
+
+
 def test_damaged_checkpoint_falls_back_and_is_kept(tmp_path):
     args = ["train", "configs/tiny.yaml", f"run_dir={tmp_path}", "checkpoint.every=5",
             "train.log_every=5"]
