@@ -126,3 +126,37 @@ def test_training_reads_the_cache_says_so_and_a_text_run_resumes_on_it_exactly(t
     assert "reading token ids (tokenized once by prepare-data)" in capsys.readouterr().err
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[3:]]
     assert np.isfinite([r["loss"] for r in whole.history]).all()
+
+
+def test_ctrl_c_while_workers_start_is_one_line(tmp_path, corpus):
+    """A Ctrl-C reaches the terminal's whole process group: the tokenizing workers, still
+    importing, ignore it (each printed a KeyboardInterrupt traceback), and prepare-data says
+    it was interrupted, exits 130 and leaves no half-written shards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from conftest import ROOT
+
+    root, model = corpus
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_jax.cli", "prepare-data",
+         *args(root, model, cache, "data.num_workers=2")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and sum(
+            "spawn_main" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children()) < 2:
+        time.sleep(0.02)
+    time.sleep(0.3)  # the workers are importing
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == \
+        "llama-jax prepare-data: interrupted", err
+    assert not list(cache.rglob("*.partial"))

@@ -10,7 +10,10 @@ that tokenizing the text as it trains gives: a run may switch between the two on
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,6 +44,23 @@ _worker_tokenizer: Tokenizer | None = None
 def _start_worker(model: str, add_bos: bool, add_eos: bool) -> None:
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer(model, add_bos, add_eos)
+
+
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """A Ctrl-C reaches the terminal's whole process group. Processes started in this block
+    inherit SIGINT ignored (an ignored signal stays ignored through exec, and Python then
+    installs no KeyboardInterrupt handler), so the pool's workers never see one, rather than
+    each printing a traceback of its start-up: their owner stops and ends them. A Ctrl-C
+    within the block itself (the processes' creation, milliseconds) is not seen."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 Batch = tuple[list[str], list[str]]  # documents, and the split of each
@@ -80,10 +100,6 @@ def build(data: DataConfig, tokenizer: Tokenizer, files: list[FileShards],
     todo = [(f, t) for f, t in zip(files, texts, strict=True) if not f.done]
     text_bytes = 0
     pool = None
-    if data.num_workers > 0 and todo:
-        context = multiprocessing.get_context("spawn")  # never fork a process running JAX
-        pool = context.Pool(data.num_workers, _start_worker,
-                            (str(tokenizer.path), tokenizer.add_bos, tokenizer.add_eos))
 
     def records(text: FileShards) -> Iterator[file_shards.Record]:
         nonlocal text_bytes
@@ -98,6 +114,11 @@ def build(data: DataConfig, tokenizer: Tokenizer, files: list[FileShards],
                 progress(sum(sizes))
 
     try:
+        if data.num_workers > 0 and todo:
+            context = multiprocessing.get_context("spawn")  # never fork a process running JAX
+            with _workers_ignore_sigint():
+                pool = context.Pool(data.num_workers, _start_worker,
+                                    (str(tokenizer.path), tokenizer.add_bos, tokenizer.add_eos))
         for item, text in todo:
             file_shards.write(item, records(text))
     finally:
