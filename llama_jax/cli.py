@@ -393,6 +393,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep.print_table(result)
     for path in sweep.write_outputs(result, out):
         print(f"wrote {path}")
+    if result["interrupted"]:
+        done = sum(r["status"] in ("ok", "failed") for r in result["rows"])
+        print(f"llama-jax sweep: interrupted after {done} layout(s); they are in the table "
+              f"and {out}", file=sys.stderr)
+        return 130
     if not any(r["status"] == "ok" for r in result["rows"]):
         print(f"llama-jax sweep: error: no layout ran (the reasons are in the table and "
               f"{out})", file=sys.stderr)
@@ -425,6 +430,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan.print_table(result)
     for path in plan.write_outputs(result, out, opts):
         print(f"wrote {path}")
+    if result["interrupted"]:
+        print(f"llama-jax plan: interrupted; what was compiled and measured by then is in the "
+              f"table and {out}", file=sys.stderr)
+        return 130
     if not result["best_overrides"]:
         print(f"llama-jax plan: error: no candidate compiled and fit (the reasons are in the "
               f"table and {out / 'plan.csv'})", file=sys.stderr)

@@ -240,10 +240,13 @@ def predict(c: Candidate, limits: roofline.Roofline) -> None:
 
 def compile_candidates(opts: PlanOptions, todo: list[Candidate], devices: int,
                        tpu: Target | None, budget: Budget, limits: roofline.Roofline,
-                       progress: Callable[[str], None]) -> None:
-    """Compile `todo` in order, `opts.jobs` at a time, while the budget allows another."""
+                       progress: Callable[[str], None]) -> bool:
+    """Compile `todo` in order, `opts.jobs` at a time, while the budget allows another.
+    Returns whether a Ctrl-C stopped it: the candidates compiled by then are kept, the rest
+    skipped (the benches in flight had the same Ctrl-C, as the terminal's process group)."""
     lock = threading.Lock()
     queue = list(todo)
+    stop = threading.Event()
 
     def worker(index: int) -> None:
         while True:
@@ -251,6 +254,9 @@ def compile_candidates(opts: PlanOptions, todo: list[Candidate], devices: int,
                 if not queue:
                     return
                 c = queue.pop(0)
+            if stop.is_set():
+                c.status, c.reason = "skipped", INTERRUPTED
+                continue
             left = budget.left()
             if left <= max(budget.expected(), 1.0):
                 c.status, c.reason = "skipped", "not compiled: the time budget ran out"
@@ -263,25 +269,40 @@ def compile_candidates(opts: PlanOptions, todo: list[Candidate], devices: int,
             budget.done(time.monotonic() - start)
             if c.status == "failed" and c.reason.startswith("timed out"):  # the deadline
                 c.status, c.reason = "skipped", "not compiled: the time budget ran out during it"
+            if c.status == "failed" and stop.is_set():
+                c.status, c.reason = "skipped", INTERRUPTED
             predict(c, limits)
             progress(f"compiled {describe(c)}: {c.status}"
                      + (f" ({c.reason})" if c.reason else ""))
 
     with concurrent.futures.ThreadPoolExecutor(opts.jobs) as pool:
-        for future in [pool.submit(worker, i) for i in range(opts.jobs)]:
-            future.result()
+        futures = [pool.submit(worker, i) for i in range(opts.jobs)]
+        try:
+            for future in futures:
+                future.result()
+        except KeyboardInterrupt:
+            stop.set()  # each worker ends after its bench in flight
+    return stop.is_set()
 
 
 def measure_candidates(opts: PlanOptions, best: list[Candidate], devices: int,
-                       progress: Callable[[str], None]) -> None:
-    """A few real steps of each (one at a time: they share the devices)."""
+                       progress: Callable[[str], None]) -> bool:
+    """A few real steps of each (one at a time: they share the devices). Returns whether a
+    Ctrl-C stopped it (the measurements made by then are kept)."""
     for index, c in enumerate(best):
         arguments = [opts.config, *opts.overrides, *c.overrides(), "--steps", str(opts.steps)]
-        status, reason, figures = run_bench(arguments,
-                                            _child_environment(devices, index, None), 1800)
+        try:
+            status, reason, figures = run_bench(arguments,
+                                                _child_environment(devices, index, None), 1800)
+        except KeyboardInterrupt:
+            return True
         c.measured = figures if status == "ok" else {"error": reason}
         progress(f"measured {describe(c)}: "
                  + (f"{figures['step_time_s'] * 1e3:.1f} ms" if status == "ok" else reason))
+    return False
+
+
+INTERRUPTED = "not compiled: the plan was interrupted"
 
 
 def describe(c: Candidate) -> str:
@@ -368,16 +389,17 @@ def run_plan(opts: PlanOptions, progress: Callable[[str], None] = lambda _: None
     progress(f"{len(found)} candidates, {len(todo)} after arithmetic; compiling, "
              f"{opts.jobs} at a time, for at most {opts.budget_minutes:g} minutes")
     budget = Budget(opts.budget_minutes)
-    compile_candidates(opts, todo, devices, tpu, budget, limits, progress)
-    if limits.measured:  # again, minutes later: a busy moment of the host is not its rate
+    interrupted = compile_candidates(opts, todo, devices, tpu, budget, limits, progress)
+    # Measured again, minutes later: a busy moment of the host is not its rate.
+    if limits.measured and not interrupted:
         limits = limits.best_of(_roofline_for(tpu, devices))
         for c in todo:
             predict(c, limits)
     compiled = sorted((c for c in todo if c.status == "ok" and c.predicted_s()),
                       key=lambda c: c.tokens / c.predicted_s(), reverse=True)
-    measured = tpu is None and opts.measure > 0
+    measured = tpu is None and opts.measure > 0 and not interrupted
     if measured:
-        measure_candidates(opts, compiled[:opts.measure], devices, progress)
+        interrupted = measure_candidates(opts, compiled[:opts.measure], devices, progress)
     ranked = _ranked(compiled)
     rows = [c.record(i + 1, hbm) for i, c in enumerate(ranked)]
     rest = [c for c in found if c not in ranked]
@@ -385,6 +407,7 @@ def run_plan(opts: PlanOptions, progress: Callable[[str], None] = lambda _: None
     rows += [c.record(None, hbm) for c in sorted(rest, key=lambda c: order[c.status])]
     best = ranked[0] if ranked else None
     return {
+        "interrupted": interrupted,
         "config": opts.config, "overrides": opts.overrides,
         "topology": str(tpu) if tpu else None, "devices": devices, "tokens_per_step": tokens,
         "roofline": limits.to_json(),

@@ -53,7 +53,7 @@ class SweepOptions:
 @dataclass
 class Row:
     layout: Layout
-    status: str  # ok | failed | invalid
+    status: str  # ok | failed | invalid | not run (a sweep interrupted before it)
     reason: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -264,7 +264,7 @@ def ranked(rows: list[Row], compile_only: bool) -> list[tuple[int | None, Row]]:
     # Of the failures, those closest to fitting first.
     failed = sorted((r for r in rows if r.status == "failed"),
                     key=lambda r: r.figures.get("required_gib") or math.inf)
-    rest = failed + [r for r in rows if r.status == "invalid"]
+    rest = failed + [r for r in rows if r.status in ("invalid", "not run")]
     return [(i + 1, r) for i, r in enumerate(ok)] + [(None, r) for r in rest]
 
 
@@ -287,12 +287,21 @@ def run_sweep(opts: SweepOptions, progress: Any = None) -> dict[str, Any]:
             rows.append(Row(with_dcn(layout, dcn), "invalid", reason))
         else:
             todo.append(layout)
+    interrupted = False
     for index, layout in enumerate(todo):
-        if progress:
-            progress(index, len(todo), layout_label(layout))
-        rows.append(run_layout(opts, layout, dcn, devices, index, tpu))
+        before = len(rows)
+        try:
+            if progress:
+                progress(index, len(todo), layout_label(layout))
+            rows.append(run_layout(opts, layout, dcn, devices, index, tpu))
+        except KeyboardInterrupt:  # hours of layouts already measured are kept
+            interrupted = True
+            rows += [Row(with_dcn(rest, dcn), "not run", "the sweep was interrupted")
+                     for rest in todo[index + (len(rows) > before):]]
+            break
     compile_only = opts.compile_only or tpu is not None
     return {
+        "interrupted": interrupted,
         "config": opts.config, "overrides": opts.overrides, "devices": devices,
         "topology": str(tpu) if tpu else None, "compile_only": compile_only,
         "steps": None if compile_only else opts.steps,
@@ -323,7 +332,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["status"] != "invalid"]
+    rows = [r for r in result["rows"] if r["status"] in ("ok", "failed")]
     labels = [r["layout"] + ("" if r["status"] == "ok" else " (failed)") for r in rows]
     measured = not result["compile_only"]
     panels = 2 if measured else 1

@@ -41,6 +41,33 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
                           text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
 
 
+def ctrl_c_after(line_start: str, *args: str, timeout: float = 600
+                 ) -> tuple[int, str, str]:
+    """Run the CLI as a terminal's foreground job (its own process group, SIGINT as a shell
+    leaves it) and press Ctrl-C (SIGINT to the whole group) once it writes a stderr line
+    starting with `line_start`. Returns (exit status, stdout, all of stderr)."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()  # a full stdout pipe would stall it
+    err = []
+    for line in proc.stderr:
+        err.append(line)
+        if line.startswith(line_start):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    err.append(proc.stderr.read())
+    proc.wait(timeout=timeout)
+    reader.join(timeout=60)
+    return proc.returncode, "".join(out), "".join(err)
+
+
 # Tiny-run configs and layouts shared by the training, step and sharding tests.
 
 LAYOUTS = [

@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 from conftest import CONFIGS
-from helpers import run_cli
+from helpers import ctrl_c_after, run_cli
 from test_sweep import libtpu_path  # noqa: F401 - a fixture
 
 from llama_jax import flops, hlo_cost
 from llama_jax.bench import compiled_random_step
 from llama_jax.chips import chip_of_kind
 from llama_jax.config import load_config
-from llama_jax.plan import Candidate, candidates, estimated_bytes
+from llama_jax.plan import INTERRUPTED, Candidate, candidates, estimated_bytes
 from llama_jax.roofline import Roofline, chip_roofline
 from llama_jax.step import make_setup
 from llama_jax.topology import ENV_LIBTPU, parse_topology
@@ -361,6 +361,23 @@ def test_arithmetic_prunes_what_cannot_fit_an_8b_model():
     assert estimated_bytes(cfg, one("none", fsdp=8), state) > hbm
     assert estimated_bytes(cfg, one("full", fsdp=8), state) < 0.5 * hbm
     assert estimated_bytes(cfg, one("full", data=8), state) > hbm  # unsharded state: 8B x 16 B
+
+
+def test_a_plan_interrupted_by_ctrl_c_keeps_what_it_compiled(tmp_path):
+    """Ctrl-C after the first compile: no further candidate is compiled (it compiled all of
+    them, then wrote nothing), those compiled are ranked and written, the rest are skipped
+    as interrupted, and the exit status is 130."""
+    out = tmp_path / "plan"
+    code, _, stderr = ctrl_c_after(
+        "compiled ", "plan", "configs/tiny.yaml", "--devices", "8", "--remat", "full",
+        "--tokens-per-step", "1024", "--measure", "0", "--out", str(out))
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("llama-jax plan: interrupted;")
+    rows = json.loads((out / "plan.json").read_text())["rows"]
+    assert 1 <= sum(r["status"] == "ok" for r in rows) <= 2  # the one seen, and its twin job
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert len(skipped) > 5 and {r["reason"] for r in skipped} == {INTERRUPTED}
+    assert (out / "plan.yaml").is_file()
 
 
 def test_plan_on_simulated_cpu_devices(tmp_path):

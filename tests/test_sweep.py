@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CONFIGS
-from helpers import run_cli
+from helpers import ctrl_c_after, run_cli
 
 from llama_jax import flops
 from llama_jax.config import load_config
@@ -50,6 +50,23 @@ def test_bad_layouts_are_refused_in_one_line():
         refused = run_cli("sweep", "configs/tiny.yaml", flag, value)
         assert refused.returncode == 2
         assert f"argument {flag}: {why}" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_a_sweep_interrupted_by_ctrl_c_keeps_what_it_measured(tmp_path):
+    """Ctrl-C during the second layout: the first layout's figures are written (table,
+    json, csv, png), the second and third are marked not run, and the exit status is 130.
+    (Everything measured was lost.)"""
+    out = tmp_path / "sweep"
+    code, stdout, stderr = ctrl_c_after(
+        "[2/3]", "sweep", "configs/tiny.yaml", "--layouts", "fsdp=8;data=8;data=2,fsdp=4",
+        "--compile-only", "--out", str(out))
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (f"llama-jax sweep: interrupted after 1 "
+                                               f"layout(s); they are in the table and {out}")
+    rows = {r["layout"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert rows["fsdp=8"]["status"] == "ok" and rows["fsdp=8"]["compiled_per_device_gib"]
+    assert {rows[k]["status"] for k in ("data=8", "data=2,fsdp=4")} == {"not run"}
+    assert (out / "sweep.png").is_file() and "fsdp=8" in stdout
 
 
 def test_sweep_of_every_layout_isolates_a_crash(tmp_path):
