@@ -18,6 +18,7 @@ from flax import nnx
 
 from llama_jax import sharding
 from llama_jax.convert import hf_to_orbax, is_hf_folder
+from llama_jax.errors import LlamaJaxError
 from llama_jax.evaluate import Loaded, load_for_inference
 from llama_jax.generate import SamplingConfig, check_positions, check_token_ids, generate_ids
 from llama_jax.storage import PathLike, as_path
@@ -49,15 +50,17 @@ class Model:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  num_samples: int = 1) -> list[Any]:
         """Continuations of text prompts (returns text) or token-id prompts (returns ids)."""
+        eos = self.tokenizer.eos_id if self.tokenizer is not None else -1
+        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, eos)  # checks them
+        if num_samples < 1:
+            raise LlamaJaxError(f"num_samples={num_samples} must be >= 1")
         as_text = bool(prompts) and isinstance(prompts[0], str)
         if as_text and self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids")
         ids = [self.tokenizer.encode(p, bos=True, eos=False) if as_text else list(p)
                for p in prompts]
         ids = [p for p in ids for _ in range(num_samples)]
-        eos = self.tokenizer.eos_id if self.tokenizer is not None else -1
-        out = generate_ids(self.loaded.graphdef, self.loaded.params, ids,
-                           SamplingConfig(max_new_tokens, temperature, top_k, top_p, eos),
+        out = generate_ids(self.loaded.graphdef, self.loaded.params, ids, sampling,
                            seed=seed, mesh=self.loaded.mesh, rules=self.cfg.mesh.rules)
         if not as_text:
             return out

@@ -32,6 +32,17 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off
     eos_id: int = -1  # -1: never stop early
 
+    def __post_init__(self) -> None:
+        """The CLI checks its flags the same way; this is for `api` callers (a negative
+        temperature sampled from the flipped distribution, max_new_tokens=0 raised an
+        IndexError from deep in the loop)."""
+        for name, ok, rule in (("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+                               ("temperature", self.temperature >= 0.0, ">= 0"),
+                               ("top_k", self.top_k >= 0, ">= 0 (0: off)"),
+                               ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]")):
+            if not ok:
+                raise LlamaJaxError(f"{name}={getattr(self, name)} must be {rule}")
+
 
 def sample_token(logits_BxV: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Array:
     if s.temperature == 0.0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +88,17 @@ def test_learned_positions_bound_the_length(tiny_overrides):
     with pytest.raises(LlamaJaxError, match=r"17 positions \(0..16\) run past the model's 16 "
                                             r"learned positions .* at most 13 new tokens"):
         generate_ids(graphdef, params, prompts, SamplingConfig(max_new_tokens=14))
+
+
+@pytest.mark.parametrize("setting, rule", [
+    ({"max_new_tokens": 0}, "max_new_tokens=0 must be >= 1"),
+    ({"temperature": -1.0}, "temperature=-1.0 must be >= 0"),
+    ({"top_k": -2}, "top_k=-2 must be >= 0"),
+    ({"top_p": 0.0}, "top_p=0.0 must be in (0, 1]"),
+    ({"top_p": 1.5}, "top_p=1.5 must be in (0, 1]"),
+])
+def test_sampling_settings_are_checked_for_api_callers(setting, rule):
+    """The CLI's flags are checked by argparse; `api.Model.generate` builds the same
+    SamplingConfig (max_new_tokens=0 raised an IndexError, a negative temperature sampled)."""
+    with pytest.raises(LlamaJaxError, match=re.escape(rule)):
+        SamplingConfig(**setting)
