@@ -41,6 +41,20 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
                           text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
 
 
+def foreground_job(command: list[str]) -> subprocess.Popen:
+    """`command` as a terminal's foreground job: its own process group, and SIGINT handled
+    by default (a shell that started this test in the background left it ignored, which a
+    child would inherit). No `preexec_fn`: forking a process running JAX's threads warns."""
+    import signal
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # exec: SIG_DFL
+    try:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def ctrl_c_after(line_start: str, *args: str, timeout: float = 600
                  ) -> tuple[int, str, str]:
     """Run the CLI as a terminal's foreground job (its own process group, SIGINT as a shell
@@ -49,10 +63,7 @@ def ctrl_c_after(line_start: str, *args: str, timeout: float = 600
     import signal
     import threading
 
-    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = foreground_job([sys.executable, "-m", "llama_jax.cli", *args])
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
     reader.start()  # a full stdout pipe would stall it

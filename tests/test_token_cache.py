@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import foreground_job, run_cli
 from test_mixture import LETTERS, write_corpus
 
 from llama_jax.config import load_config
@@ -134,21 +134,15 @@ def test_ctrl_c_while_workers_start_is_one_line(tmp_path, corpus):
     it was interrupted, exits 130 and leaves no half-written shards."""
     import os
     import signal
-    import subprocess
     import sys
     import time
 
     import psutil
-    from conftest import ROOT
 
     root, model = corpus
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_jax.cli", "prepare-data",
-         *args(root, model, cache, "data.num_workers=2")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = foreground_job([sys.executable, "-m", "llama_jax.cli", "prepare-data",
+                           *args(root, model, cache, "data.num_workers=2")])
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and sum(
             "spawn_main" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children()) < 2:
