@@ -328,8 +328,11 @@ def test_training_on_packed_rows_with_cudnn_equals_xla_and_says_when_rows_overfl
     from llama_jax.data.synthetic import SyntheticSource
     from llama_jax.train import train
 
+    # Layers unrolled: XLA:CPU can deadlock when a scan's FSDP all-gather and a top-level
+    # collective meet on one device (docs/design.md); this ran into it once under a loaded
+    # suite (a worker aborted after the 600 s rendezvous limit). Attention is what is tested.
     base = ["train.steps=4", "train.log_every=2", "data.synthetic_document_tokens=12",
-            "mesh.data=2", "mesh.fsdp=4"]
+            "mesh.data=2", "mesh.fsdp=4", "model.scan_layers=false"]
     losses, rows = {}, {}
     for name, extra in {"xla": [], "cudnn": ["model.attention=cudnn"],
                         "cudnn-bound-2": ["model.attention=cudnn",
