@@ -109,7 +109,7 @@ def parse_axes(text: str) -> tuple[str, ...]:
 
 
 def parse_layouts(text: str) -> list[Layout]:
-    """`"data=2,fsdp=4;fsdp=8"`: axes not named are 1."""
+    """`"data=2,fsdp=4;fsdp=8"`: axes not named are 1; a layout named twice counts once."""
     layouts = []
     for part in (p.strip() for p in text.split(";")):
         if not part:
@@ -121,7 +121,8 @@ def parse_layouts(text: str) -> list[Layout]:
                 raise ConfigError(f"--layouts: cannot read {item.strip()!r} in {part!r}; "
                                   f"expected AXIS=SIZE with AXIS among {', '.join(MESH_AXES)}")
             layout[axis] = int(size)
-        layouts.append(layout)
+        if layout not in layouts:  # "fsdp=8;fsdp=8,data=1" is one layout, measured once
+            layouts.append(layout)
     if not layouts:
         raise ConfigError(f"--layouts {text!r} names no layout")
     return layouts

@@ -37,6 +37,8 @@ def test_factorizations_cover_every_ordered_product():
         (a, b, 8 // (a * b)) for a in (1, 2, 4, 8) for b in (1, 2, 4, 8) if 8 % (a * b) == 0)
     assert len(enumerate_layouts(16, ("data", "fsdp", "tensor", "sequence"))) == 35
     assert layout_label(parse_layouts("data=2, fsdp=4")[0]) == "data=2,fsdp=4"
+    assert [layout_label(x) for x in parse_layouts("fsdp=8;data=1,fsdp=8;data=8;fsdp=8")] == \
+        ["fsdp=8", "data=8"]
 
 
 def test_bad_layouts_are_refused_in_one_line():
