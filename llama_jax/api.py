@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,11 +15,10 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import sharding
-from llama_jax.convert import hf_to_orbax, is_hf_folder
 from llama_jax.errors import LlamaJaxError
 from llama_jax.evaluate import Loaded, load_for_inference
 from llama_jax.generate import SamplingConfig, check_positions, check_token_ids, generate_ids
-from llama_jax.storage import PathLike, as_path
+from llama_jax.storage import PathLike
 
 
 class Model:
@@ -69,9 +66,6 @@ class Model:
 
 def load(path: PathLike, overrides: list[str] | tuple[str, ...] = (),
          step: int | None = None) -> Model:
-    """Load a llama_jax run or checkpoint, or an HF LLaMA or GPT-NeoX folder (converted on the
-    fly into a temporary directory); `overrides` may set a mesh (`mesh.tensor=2`, ...)."""
-    path = as_path(path)
-    if is_hf_folder(path):
-        path = hf_to_orbax(path, Path(tempfile.mkdtemp(prefix="llama_jax_hf_")))
+    """Load a llama_jax run or checkpoint, or an HF LLaMA or GPT-NeoX folder (read in place);
+    `overrides` may set a mesh (`mesh.tensor=2`, ...)."""
     return Model(load_for_inference(path, overrides, step))

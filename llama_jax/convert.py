@@ -21,11 +21,12 @@ import numpy as np
 
 from llama_jax.config import (
     DTYPES,
+    Config,
     ModelConfig,
     RopeScalingConfig,
+    apply_overrides,
     load_config,
     save_config,
-    validate,
 )
 from llama_jax.errors import LlamaJaxError, first_line
 from llama_jax.storage import failures_named, is_remote
@@ -458,6 +459,26 @@ def staged(out_dir: Path) -> Iterator[Path]:
     tmp.rename(out_dir)
 
 
+def config_for_hf(hf_dir: Path, run_dir: str | Path, tokenizer: Path | None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config of an HF folder's model: its architecture from config.json, float32
+    parameters, all devices on fsdp, then `overrides` on top, so a `model.*` override (an
+    attention block size, bf16 parameters) changes the model read rather than being lost."""
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{config_file}: invalid JSON ({e.msg})") from None
+    model = model_config_from_hf(hf, str(config_file))
+    cfg = load_config(None, [f"run_dir={run_dir}", "mesh.fsdp=-1"])
+    cfg = replace(cfg, model=replace(model, param_dtype="float32"))
+    if tokenizer is not None:
+        cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(tokenizer)))
+    return apply_overrides(cfg, overrides)
+
+
 def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Write OUT_DIR as a llama_jax run: config.yaml, checkpoints/0 (parameters only) and the
     tokenizer.model if the HF folder has one."""
@@ -467,20 +488,9 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = 
     from llama_jax.model import abstract_model
 
     hf_dir, out_dir = Path(hf_dir), _local_output(out_dir)
-    config_file = hf_dir / "config.json"
-    if not config_file.is_file():
-        raise ConversionError(f"{hf_dir}: no config.json")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{config_file}: invalid JSON ({e.msg})") from None
-    model = model_config_from_hf(hf, str(config_file))
-    cfg = load_config(None, [f"run_dir={out_dir}", "mesh.fsdp=-1", *overrides])
-    cfg = replace(cfg, model=replace(model, param_dtype="float32"))
     has_tokenizer = (hf_dir / "tokenizer.model").is_file()
-    if has_tokenizer:
-        cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(out_dir / "tokenizer.model")))
-    validate(cfg)
+    cfg = config_for_hf(hf_dir, out_dir, out_dir / "tokenizer.model" if has_tokenizer else None,
+                        overrides)
     abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model)))
     with staged(out_dir) as tmp:
         if has_tokenizer:

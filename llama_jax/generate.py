@@ -71,8 +71,12 @@ def _compiled(graphdef: nnx.GraphDef, s: SamplingConfig, mesh: Mesh | None,
     (unhashable) model config, so it is closed over rather than passed as a static arg."""
     key = (id(graphdef), s, id(mesh), rules_items)
     if key not in _COMPILED:
+        # The tokens come back whole to every process: under a multi-host mesh a batch
+        # sharded over the devices would leave each process unable to read other hosts' rows.
+        out_shardings = None if mesh is None else sharding.replicated(mesh)
         _COMPILED[key] = jax.jit(functools.partial(_generate, graphdef, s=s, mesh=mesh,
-                                                   rules_items=rules_items))
+                                                   rules_items=rules_items),
+                                 out_shardings=out_shardings)
     return _COMPILED[key]
 
 

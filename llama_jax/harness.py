@@ -66,7 +66,9 @@ class MeshLM(TemplateLM):
         self.batch_rows = -(-max(batch_size, 1) // shards[0]) * shards[0]  # whole shards
         self.length_multiple = shards[1]
         self.rows_sharding = rows_sharding
-        self._score = jax.jit(self._score_rows)
+        # Every process reads the scores whole: a multi-host job's processes each run
+        # lm-eval's requests alike, and a row's score may sit on another host's device.
+        self._score = jax.jit(self._score_rows, out_shardings=sharding.replicated(self.mesh))
 
     # -- what TemplateLM asks of a model ---------------------------------------------------
 

@@ -185,6 +185,21 @@ def test_the_cli_prints_lm_evals_table_and_json_for_a_run_and_its_hf_export(trai
     assert f"{printed['next_words_choice']['acc']:.4f}" in from_hf.stdout
 
 
+def test_two_processes_score_an_hf_folder_as_one(trained, ours_fsdp):
+    """lm-eval as a multi-host job (2 local processes x 4 devices) on the HF export, read in
+    place: the scores of one process, for every kind of request. It failed twice over: each
+    process converted the folder into its own temporary path (Orbax refuses a multi-process
+    save to different paths), and the scores and generated tokens, sharded over both
+    processes' devices, could not be read by either."""
+    from llama_jax.harness import scores
+
+    done = run_cli("launch", "--processes", "2", "--devices-per-process", "4", "--", "lm-eval",
+                   str(trained["hf"]), "--tasks", ",".join(TASKS), "--limit", str(LIMIT),
+                   "--include-path", str(trained["tasks"]), "--batch-size", "8", "--json")
+    assert done.returncode == 0, done.stderr
+    _same_scores(json.loads(done.stdout.strip().splitlines()[-1]), scores(ours_fsdp))
+
+
 def test_tasks_run_in_the_training_loop_at_the_configured_steps(trained, tmp_path):
     done = run_cli("train", "configs/tiny.yaml", f"run_dir={tmp_path}",
                    "data.dataset=python_docs", "train.steps=4", "train.eval_every=0",

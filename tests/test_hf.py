@@ -63,6 +63,47 @@ def test_cli_round_trip_hf_orbax_hf(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_an_hf_folder_is_read_in_place(tmp_path, monkeypatch):
+    """`api.load` (as eval, generate and lm-eval) reads an HF folder's tensors straight onto
+    the mesh: nothing is written (each load used to leave a converted copy, the model's size,
+    in /tmp), the folder is untouched, `model.*` and mesh overrides are taken, and a step
+    other than its one is refused."""
+    import tempfile
+
+    from llama_jax.checkpoint import CheckpointError
+
+    model = tiny_hf(tmp_path, num_key_value_heads=2)
+    hf, scratch = tmp_path / "hf", tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    before = {p: p.stat().st_mtime_ns for p in hf.rglob("*")}
+    tokens = np.random.default_rng(3).integers(0, 211, (2, 24))
+    ours = api.load(hf, ["mesh.fsdp=4", "mesh.tensor=2", "model.attention_block=8"])
+    assert ours.cfg.model.attention_block == 8
+    assert dict(ours.loaded.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}
+    np.testing.assert_allclose(ours.logits(tokens), hf_logits(model, tokens),
+                               atol=1e-4, rtol=1e-4)
+    assert list(scratch.iterdir()) == []
+    assert {p: p.stat().st_mtime_ns for p in hf.rglob("*")} == before
+    assert api.load(hf, step=0).loaded.step == 0
+    with pytest.raises(CheckpointError, match="one set of weights"):
+        api.load(hf, step=3)
+
+
+def test_convert_takes_model_overrides(tmp_path):
+    """`convert hf-to-orbax SRC DST model.a=b` writes the run with them (they were dropped:
+    the HF model replaced the whole model section after the overrides)."""
+    import jax
+
+    tiny_hf(tmp_path)
+    done = run_cli("convert", "hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "run"),
+                   "model.attention_block=8", "model.param_dtype=bfloat16")
+    assert done.returncode == 0, done.stderr
+    loaded = api.load(tmp_path / "run")
+    assert loaded.cfg.model.attention_block == 8
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(loaded.loaded.params)} == {"bfloat16"}
+
+
 @pytest.mark.parametrize("damage, message", [
     ("no-config", "no config.json"),
     ("no-weights", "no *.safetensors weights"),
