@@ -154,6 +154,34 @@ class ModelConfig:
         return int(self.head_size * self.rotary_pct)
 
 
+
+# The settings that say what function a set of weights computes (the rest say how a step
+# runs: dtypes, remat, kernels, fp8), for a run that starts from another's weights. Head
+# counts and widths are compared resolved (an unset `num_kv_heads` is `num_heads`).
+ARCHITECTURE = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size", "num_layers": "num_layers",
+    "num_heads": "num_heads", "kv_heads": "num_kv_heads", "head_size": "head_dim",
+    "max_position_embeddings": "max_position_embeddings", "norm": "norm",
+    "norm_eps": "norm_eps", "activation": "activation", "position": "position",
+    "rope_theta": "rope_theta", "rotary_pct": "rotary_pct", "rope_scaling": "rope_scaling",
+    "parallel_residual": "parallel_residual", "tie_embeddings": "tie_embeddings",
+    "attention_bias": "attention_bias", "mlp_bias": "mlp_bias",
+}
+
+
+def architecture_differences(source: ModelConfig, target: ModelConfig) -> list[str]:
+    """`model.key: source's -> target's` for each architecture setting that differs."""
+    out = []
+    for attribute, key in ARCHITECTURE.items():
+        old, new = getattr(source, attribute), getattr(target, attribute)
+        if old != new:
+            if dataclasses.is_dataclass(old):
+                old, new = dataclasses.asdict(old), dataclasses.asdict(new)
+            out.append(f"model.{key}: {old!r} -> {new!r}")
+    return out
+
+
 @dataclass
 class MeshConfig:
     data: int = 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from llama_jax.config import (
     save_config,
 )
 from llama_jax.errors import LlamaJaxError, first_line
-from llama_jax.storage import failures_named, is_remote
+from llama_jax.storage import as_path, failures_named, is_remote
 
 if TYPE_CHECKING:
     from llama_jax.data.tokenizer import Tokenizer
@@ -356,6 +357,18 @@ def params_from_hf(hf_dir: Path, m: ModelConfig, abstract_params: dict[str, Any]
         yield path, _read_leaf(hf_dir, index, *sources[path], target)
 
 
+def read_hf_params(hf_dir: Path, m: ModelConfig, abstract_params: Any) -> Any:
+    """Our parameters from an HF folder, straight into the shardings of `abstract_params`
+    (ShapeDtypeStructs that carry them), one tensor at a time: nothing is written, and host
+    memory holds one parameter beyond what the devices hold."""
+    targets, tree = jax.tree.flatten(abstract_params)
+    placed = [jax.make_array_from_callback(target.shape, target.sharding,
+                                           lambda index, value=value: value[index])
+              for (_, value), target in zip(params_from_hf(hf_dir, m, abstract_params), targets,
+                                            strict=True)]
+    return jax.tree.unflatten(tree, placed)
+
+
 def params_to_hf(params: dict[str, Any], m: ModelConfig) -> dict[str, np.ndarray]:
     """Our parameters (numpy, stacked) -> HF tensor names and layouts."""
     if is_neox(m):
@@ -544,3 +557,15 @@ def hf_tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
 
 def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "checkpoints").is_dir()
+
+
+def hf_folder(path: str | os.PathLike) -> Path | None:
+    """`path` as an HF folder to read in place, None when it is something else (a run, a
+    checkpoint). One on an object store is refused: safetensors reads local files."""
+    if is_remote(path):
+        if is_hf_folder(as_path(path)):
+            raise ConversionError(f"{path}: HF folders are read from a local disk; copy it "
+                                  f"down (gcloud storage cp -r) or convert it (convert "
+                                  f"hf-to-orbax) first")
+        return None
+    return Path(path) if is_hf_folder(Path(path)) else None

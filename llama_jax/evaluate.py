@@ -7,6 +7,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -16,14 +17,14 @@ from jax.sharding import Mesh
 
 from llama_jax.checkpoint import Checkpointer, CheckpointError, config_of, resolve
 from llama_jax.config import MESH_AXES, Config, apply_overrides
-from llama_jax.convert import is_hf_folder
+from llama_jax.convert import config_for_hf, hf_folder, read_hf_params
 from llama_jax.data.feed import eval_batches, prepare, source_kind
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsWriter
 from llama_jax.sharding import make_mesh
 from llama_jax.step import PyTree, Setup, evaluate, make_eval_step, make_setup
-from llama_jax.storage import PathLike, as_path, is_remote
+from llama_jax.storage import PathLike, as_path
 
 if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
     from llama_jax.data.pipeline import PreparedData
@@ -88,8 +89,9 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
     """Parameters only, restored straight into the shardings of the mesh the config (and the
     overrides) describe, whatever layout they were saved from; on the devices at hand when
     the saved layout does not fit them. An HF folder is read in place (`_load_hf_folder`)."""
-    if is_hf_folder(as_path(path)):
-        return _load_hf_folder(as_path(path), overrides, step)
+    folder = hf_folder(path)
+    if folder is not None:
+        return _load_hf_folder(folder, overrides, step)
     where = resolve(path, step)
     mesh_defaults = _mesh_overrides(overrides)
     cfg = apply_overrides(config_of(path, step), [*mesh_defaults, *overrides])
@@ -115,17 +117,12 @@ def _tokenizer(cfg: Config) -> Tokenizer | None:
     return None
 
 
-def _load_hf_folder(folder: epath.Path, overrides: list[str] | tuple[str, ...],
+def _load_hf_folder(folder: Path, overrides: list[str] | tuple[str, ...],
                     step: int | None) -> Loaded:
     """An HF LLaMA / GPT-NeoX folder read straight into the mesh's shardings, one tensor at
     a time. Nothing is written: no converted copy the size of the model left in /tmp after
     each load, and none that the processes of a multi-host job would each write to their
     own path (Orbax refuses a save whose processes name different directories)."""
-    from llama_jax.convert import config_for_hf, params_from_hf
-
-    if is_remote(folder):
-        raise CheckpointError(f"{folder}: HF folders are read from a local disk; copy it down "
-                              f"(gcloud storage cp -r) or convert it (convert hf-to-orbax)")
     if step not in (None, 0):
         raise CheckpointError(f"{folder} is an HF folder: it holds one set of weights (step 0), "
                               f"not step {step}")
@@ -134,14 +131,9 @@ def _load_hf_folder(folder: epath.Path, overrides: list[str] | tuple[str, ...],
     cfg = config_for_hf(folder, folder, tokenizer if tokenizer.is_file() else None,
                         [*mesh_defaults, *overrides])
     setup = make_setup(_fit_to_devices(cfg, bool(mesh_defaults)))
-    targets, tree = jax.tree.flatten(setup.abstract_state["params"])
-    placed = [jax.make_array_from_callback(target.shape, target.sharding,
-                                           lambda index, value=value: value[index])
-              for (_, value), target in zip(params_from_hf(folder, setup.cfg.model,
-                                                           setup.abstract_state["params"]),
-                                            targets, strict=True)]
-    return Loaded(setup.cfg, setup.mesh, setup.graphdef, jax.tree.unflatten(tree, placed), 0,
-                  _tokenizer(setup.cfg), setup, imported=True)
+    params = read_hf_params(folder, setup.cfg.model, setup.abstract_state["params"])
+    return Loaded(setup.cfg, setup.mesh, setup.graphdef, params, 0, _tokenizer(setup.cfg),
+                  setup, imported=True)
 
 
 class Evaluator:

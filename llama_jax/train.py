@@ -16,9 +16,16 @@ from etils import epath
 from jax.sharding import Mesh
 
 from llama_jax import flops, fp8, goodput
-from llama_jax.checkpoint import Checkpointer, CheckpointError, resolve, restore_latest_good
+from llama_jax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    config_of,
+    resolve,
+    restore_latest_good,
+)
 from llama_jax.compile_cache import CompileLog, KeptStep, describe, persistent_cache
-from llama_jax.config import Config, save_config
+from llama_jax.config import Config, ModelConfig, architecture_differences, save_config
+from llama_jax.convert import config_for_hf, hf_folder, read_hf_params
 from llama_jax.data.feed import global_batches, make_source, prepare, source_kind
 from llama_jax.errors import LlamaJaxError, check_can_write
 from llama_jax.evaluate import Evaluator, with_run_tokenizer
@@ -73,12 +80,19 @@ def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any) -
     origin = cfg.checkpoint.restore_from
     if not origin:
         return Start(init_state(setup), 0, None, False)
+    params_only = cfg.checkpoint.restore_params_only
+    folder = hf_folder(origin)
+    if folder is not None:  # restore_params_only: checked by _weights_tokenizer
+        _note_architecture(origin, config_for_hf(folder, folder, None).model, cfg)
+        fresh = init_state(setup)
+        fresh["params"] = read_hf_params(folder, cfg.model, setup.abstract_state["params"])
+        return Start(fresh, 0, folder, False)
     where = resolve(origin)
     other = Checkpointer(cfg, where.directory, read_only=True)
     step = where.pick(other.steps())
     if step is None:
         raise CheckpointError(f"checkpoint.restore_from: no complete checkpoint in {origin}")
-    params_only = cfg.checkpoint.restore_params_only
+    _note_architecture(origin, config_of(origin, step).model, cfg)
     loaded, _, _ = other.restore(step, setup.abstract_state, params_only=params_only)
     if not params_only:
         return Start(completed(setup, loaded), int(loaded["step"]), where.directory / str(step),
@@ -86,6 +100,54 @@ def _initial_state(cfg: Config, setup: Setup, ckpt: Checkpointer, source: Any) -
     fresh = init_state(setup)
     fresh["params"] = loaded["params"]
     return Start(fresh, 0, where.directory / str(step), False)
+
+
+def _note_architecture(origin: str, source: ModelConfig, cfg: Config) -> None:
+    """Say which architecture settings differ from the weights' own: a changed shape is
+    refused by the restore, but a changed RoPE base, norm epsilon or activation would load
+    and compute another function without a word (sometimes on purpose: a longer context's
+    RoPE base)."""
+    changed = architecture_differences(source, cfg.model)
+    if changed and jax.process_index() == 0:
+        print(f"note: checkpoint.restore_from={origin}: this run's model differs from the one "
+              f"its weights were trained as: {'; '.join(changed)}", file=sys.stderr)
+
+
+def _weights_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
+    """The tokenizer the weights were trained with: `data.tokenizer` when set; else this run's
+    copy (a resume keeps the one it began with, even if the data cache that held it is gone
+    or was rebuilt differently); else, for a run starting from `checkpoint.restore_from`,
+    that run's copy or the HF folder's tokenizer.model. A tokenizer trained afresh on this
+    run's corpus would give the restored embedding rows other pieces' ids."""
+    origin = cfg.checkpoint.restore_from
+    folder = hf_folder(origin) if origin else None
+    if folder is not None and not cfg.checkpoint.restore_params_only:  # before data is read
+        raise CheckpointError(f"checkpoint.restore_from={origin} is an HF folder: weights "
+                              f"only, no optimizer state or step; set "
+                              f"checkpoint.restore_params_only=true to begin at step 0 with "
+                              f"them")
+    if cfg.data.tokenizer or not source_kind(cfg).text:
+        return cfg
+    own = with_run_tokenizer(cfg, run_dir)
+    if own.data.tokenizer or not origin:
+        return own
+    try:
+        source = folder if folder is not None else resolve(origin).directory.parent
+    except CheckpointError:  # said by the restore, if this run is not a resume
+        return cfg
+    if (source / "tokenizer.model").is_file():
+        if jax.process_index() == 0:
+            print(f"note: tokenizing with {source / 'tokenizer.model'}, the tokenizer of "
+                  f"checkpoint.restore_from's weights (data.tokenizer=PATH chooses another)",
+                  file=sys.stderr)
+        return with_run_tokenizer(cfg, source)
+    if folder is not None:
+        raise CheckpointError(
+            f"checkpoint.restore_from={origin} has no tokenizer.model (sentencepiece), and a "
+            f"tokenizer trained on this corpus would not match its embeddings: set "
+            f"data.tokenizer=PATH to the model's sentencepiece tokenizer, or train on token "
+            f"ids (data.dataset=megatron)")
+    return cfg
 
 
 def _check_not_past(cfg: Config, start: Start) -> None:
@@ -155,9 +217,7 @@ def _train_locked(cfg: Config, run_dir: epath.Path, mesh: Mesh | None, quiet: bo
     each change of activity, for the hang watchdog and for goodput."""
     is_main = jax.process_index() == 0
     applied = check_resume(run_dir, cfg)
-    # A resumed run keeps the tokenizer it began with (its copy in the run directory), even
-    # if the data cache that held the trained one is gone or was rebuilt differently.
-    data = prepare(cfg if cfg.data.tokenizer else with_run_tokenizer(cfg, run_dir))
+    data = prepare(_weights_tokenizer(cfg, run_dir))
     setup = make_setup(cfg, mesh)
     rows = cfg.train.global_batch_size
     source = make_source(cfg, data, "train", rows, cfg.train.seed)

@@ -260,6 +260,57 @@ def test_restore_from_another_run(tmp_path, params_only):
         assert not (tmp_path / "c").exists()
 
 
+def test_a_run_from_other_weights_tokenizes_as_they_were_trained(tmp_path, cache_dir):
+    """A run that starts from another's weights on another corpus tokenizes with the tokenizer
+    those weights were trained with: it used to train a new one on the new corpus, so each
+    restored embedding row stood for another piece, with exit 0. The same from the run and
+    from its HF export read in place (the same losses: the same weights). Refused in one
+    line, writing nothing: the export without restore_params_only, or without its
+    tokenizer.model (unless data.tokenizer names one). A changed RoPE base is said."""
+    import shutil
+
+    source, hf = tmp_path / "source", tmp_path / "hf"
+    assert run_cli(*text_run(source, cache_dir, "train.steps=2")).returncode == 0
+    assert run_cli("convert", "orbax-to-hf", str(source), str(hf)).returncode == 0
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    for doc in (ROOT / "docs").glob("*.md"):
+        (corpus / f"{doc.stem}.txt").write_text(doc.read_text())
+    tune = ["train", "configs/tiny.yaml", "train.steps=2", "train.log_every=1",
+            "data.dataset=text_files", f"data.files={corpus}/*.txt",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.validation_fraction=0.3"]
+    tokenizer = (source / "tokenizer.model").read_bytes()
+    runs = {}
+    for name, origin in (("from_run", source), ("from_hf", hf)):
+        done = run_cli(*tune, f"run_dir={tmp_path / name}", f"checkpoint.restore_from={origin}",
+                       "checkpoint.restore_params_only=true")
+        assert done.returncode == 0, done.stderr
+        assert f"note: tokenizing with {origin / 'tokenizer.model'}" in done.stderr
+        assert "model differs" not in done.stderr
+        assert (tmp_path / name / "tokenizer.model").read_bytes() == tokenizer
+        runs[name] = losses(tmp_path / name)
+    assert len(runs["from_hf"]) == 2
+    assert runs["from_hf"] == pytest.approx(runs["from_run"], rel=1e-6)
+
+    bare = tmp_path / "hf-bare"
+    shutil.copytree(hf, bare)
+    (bare / "tokenizer.model").unlink()
+    for origin, extra, message in [
+            (hf, [], "is an HF folder: weights only"),
+            (bare, ["checkpoint.restore_params_only=true"], "has no tokenizer.model")]:
+        done = run_cli(*tune, f"run_dir={tmp_path / 'refused'}",
+                       f"checkpoint.restore_from={origin}", *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+        assert not (tmp_path / "refused").exists()
+    done = run_cli(*tune, f"run_dir={tmp_path / 'named'}", f"checkpoint.restore_from={bare}",
+                   "checkpoint.restore_params_only=true", "model.rope_theta=500000",
+                   f"data.tokenizer={source / 'tokenizer.model'}")
+    assert done.returncode == 0, done.stderr
+    assert "model differs from the one its weights were trained as: model.rope_theta: " \
+           "10000.0 -> 500000.0" in done.stderr
+
+
 def test_missing_checkpoint_is_one_line(tmp_path):
     result = run_cli("eval", str(tmp_path / "nope"))
     assert result.returncode != 0
