@@ -518,8 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print one JSON object")
             continue
         if name in ("eval", "generate", "lm-eval"):
-            p.add_argument("path", help="a run directory or one checkpoint step directory" +
-                           (", or an HF LLaMA / GPT-NeoX folder" if name == "lm-eval" else ""))
+            p.add_argument("path", help="a run directory, one checkpoint step directory, or "
+                           "an HF LLaMA / GPT-NeoX folder (read in place)")
             p.add_argument("overrides", nargs="*", help="a.b=value (e.g. a mesh layout)")
             p.add_argument("--step", type=int, default=None, help="checkpoint step (default: "
                            "the latest)")

@@ -173,13 +173,14 @@ def test_generate_under_two_processes_matches_one(tmp_path):
     run = ["train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}", "train.steps=2",
            "data.dataset=python_docs", f"data.cache_dir={tmp_path / 'cache'}"]
     assert run_cli(*run).returncode == 0
+    # 8 rows: the batch shards over both processes' devices, whose tokens each must read.
     gen = ["generate", str(tmp_path / "run"), "--prompt", "The", "--prompt", "A",
-           "--max-new-tokens", "6"]
+           "--max-new-tokens", "6", "--num-samples", "4", "--temperature", "0.8"]
     two, one = launch(*gen), run_cli(*gen)
     assert two.returncode == 0, two.stderr
     assert one.returncode == 0, one.stderr
-    assert two.stdout.count("--- sample") == 2
-    assert two.stdout.strip().splitlines()[-4:] == one.stdout.strip().splitlines()[-4:]
+    assert two.stdout.count("--- sample") == 8
+    assert two.stdout.strip().splitlines()[-16:] == one.stdout.strip().splitlines()[-16:]
 
 
 @pytest.mark.slow
