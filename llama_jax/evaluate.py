@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from llama_jax.checkpoint import Checkpointer, CheckpointError, config_of, resolve
 from llama_jax.config import MESH_AXES, Config, apply_overrides
 from llama_jax.convert import config_for_hf, hf_folder, read_hf_params
-from llama_jax.data.feed import eval_batches, prepare, source_kind
+from llama_jax.data.feed import eval_batches, prepare, source_kind, whole_split_batches
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsWriter
@@ -179,20 +179,21 @@ def evaluate_checkpoint(path: PathLike, overrides: list[str] | tuple[str, ...] =
     data = prepare(loaded.cfg)
     rows = loaded.cfg.train.global_batch_size
     if data is None:
-        batches = batches or loaded.cfg.train.eval_batches
+        stream = iter(eval_batches(loaded.setup, data, split,
+                                   batches or loaded.cfg.train.eval_batches))
     else:
         split_tokens = data.stats[split]["tokens"]
         one_pass = max(1, math.ceil(split_tokens / (rows * loaded.cfg.data.seq_len)))
         if batches > one_pass and jax.process_index() == 0:
             # The split repeats: more batches would score the same documents again.
-            print(f"note: the {split} split holds {one_pass:,} batch(es) of {rows} x "
-                  f"{loaded.cfg.data.seq_len} tokens; evaluating those, not {batches:,}",
-                  file=sys.stderr)
-        batches = min(batches, one_pass) if batches else one_pass
+            print(f"note: the {split} split holds about {one_pass:,} batch(es) of {rows} x "
+                  f"{loaded.cfg.data.seq_len} tokens; evaluating all of it once, not "
+                  f"{batches:,} batches", file=sys.stderr)
+        stream = iter(eval_batches(loaded.setup, data, split, batches)) \
+            if 0 < batches < one_pass else whole_split_batches(loaded.setup, data, split)
     names = data.names if data else None
     eval_step = make_eval_step(loaded.setup, len(names or ()))
-    result = evaluate(eval_step, loaded.params,
-                      iter(eval_batches(loaded.setup, data, split, batches)),
+    result = evaluate(eval_step, loaded.params, stream,
                       data.bytes_per_token[split] if data else None, names)
     result.setdefault("bits_per_byte", None)  # synthetic tokens stand for no bytes: JSON null
     return {"step": loaded.step, "split": split, **result}

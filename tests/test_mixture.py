@@ -4,6 +4,7 @@ metrics.jsonl through a SIGKILL and resume, and evaluation by source."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -94,6 +95,39 @@ def test_tokens_follow_the_weights_whatever_the_document_lengths(corpora):
             next(source)
         tokens = source.tally.total()
         assert tokens["long"] / sum(tokens.values()) == pytest.approx(weight, abs=0.02)
+
+
+def test_a_whole_split_scores_each_document_once(corpora):
+    """`eval`'s pass over a whole split (`pipeline.whole_split`): each source's documents
+    once, in order, packed as training packs them, so every target counts except the one
+    across each row boundary inside a document; the last batch of each source filled out
+    with empty rows. The count is made independently, from the documents' token lengths.
+    (The repeating stream it replaced wrapped around to fill its last batch.)"""
+    from llama_jax.data.pipeline import prepare_data, whole_split
+    from llama_jax.data.tokenizer import Tokenizer, as_text
+
+    root, long, short = corpora
+    cfg = load_config("tiny", [f"run_dir={root / 'r'}", f"data.cache_dir={root / 'cache'}",
+                               mixture(long, short)])
+    data = prepare_data(cfg)
+    rows, length = cfg.train.global_batch_size, cfg.data.seq_len + 1
+    batches = list(whole_split(cfg, data, "validation", rows))
+    assert {b["inputs"].shape for b in batches} == {(rows, cfg.data.seq_len)}
+    tokenizer = Tokenizer(data.tokenizer.path, cfg.data.add_bos, cfg.data.add_eos)
+    first_batch = 0
+    for index, src in enumerate(data.sources):
+        documents = [tokenizer.encode(as_text(d[src.text_key])) for d in src.splits["validation"]]
+        total = sum(map(len, documents))
+        starts = set(np.cumsum([0] + [len(d) for d in documents[:-1]]).tolist())
+        cut_inside = len(set(range(length, total, length)) - starts)
+        count = math.ceil(math.ceil(total / length) / rows)  # batches of this source's rows
+        mine = batches[first_batch:first_batch + count]
+        first_batch += count
+        assert mine[0]["inputs"][0, :8].tolist() == documents[0][:8]  # in order, from the first
+        assert all((b["source"][b["segment_ids"] > 0] == index).all() for b in mine)
+        scored = sum(float(b["weights"].sum()) for b in mine)
+        assert scored == sum(len(d) - 1 for d in documents) - cut_inside
+    assert first_batch == len(batches)
 
 
 def _kill_at(run_dir: Path, args: list[str], step: int) -> None:

@@ -30,10 +30,11 @@ def source_kind(cfg: Config) -> SourceKind:
 
 
 def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, seed: int,
-                shuffle: bool = True, keep_source: bool = False
-                ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of `rows` rows per step from `split` ('train' or 'validation');
-    with `keep_source`, each batch also says each input's source (evaluation by source)."""
+                evaluation: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of `rows` rows per step from `split` ('train' or 'validation').
+    For `evaluation` the documents come in order, every process's rows are cut from the same
+    global batches (the same rows for any number of processes), and with several sources
+    each batch also says each input's source."""
     if data is None:
         from llama_jax.data.synthetic import SyntheticSource
 
@@ -42,8 +43,9 @@ def make_source(cfg: Config, data: PreparedData | None, split: str, rows: int, s
                                cfg.data.synthetic_document_tokens)
     from llama_jax.data.pipeline import TextPipeline
 
-    return TextPipeline(cfg, data, split, rows // jax.process_count(), seed, shuffle=shuffle,
-                        keep_source=keep_source)
+    return TextPipeline(cfg, data, split, rows // jax.process_count(), seed,
+                        shuffle=not evaluation, keep_source=evaluation and by_source(data),
+                        shared=evaluation)
 
 
 def prepare(cfg: Config) -> PreparedData | None:
@@ -72,9 +74,21 @@ def eval_batches(setup: Setup, data: PreparedData | None, split: str = "validati
     (the sources mixed as in training, each input's source kept when there are several)."""
     cfg = setup.cfg
     rows = cfg.train.global_batch_size
-    source = make_source(cfg, data, split, rows, cfg.train.seed, shuffle=False,
-                         keep_source=by_source(data))
+    source = make_source(cfg, data, split, rows, cfg.train.seed, evaluation=True)
     it = global_batches(setup, source, rows)
     batches = [next(it) for _ in range(count or cfg.train.eval_batches)]
     getattr(source, "close", lambda: None)()
     return batches
+
+
+def whole_split_batches(setup: Setup, data: PreparedData, split: str) -> Iterator[Batch]:
+    """Every document of a split once (`pipeline.whole_split`), as global batches made as
+    they are needed: a split larger than device memory streams through."""
+    from llama_jax.data.pipeline import whole_split
+
+    rows = setup.cfg.train.global_batch_size
+    keep = by_source(data)
+    for local in whole_split(setup.cfg, data, split, rows):
+        if not keep:
+            local = {key: value for key, value in local.items() if key != "source"}
+        yield to_global(local, setup.mesh, setup.rules, rows)

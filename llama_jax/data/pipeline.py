@@ -5,15 +5,18 @@ share of it (`[process_index::process_count]`) -> tokenize -> the sources mixed 
 (mixture.py) -> concatenate documents and split into rows of
 `seq_len + 1` tokens (long documents continue in the next row) -> model rows -> batch ->
 background prefetch. Every step is a Grain dataset, so the iterator's state can be saved and
-restored exactly.
+restored exactly. Evaluation packs the whole stream on every process instead (each keeps its
+rows of each global batch), and `eval` reads a whole split once (`whole_split`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from llama_jax.data.mixture import (
     SPLITS,
     Source,
     SourceTally,
+    TagSource,
     epochs,
     load_source,
     mixed_documents,
@@ -54,6 +58,51 @@ class Tokenize(grain.transforms.Map):
         return {"tokens": np.asarray(self._tok.encode(as_text(element[self.text_key])), np.int32)}
 
 
+def _rows(batch: dict[str, np.ndarray], start: int, count: int) -> dict[str, np.ndarray]:
+    return {key: value[start:start + count] for key, value in batch.items()}
+
+
+def _tokenize(cfg: Config, data: PreparedData, text_key: str) -> Tokenize:
+    return Tokenize(str(data.tokenizer.path), cfg.data.add_bos, cfg.data.add_eos, text_key)
+
+
+def _packed(cfg: Config, documents: grain.MapDataset, rows: int, drop_remainder: bool
+            ) -> grain.IterDataset:
+    """Documents concatenated and split into rows of seq_len + 1 tokens (a long document
+    continues in the next row), as model rows, in batches of `rows`."""
+    length = cfg.data.seq_len + 1
+    # Grain's default (16 threads, 500 documents ahead) spends more time polling its
+    # buffer than reading: a small pool keeps up with packing and costs far less.
+    threads = cfg.data.read_threads
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads)
+    it = grain.experimental.ConcatThenSplitIterDataset(
+        documents.to_iter_dataset(read), length_struct={"tokens": length, "source": length})
+    return it.map(model_row).batch(rows, drop_remainder=drop_remainder)
+
+
+def whole_split(cfg: Config, data: PreparedData, split: str, rows: int
+                ) -> Iterator[dict[str, np.ndarray]]:
+    """Every document of `split` once, in order, source after source, as this process's rows
+    of global batches of `rows` that every process packs alike. Each source's last batch is
+    filled out with empty rows (no target in them counts), so every batch has one shape.
+    What `eval` scores for a whole split: no document twice, none left out (the repeating
+    stream of `TextPipeline` wrapped around to the split's first documents to fill its
+    last batch: with a split of 1.1 batches, nearly half of what it scored, twice)."""
+    per_process = rows // jax.process_count()
+    start = jax.process_index() * per_process
+    for index, src in enumerate(data.sources):
+        documents = src.splits[split]
+        if src.text_key is not None:
+            documents = documents.map(_tokenize(cfg, data, src.text_key))
+        for batch in _packed(cfg, documents.map(TagSource(index)), rows, drop_remainder=False):
+            short = rows - batch["inputs"].shape[0]
+            if short:
+                batch = {key: np.concatenate([value, np.zeros((short, *value.shape[1:]),
+                                                              value.dtype)])
+                         for key, value in batch.items()}
+            yield _rows(batch, start, per_process)
+
+
 class TextPipeline:
     """This process's batches of one split: an iterator with Grain's get_state/set_state,
     which also tallies the tokens of each source it has handed out.
@@ -64,24 +113,22 @@ class TextPipeline:
 
     def __init__(self, cfg: Config, data: PreparedData, split: str, rows_per_process: int,
                  seed: int, shuffle: bool = True, process_index: int | None = None,
-                 process_count: int | None = None, keep_source: bool = False):
+                 process_count: int | None = None, keep_source: bool = False,
+                 shared: bool = False):
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
-        tokenizer = data.tokenizer
-
-        def tokenize(text_key: str) -> Tokenize:
-            return Tokenize(str(tokenizer.path), cfg.data.add_bos, cfg.data.add_eos, text_key)
-
-        ds = mixed_documents(data.sources, split, seed, shuffle, pi, pc, tokenize)
-        length = cfg.data.seq_len + 1
-        # Grain's default (16 threads, 500 documents ahead) spends more time polling its
-        # buffer than reading: a small pool keeps up with packing and costs far less.
-        threads = cfg.data.read_threads
-        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads)
-        it = grain.experimental.ConcatThenSplitIterDataset(
-            ds.to_iter_dataset(read), length_struct={"tokens": length, "source": length}
-        )
-        it = it.map(model_row).batch(rows_per_process, drop_remainder=True)
+        # `shared` (evaluation): every process packs the whole stream into global batches
+        # and keeps its own rows of each, so the rows scored are the same whatever the
+        # number of processes (packing each process's share of the documents apart gives
+        # other rows: another loss, over another count of tokens). Training reads shares.
+        rows = rows_per_process * pc if shared else rows_per_process
+        ds = mixed_documents(data.sources, split, seed, shuffle, *((0, 1) if shared else
+                                                                   (pi, pc)),
+                             functools.partial(_tokenize, cfg, data))
+        it = _packed(cfg, ds, rows, drop_remainder=True)
+        if rows != rows_per_process:
+            it = it.map(functools.partial(_rows, start=pi * rows_per_process,
+                                          count=rows_per_process))
         if cfg.data.prefetch:
             it = grain.experimental.ThreadPrefetchIterDataset(
                 it, prefetch_buffer_size=cfg.data.prefetch
