@@ -94,7 +94,11 @@ def whole_split(cfg: Config, data: PreparedData, split: str, rows: int
         documents = src.splits[split]
         if src.text_key is not None:
             documents = documents.map(_tokenize(cfg, data, src.text_key))
-        for batch in _packed(cfg, documents.map(TagSource(index)), rows, drop_remainder=False):
+        packed = _packed(cfg, documents.map(TagSource(index)), rows, drop_remainder=False)
+        if cfg.data.prefetch:  # the next batches made while the device scores this one
+            packed = grain.experimental.ThreadPrefetchIterDataset(
+                packed, prefetch_buffer_size=cfg.data.prefetch)
+        for batch in packed:
             short = rows - batch["inputs"].shape[0]
             if short:
                 batch = {key: np.concatenate([value, np.zeros((short, *value.shape[1:]),
