@@ -337,6 +337,14 @@ class Config:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     """A YAML file and, first, the files it names under `base:` (resolved next to it)."""
+    if path.is_dir():  # a run directory or an HF folder, named where a YAML file goes
+        hint = ""
+        if (path / "config.yaml").is_file():
+            hint = f" (the run's config is {path / 'config.yaml'})"
+        elif (path / "config.json").is_file():
+            hint = (" (an HF folder: `llama-jax convert hf-to-orbax` writes it as a run, "
+                    "config.yaml included)")
+        raise ConfigError(f"{path} is a folder, not a config file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path in seen:

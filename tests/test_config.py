@@ -200,6 +200,24 @@ def test_cli_refuses_missing_file():
     assert "config file not found: configs/nope.yaml" in result.stderr
 
 
+@pytest.mark.parametrize("inside, hint", [
+    ("config.yaml", "the run's config is {folder}/config.yaml"),
+    ("config.json", "an HF folder: `llama-jax convert hf-to-orbax`"),
+    ("", "")])
+def test_a_folder_named_as_the_config_says_what_it_is(tmp_path, inside, hint):
+    """`llama-jax info runs/x` (a run directory, or an HF folder) where a YAML file goes: one
+    line that says which file to name, not "config file not found"."""
+    folder = tmp_path / "runs" / "x"
+    folder.mkdir(parents=True)
+    if inside:
+        (folder / inside).write_text("{}")
+    with pytest.raises(ConfigError) as refused:
+        load_config(folder)
+    message = str(refused.value)
+    assert message.startswith(f"{folder} is a folder, not a config file")
+    assert hint.format(folder=folder) in message and (inside or message.endswith("file"))
+
+
 def test_every_remat_choice_has_a_policy_and_every_policy_is_a_choice():
     import typing
 
