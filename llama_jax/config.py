@@ -154,7 +154,6 @@ class ModelConfig:
         return int(self.head_size * self.rotary_pct)
 
 
-
 # The settings that say what function a set of weights computes (the rest say how a step
 # runs: dtypes, remat, kernels, fp8), for a run that starts from another's weights. Head
 # counts and widths are compared resolved (an unset `num_kv_heads` is `num_heads`).

@@ -125,9 +125,8 @@ class TextPipeline:
         # and keeps its own rows of each, so the rows scored are the same whatever the
         # number of processes (packing each process's share of the documents apart gives
         # other rows: another loss, over another count of tokens). Training reads shares.
-        rows = rows_per_process * pc if shared else rows_per_process
-        ds = mixed_documents(data.sources, split, seed, shuffle, *((0, 1) if shared else
-                                                                   (pi, pc)),
+        rows, share = (rows_per_process * pc, (0, 1)) if shared else (rows_per_process, (pi, pc))
+        ds = mixed_documents(data.sources, split, seed, shuffle, *share,
                              functools.partial(_tokenize, cfg, data))
         it = _packed(cfg, ds, rows, drop_remainder=True)
         if rows != rows_per_process:
