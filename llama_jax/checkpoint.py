@@ -311,17 +311,32 @@ def resolve(path: PathLike, step: int | None = None) -> Resolved:
     raise CheckpointError(f"{p} holds no checkpoints")
 
 
-def config_of(path: PathLike, step: int | None = None) -> Config:
-    """The resolved config saved with a checkpoint (or its run's config.yaml)."""
+def saved_meta(path: PathLike, step: int | None = None) -> dict[str, Any] | None:
+    """The meta (step, config, contents) saved with a checkpoint, read as the JSON it is on
+    disk: no checkpoint manager for a look at what a run holds. None where there is none."""
     where = resolve(path, step)
-    run_config = where.directory.parent / "config.yaml"
     steps = sorted(int(c.name) for c in where.directory.iterdir() if c.name.isdigit())
-    if not steps and run_config.is_file():
-        return config_from_yaml_text(run_config.read_text())
     chosen = where.pick(steps)
     meta_file = where.directory / str(chosen) / "meta" / "metadata"
-    if chosen is not None and meta_file.is_file():
-        return config_from_yaml_text(json.loads(meta_file.read_text())["config"])
+    if chosen is None or not meta_file.is_file():
+        return None
+    return json.loads(meta_file.read_text())
+
+
+def holds_only_imported_weights(path: PathLike, step: int | None = None) -> bool:
+    """A parameters-only checkpoint: weights converted from elsewhere (`convert hf-to-orbax`),
+    not a training run of this project."""
+    meta = saved_meta(path, step)
+    return meta is not None and meta.get("contents") == ["params"]
+
+
+def config_of(path: PathLike, step: int | None = None) -> Config:
+    """The resolved config saved with a checkpoint (or its run's config.yaml)."""
+    meta = saved_meta(path, step)
+    if meta is not None:
+        return config_from_yaml_text(meta["config"])
+    where = resolve(path, step)
+    run_config = where.directory.parent / "config.yaml"
     if run_config.is_file():
         return config_from_yaml_text(run_config.read_text())
     raise CheckpointError(f"no config found for checkpoint {where.directory}")

@@ -627,7 +627,9 @@ def _launch(argv: list[str]) -> int:
     p.add_argument("--devices-per-process", type=int, default=1)
     p.add_argument("--port", type=_bounded(int, 0, 65535), default=0,
                    help="coordinator port (default: a free one)")
-    p.add_argument("--log-dir", default=None, help="where processes 1..N-1 write their output")
+    p.add_argument("--log-dir", default=None,
+                   help="where processes 1..N-1 write their output (default: a temporary "
+                        "folder, kept only if a process fails)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS ...")
     args = p.parse_args(argv)
     for name in ("processes", "devices_per_process"):

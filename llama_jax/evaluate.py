@@ -15,7 +15,13 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax.checkpoint import Checkpointer, CheckpointError, config_of, resolve
+from llama_jax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    config_of,
+    holds_only_imported_weights,
+    resolve,
+)
 from llama_jax.config import MESH_AXES, Config, apply_overrides
 from llama_jax.convert import config_for_hf, hf_folder, read_hf_params
 from llama_jax.data.feed import eval_batches, prepare, source_kind, whole_split_batches
@@ -48,6 +54,29 @@ def with_run_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
     if saved.is_file() and source_kind(cfg).text:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(saved)))
     return cfg
+
+
+def refuse_text_without_weights_tokenizer(cfg: Config, weights: PathLike, setting: str,
+                                          step: int | None = None) -> None:
+    """Refuse text that `cfg` would tokenize with a tokenizer trained afresh on the corpus
+    (no `data.tokenizer`, no tokenizer.model beside the weights; `with_run_tokenizer` has
+    looked) when the weights were trained on some tokenizer's ids: an HF folder, its
+    conversion, a run on token files. Each embedding row would stand for another piece and
+    the loss would mean nothing, with exit 0. Weights trained on synthetic tokens knew no
+    tokenizer: any will do for them."""
+    kind = source_kind(cfg)
+    if cfg.data.tokenizer or not kind.text or kind.pretokenized:
+        return
+    folder = hf_folder(weights)
+    if folder is None and not holds_only_imported_weights(weights, step) \
+            and not source_kind(config_of(weights, step)).pretokenized:
+        return
+    other = " (its tokenizer.json, HF tokenizers' format, is not read here)" \
+        if folder is not None and (folder / "tokenizer.json").is_file() else ""
+    raise CheckpointError(f"{setting} has no tokenizer.model (sentencepiece){other}, and one "
+                          f"trained on this corpus would not match its embeddings: set "
+                          f"data.tokenizer=PATH to the tokenizer its weights were trained "
+                          f"with, or use token ids (data.dataset=megatron)")
 
 
 def _mesh_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
@@ -96,6 +125,7 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
     mesh_defaults = _mesh_overrides(overrides)
     cfg = apply_overrides(config_of(path, step), [*mesh_defaults, *overrides])
     cfg = with_run_tokenizer(_fit_to_devices(cfg, bool(mesh_defaults)), where.directory.parent)
+    refuse_text_without_weights_tokenizer(cfg, path, str(path), step)
     setup = make_setup(cfg)
     ckpt = Checkpointer(cfg, where.directory, read_only=True)
     steps = ckpt.steps()
@@ -130,6 +160,7 @@ def _load_hf_folder(folder: Path, overrides: list[str] | tuple[str, ...],
     tokenizer = folder / "tokenizer.model"
     cfg = config_for_hf(folder, folder, tokenizer if tokenizer.is_file() else None,
                         [*mesh_defaults, *overrides])
+    refuse_text_without_weights_tokenizer(cfg, folder, str(folder))
     setup = make_setup(_fit_to_devices(cfg, bool(mesh_defaults)))
     params = read_hf_params(folder, setup.cfg.model, setup.abstract_state["params"])
     return Loaded(setup.cfg, setup.mesh, setup.graphdef, params, 0, _tokenizer(setup.cfg),

@@ -1,10 +1,12 @@
 """`llama-jax launch`: N local processes of one command, joined through a coordinator on
 127.0.0.1. Process 0's output is streamed; the others' goes to log files. If any process
-fails, the rest are stopped and the launcher exits non-zero naming it; a signal to the
-launcher goes to every process."""
+fails, the rest are stopped and the launcher exits non-zero naming it (and the log folder,
+which is removed after a success); a signal to the launcher goes to every process."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +41,14 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
     port = port or free_port()
     logs = Path(log_dir or tempfile.mkdtemp(prefix="llama_jax_launch_"))
     logs.mkdir(parents=True, exist_ok=True)
+    code = _run(command, processes, devices_per_process, port, logs)
+    if code == 0 and not log_dir:  # kept only for a failure's message to point at
+        shutil.rmtree(logs, ignore_errors=True)
+    return code
+
+
+def _run(command: list[str], processes: int, devices_per_process: int, port: int,
+         logs: Path) -> int:
     procs: list[subprocess.Popen] = []
     asked: list[int] = []  # signals the launcher received and passed on
 
@@ -56,9 +66,10 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
                    ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(processes),
                    ENV_PROCESS_ID: str(i)}
             out = None if i == 0 else (logs / f"process-{i}.log").open("w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *command],
-                                          env=env, stdout=out, stderr=subprocess.STDOUT if out
-                                          else None))
+            with out or contextlib.nullcontext():  # the child holds its own copy
+                procs.append(subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *command],
+                                              env=env, stdout=out,
+                                              stderr=subprocess.STDOUT if out else None))
             if asked:  # a signal while starting: the ones already running have it
                 break
         failed = _wait(procs, asked)

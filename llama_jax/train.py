@@ -28,7 +28,11 @@ from llama_jax.config import Config, ModelConfig, architecture_differences, save
 from llama_jax.convert import config_for_hf, hf_folder, read_hf_params
 from llama_jax.data.feed import global_batches, make_source, prepare, source_kind
 from llama_jax.errors import LlamaJaxError, check_can_write
-from llama_jax.evaluate import Evaluator, with_run_tokenizer
+from llama_jax.evaluate import (
+    Evaluator,
+    refuse_text_without_weights_tokenizer,
+    with_run_tokenizer,
+)
 from llama_jax.goodput import Clock
 from llama_jax.metrics import MetricsWriter, Profiler, StepLog
 from llama_jax.precision import NonFiniteStep, on_nonfinite
@@ -141,12 +145,7 @@ def _weights_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
                   f"checkpoint.restore_from's weights (data.tokenizer=PATH chooses another)",
                   file=sys.stderr)
         return with_run_tokenizer(cfg, source)
-    if folder is not None:
-        raise CheckpointError(
-            f"checkpoint.restore_from={origin} has no tokenizer.model (sentencepiece), and a "
-            f"tokenizer trained on this corpus would not match its embeddings: set "
-            f"data.tokenizer=PATH to the model's sentencepiece tokenizer, or train on token "
-            f"ids (data.dataset=megatron)")
+    refuse_text_without_weights_tokenizer(cfg, origin, f"checkpoint.restore_from={origin}")
     return cfg
 
 

@@ -266,7 +266,8 @@ def test_a_run_from_other_weights_tokenizes_as_they_were_trained(tmp_path, cache
     restored embedding row stood for another piece, with exit 0. The same from the run and
     from its HF export read in place (the same losses: the same weights). Refused in one
     line, writing nothing: the export without restore_params_only, or without its
-    tokenizer.model (unless data.tokenizer names one). A changed RoPE base is said."""
+    tokenizer.model (unless data.tokenizer names one), the same for its conversion, and an
+    eval of text with either. A changed RoPE base is said."""
     import shutil
 
     source, hf = tmp_path / "source", tmp_path / "hf"
@@ -292,17 +293,38 @@ def test_a_run_from_other_weights_tokenizes_as_they_were_trained(tmp_path, cache
     assert len(runs["from_hf"]) == 2
     assert runs["from_hf"] == pytest.approx(runs["from_run"], rel=1e-6)
 
-    bare = tmp_path / "hf-bare"
+    bare, converted = tmp_path / "hf-bare", tmp_path / "converted"
     shutil.copytree(hf, bare)
     (bare / "tokenizer.model").unlink()
-    for origin, extra, message in [
-            (hf, [], "is an HF folder: weights only"),
-            (bare, ["checkpoint.restore_params_only=true"], "has no tokenizer.model")]:
-        done = run_cli(*tune, f"run_dir={tmp_path / 'refused'}",
-                       f"checkpoint.restore_from={origin}", *extra)
+    (bare / "tokenizer.json").write_text("{}")  # Llama 3's kind: HF tokenizers, not read here
+    assert run_cli("convert", "hf-to-orbax", str(bare), str(converted)).returncode == 0
+    assert not (converted / "tokenizer.model").exists()
+
+    def one_line_refusal(done, message):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+    no_tokenizer = "has no tokenizer.model (sentencepiece)"
+    for origin, extra, message in [
+            (hf, [], "is an HF folder: weights only"),
+            (bare, ["checkpoint.restore_params_only=true"], no_tokenizer),
+            (converted, ["checkpoint.restore_params_only=true"], no_tokenizer)]:
+        one_line_refusal(run_cli(*tune, f"run_dir={tmp_path / 'refused'}",
+                                 f"checkpoint.restore_from={origin}", *extra), message)
         assert not (tmp_path / "refused").exists()
+    # Evaluating text with those weights is refused alike (it trained a tokenizer on the
+    # corpus and printed a meaningless loss, exit 0), and with data.tokenizer named it scores
+    # what the run it came from scores.
+    text = ["data.dataset=text_files", f"data.files={corpus}/*.txt", "data.seq_len=64",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.validation_fraction=0.3",
+            "train.global_batch_size=8"]
+    refused = {weights: run_cli("eval", str(weights), *text) for weights in (bare, converted)}
+    for done in refused.values():
+        one_line_refusal(done, no_tokenizer)
+    hint = "tokenizer.json, HF tokenizers' format"
+    assert hint in refused[bare].stderr and hint not in refused[converted].stderr
+    named = _eval_json(bare, *text, f"data.tokenizer={source / 'tokenizer.model'}")
+    assert named["loss"] == pytest.approx(_eval_json(source, *text)["loss"], rel=1e-5)
     done = run_cli(*tune, f"run_dir={tmp_path / 'named'}", f"checkpoint.restore_from={bare}",
                    "checkpoint.restore_params_only=true", "model.rope_theta=500000",
                    f"data.tokenizer={source / 'tokenizer.model'}")

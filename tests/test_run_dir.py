@@ -245,6 +245,20 @@ def test_launch_refuses_impossible_numbers(flag, value, why):
     assert done.returncode == 2 and why in done.stderr.strip().splitlines()[-1]
 
 
+def test_launch_keeps_its_log_folder_only_after_a_failure(tmp_path):
+    """Each launch left the other processes' logs in a new temporary folder, success or not:
+    a test suite's worth piled up in /tmp. Now only a failure keeps them, to be read."""
+    launch = ["launch", "--processes", "2", "--devices-per-process", "1", "--", "info"]
+    temp = {"TMPDIR": str(tmp_path)}
+    done = run_cli(*launch, "configs/tiny.yaml", env=temp)
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.glob("llama_jax_launch_*"))
+    done = run_cli(*launch, str(tmp_path / "missing.yaml"), env=temp)
+    assert done.returncode == 2
+    [kept] = tmp_path.glob("llama_jax_launch_*")
+    assert "missing.yaml" in (kept / "process-1.log").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
     (["--max-new-tokens", "-1"], "--max-new-tokens: must be >= 1"),
