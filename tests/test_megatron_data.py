@@ -163,7 +163,8 @@ def test_bad_megatron_settings_are_refused(tmp_path, extra, message):
 
 def test_the_commands_train_prints_work_on_token_files(tmp_path):
     """`train` on token files ends by printing how to evaluate and sample the run; both run
-    (sampling takes token ids: such a run has no tokenizer)."""
+    (sampling takes token ids: such a run has no tokenizer, so evaluating it on text is
+    refused unless data.tokenizer names the ids' tokenizer)."""
     import shlex
 
     from helpers import run_cli
@@ -183,3 +184,8 @@ def test_the_commands_train_prints_work_on_token_files(tmp_path):
     assert json.loads(ran.stdout.strip().splitlines()[-1])["bits_per_byte"] is None
     ran = run_cli(*sample[1:], "--max-new-tokens", "3")
     assert ran.returncode == 0, ran.stderr
+    # Its ids are some other tokenizer's: text tokenized by one trained here is refused.
+    ran = run_cli(*evaluate[1:], "data.dataset=python_docs", f"data.cache_dir={tmp_path}")
+    lines = ran.stderr.strip().splitlines()
+    assert ran.returncode == 2 and len(lines) == 1, ran.stderr
+    assert "has no tokenizer.model (sentencepiece)" in lines[0]
