@@ -36,10 +36,11 @@ CONFIGS = ROOT / "configs"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """XLA's persistent compilation cache, one per pytest worker (its writes are not atomic,
-    so two writers could tear an entry): the suite's many CLI runs compile the same tiny
+    """XLA's persistent compilation cache: the suite's many CLI runs compile the same tiny
     programs again and again, and a cache hit halves such a run. Set before any test imports
-    JAX; the CLI processes the tests start inherit it."""
+    JAX; the CLI processes the tests start inherit it. Under xdist the controller sets it
+    first and both workers inherit its folder: one cache, shared (its writes are not atomic,
+    but JAX takes an entry it cannot read for a warning and compiles again)."""
     worker = getattr(config, "workerinput", {}).get("workerid", "main")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
         tempfile.gettempdir(), f"llama_jax_test_xla_cache_{os.getuid()}_{worker}"))
