@@ -320,7 +320,11 @@ def saved_meta(path: PathLike, step: int | None = None) -> dict[str, Any] | None
     meta_file = where.directory / str(chosen) / "meta" / "metadata"
     if chosen is None or not meta_file.is_file():
         return None
-    return json.loads(meta_file.read_text())
+    try:
+        return dict(json.loads(meta_file.read_text()))
+    except (ValueError, TypeError):  # torn, or not the JSON object a save writes
+        raise CheckpointError(f"checkpoint {meta_file.parent.parent} is damaged: its meta is "
+                              f"not readable JSON") from None
 
 
 def holds_only_imported_weights(path: PathLike, step: int | None = None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,20 @@ def test_damaged_checkpoint_falls_back_and_is_kept(tmp_path):
     assert (tmp_path / "checkpoints" / "damaged-10").is_dir()
     assert {5, 10, 15} <= set(Checkpointer(load_config(tmp_path / "config.yaml"),
                                            tmp_path / "checkpoints", read_only=True).steps())
+
+
+def test_a_torn_meta_file_is_called_damaged(tmp_path):
+    """The config and contents of a checkpoint are read from its meta JSON without Orbax
+    (eval's config, whether weights are an import): a torn one said a JSONDecodeError."""
+    from llama_jax.checkpoint import CheckpointError, config_of, holds_only_imported_weights
+
+    meta = tmp_path / "checkpoints" / "3" / "meta" / "metadata"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"step": 3, "config": "run_dir: ')
+    for read in (config_of, holds_only_imported_weights):
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"checkpoint {meta.parent.parent} is damaged: its meta is not readable JSON")):
+            read(tmp_path)
 
 
 def test_incomplete_save_is_ignored_with_a_message(tmp_path):
