@@ -232,7 +232,7 @@ def _token_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llama_jax.evaluate import load_for_inference
+    from llama_jax.evaluate import NO_TOKENIZER, load_for_inference
     from llama_jax.generate import SamplingConfig, generate_ids
 
     if not args.prompt and not args.prompt_ids:
@@ -245,9 +245,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LlamaJaxError(f"--top-k {args.top_k} exceeds the vocabulary ({vocab} tokens)")
     tok = loaded.tokenizer
     if args.prompt and tok is None:
-        raise LlamaJaxError(f"{args.path} has no tokenizer (trained on synthetic tokens?): "
-                            f"give token ids with --prompt-ids 1,2,3, or a sentencepiece "
-                            f"model with data.tokenizer=PATH")
+        raise LlamaJaxError(f"{args.path} {NO_TOKENIZER}: give token ids with --prompt-ids "
+                            f"1,2,3, or a sentencepiece model with data.tokenizer=PATH")
     prompts = [tok.encode(p, bos=True, eos=False) for p in args.prompt] + id_prompts
     as_text = [True] * len(args.prompt) + [False] * len(id_prompts)
     prompts = [p for p in prompts for _ in range(args.num_samples)]

@@ -79,6 +79,11 @@ def refuse_text_without_weights_tokenizer(cfg: Config, weights: PathLike, settin
                           f"with, or use token ids (data.dataset=megatron)")
 
 
+def _names(overrides: list[str] | tuple[str, ...], key: str) -> bool:
+    """Whether the command line set `key`."""
+    return any(o.partition("=")[0].strip() == key for o in overrides)
+
+
 def _mesh_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     """A layout named on the command line is the whole layout: the mesh axes it does not
     name are 1 (fsdp takes the remaining devices unless an axis already does), not the saved
@@ -124,7 +129,9 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
     where = resolve(path, step)
     mesh_defaults = _mesh_overrides(overrides)
     cfg = apply_overrides(config_of(path, step), [*mesh_defaults, *overrides])
-    cfg = with_run_tokenizer(_fit_to_devices(cfg, bool(mesh_defaults)), where.directory.parent)
+    cfg = _fit_to_devices(cfg, bool(mesh_defaults))
+    if not _names(overrides, "data.tokenizer"):  # one named on the command line is used
+        cfg = with_run_tokenizer(cfg, where.directory.parent)
     refuse_text_without_weights_tokenizer(cfg, path, str(path), step)
     setup = make_setup(cfg)
     ckpt = Checkpointer(cfg, where.directory, read_only=True)
@@ -142,9 +149,18 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
 
 
 def _tokenizer(cfg: Config) -> Tokenizer | None:
-    if cfg.data.tokenizer and as_path(cfg.data.tokenizer).is_file():
-        return Tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
-    return None
+    """`data.tokenizer` (the weights' own copy, after `with_run_tokenizer`); one named that
+    is not there is refused, not taken for "no tokenizer"."""
+    if not cfg.data.tokenizer:
+        return None
+    if not as_path(cfg.data.tokenizer).is_file():
+        raise LlamaJaxError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
+    return Tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
+
+
+# Why a model can have no tokenizer, for the commands that need one to read text.
+NO_TOKENIZER = ("has no tokenizer (none beside its weights: trained on synthetic tokens or "
+                "token files, or an HF folder without a sentencepiece tokenizer.model)")
 
 
 def _load_hf_folder(folder: Path, overrides: list[str] | tuple[str, ...],
@@ -201,8 +217,8 @@ def evaluate_checkpoint(path: PathLike, overrides: list[str] | tuple[str, ...] =
                         step: int | None = None, split: str = "validation",
                         batches: int = 0) -> dict[str, Any]:
     loaded = load_for_inference(path, overrides, step)
-    named = any(o.partition("=")[0].strip() == "data.dataset" for o in overrides)
-    if loaded.imported and not source_kind(loaded.cfg).text and not named:
+    if loaded.imported and not source_kind(loaded.cfg).text \
+            and not _names(overrides, "data.dataset"):
         raise LlamaJaxError(f"{path} is an imported model with no dataset, and its loss on "
                             f"random tokens means nothing: name one, e.g. "
                             f"data.dataset=python_docs (or text_files with data.files=...); "

@@ -31,6 +31,7 @@ from flax import nnx
 
 from llama_jax import sharding
 from llama_jax.errors import LlamaJaxError
+from llama_jax.evaluate import NO_TOKENIZER
 
 try:
     from lm_eval import simple_evaluate
@@ -55,8 +56,8 @@ class MeshLM(TemplateLM):
                  batch_size: int = 16, max_length: int | None = None):
         super().__init__()
         if tokenizer is None:
-            raise LlamaJaxError("lm-eval needs text: this model has no tokenizer (trained on "
-                                "synthetic tokens?)")
+            raise LlamaJaxError(f"lm-eval needs text, and this model {NO_TOKENIZER}: name "
+                                f"its sentencepiece model with data.tokenizer=PATH")
         self.graphdef, self.params, self.setup, self.tokenizer = graphdef, params, setup, tokenizer
         self.mesh, self.rules = setup.mesh, setup.cfg.mesh.rules
         self.max_length = max_length or setup.cfg.model.max_position_embeddings

@@ -241,6 +241,12 @@ def test_eval_and_generate_on_a_text_run(tmp_path, cache_dir):
     assert [t.split("\n", 1)[1].startswith(p) for t, p in
             zip(texts, ["The", "The", "def", "def"], strict=True)] == [True] * 4
     assert sample(1) == out  # the same seed samples the same tokens
+    # A tokenizer named on the command line is the one used (it was dropped for the run's).
+    for command in (["eval", str(tmp_path)], ["generate", str(tmp_path), "--prompt", "The"]):
+        done = run_cli(*command[:2], "data.tokenizer=/nowhere/t.model", *command[2:])
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"llama-jax {command[0]}: error: data.tokenizer: file not found: /nowhere/t.model"]
 
 
 @pytest.mark.parametrize("params_only", [True, False])

@@ -272,7 +272,9 @@ def test_launch_keeps_its_log_folder_only_after_a_failure(tmp_path):
     (["--prompt-ids", "1,,2"], "--prompt-ids '1,,2': expected comma-separated token ids"),
     (["--prompt-ids", "1,2;3"], "--prompt-ids '1,2;3': expected comma-separated token ids"),
     (["--prompt-ids", ""], "every prompt needs at least one token"),
-    (["--prompt", "The"], "has no tokenizer (trained on synthetic tokens?)"),
+    (["--prompt", "The"], "has no tokenizer (none beside its weights: trained on synthetic"),
+    (["data.tokenizer=/nowhere/t.model", "--prompt", "The"],
+     "data.tokenizer: file not found: /nowhere/t.model"),
     ([], "give a prompt"),
 ])
 def test_generate_arguments_are_checked_in_one_line(run, args, message):
