@@ -132,6 +132,7 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
     cfg = _fit_to_devices(cfg, bool(mesh_defaults))
     if not _names(overrides, "data.tokenizer"):  # one named on the command line is used
         cfg = with_run_tokenizer(cfg, where.directory.parent)
+    _check_named_tokenizer(cfg, overrides)
     refuse_text_without_weights_tokenizer(cfg, path, str(path), step)
     setup = make_setup(cfg)
     ckpt = Checkpointer(cfg, where.directory, read_only=True)
@@ -149,13 +150,19 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
 
 
 def _tokenizer(cfg: Config) -> Tokenizer | None:
-    """`data.tokenizer` (the weights' own copy, after `with_run_tokenizer`); one named that
-    is not there is refused, not taken for "no tokenizer"."""
-    if not cfg.data.tokenizer:
-        return None
-    if not as_path(cfg.data.tokenizer).is_file():
-        raise LlamaJaxError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
-    return Tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
+    """`data.tokenizer` (the weights' own copy, after `with_run_tokenizer`); a saved path
+    that is gone (a run on token files read on another machine) is no tokenizer."""
+    if cfg.data.tokenizer and as_path(cfg.data.tokenizer).is_file():
+        return Tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
+    return None
+
+
+def _check_named_tokenizer(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None:
+    """A `data.tokenizer` named on the command line that is not there is refused before the
+    weights are read, not taken for "no tokenizer"."""
+    path = cfg.data.tokenizer
+    if path and _names(overrides, "data.tokenizer") and not as_path(path).is_file():
+        raise LlamaJaxError(f"data.tokenizer: file not found: {path}")
 
 
 # Why a model can have no tokenizer, for the commands that need one to read text.
@@ -176,6 +183,7 @@ def _load_hf_folder(folder: Path, overrides: list[str] | tuple[str, ...],
     tokenizer = folder / "tokenizer.model"
     cfg = config_for_hf(folder, folder, tokenizer if tokenizer.is_file() else None,
                         [*mesh_defaults, *overrides])
+    _check_named_tokenizer(cfg, overrides)
     refuse_text_without_weights_tokenizer(cfg, folder, str(folder))
     setup = make_setup(_fit_to_devices(cfg, bool(mesh_defaults)))
     params = read_hf_params(folder, setup.cfg.model, setup.abstract_state["params"])
