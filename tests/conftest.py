@@ -41,9 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
     JAX; the CLI processes the tests start inherit it. Under xdist the controller sets it
     first and both workers inherit its folder: one cache, shared (its writes are not atomic,
     but JAX takes an entry it cannot read for a warning and compiles again)."""
-    worker = getattr(config, "workerinput", {}).get("workerid", "main")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-        tempfile.gettempdir(), f"llama_jax_test_xla_cache_{os.getuid()}_{worker}"))
+        tempfile.gettempdir(), f"llama_jax_test_xla_cache_{os.getuid()}"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
