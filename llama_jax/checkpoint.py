@@ -327,11 +327,15 @@ def saved_meta(path: PathLike, step: int | None = None) -> dict[str, Any] | None
                               f"not readable JSON") from None
 
 
+def is_import(meta: dict[str, Any]) -> bool:
+    """A parameters-only checkpoint's meta: weights converted from elsewhere (`convert
+    hf-to-orbax`), not a training run of this project."""
+    return meta.get("contents") == ["params"]
+
+
 def holds_only_imported_weights(path: PathLike, step: int | None = None) -> bool:
-    """A parameters-only checkpoint: weights converted from elsewhere (`convert hf-to-orbax`),
-    not a training run of this project."""
     meta = saved_meta(path, step)
-    return meta is not None and meta.get("contents") == ["params"]
+    return meta is not None and is_import(meta)
 
 
 def config_of(path: PathLike, step: int | None = None) -> Config:

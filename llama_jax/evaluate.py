@@ -20,6 +20,7 @@ from llama_jax.checkpoint import (
     CheckpointError,
     config_of,
     holds_only_imported_weights,
+    is_import,
     resolve,
 )
 from llama_jax.config import MESH_AXES, Config, apply_overrides
@@ -146,7 +147,7 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
     finally:
         ckpt.close()
     return Loaded(cfg, setup.mesh, setup.graphdef, state["params"], chosen, _tokenizer(cfg),
-                  setup, imported=meta.get("contents") == ["params"])
+                  setup, imported=is_import(meta))
 
 
 def _tokenizer(cfg: Config) -> Tokenizer | None:
