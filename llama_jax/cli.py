@@ -246,8 +246,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = loaded.tokenizer
     if args.prompt and tok is None:
         raise LlamaJaxError(f"{args.path} {NO_TOKENIZER}: give token ids with --prompt-ids "
-                            f"1,2,3, or a sentencepiece model with data.tokenizer=PATH")
-    prompts = [tok.encode(p, bos=True, eos=False) for p in args.prompt] + id_prompts
+                            f"1,2,3, or its tokenizer with data.tokenizer=PATH")
+    prompts = [tok.encode(p, eos=False) for p in args.prompt] + id_prompts  # BOS: data.add_bos
     as_text = [True] * len(args.prompt) + [False] * len(id_prompts)
     prompts = [p for p in prompts for _ in range(args.num_samples)]
     as_text = [t for t in as_text for _ in range(args.num_samples)]

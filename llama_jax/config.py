@@ -226,7 +226,7 @@ class DataConfig:
     tfds_data_dir: str = ""  # registered TFDS datasets: their data_dir (e.g. gs://...)
     train_split: str = "train"
     eval_split: str = "validation"
-    tokenizer: str = ""  # a sentencepiece .model to load; empty: train one on the train split
+    tokenizer: str = ""  # a sentencepiece .model or HF tokenizer.json; empty: train one
     tokenizer_vocab_size: int = 0  # when training one; 0: model.vocab_size
     add_bos: bool = True
     add_eos: bool = True

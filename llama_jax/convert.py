@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,11 +29,9 @@ from llama_jax.config import (
     load_config,
     save_config,
 )
+from llama_jax.data.tokenizer import load_tokenizer, saved_tokenizer
 from llama_jax.errors import LlamaJaxError, first_line
 from llama_jax.storage import as_path, failures_named, is_remote
-
-if TYPE_CHECKING:
-    from llama_jax.data.tokenizer import Tokenizer
 
 
 class ConversionError(LlamaJaxError):
@@ -475,7 +473,8 @@ def staged(out_dir: Path) -> Iterator[Path]:
 def config_for_hf(hf_dir: Path, run_dir: str | Path, tokenizer: Path | None,
                   overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The config of an HF folder's model: its architecture from config.json, float32
-    parameters, all devices on fsdp, then `overrides` on top, so a `model.*` override (an
+    parameters, all devices on fsdp, BOS before each text where its tokenizer puts one there
+    (Llama's do, GPT-NeoX's does not), then `overrides` on top, so a `model.*` override (an
     attention block size, bf16 parameters) changes the model read rather than being lost."""
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
@@ -488,26 +487,29 @@ def config_for_hf(hf_dir: Path, run_dir: str | Path, tokenizer: Path | None,
     cfg = load_config(None, [f"run_dir={run_dir}", "mesh.fsdp=-1"])
     cfg = replace(cfg, model=replace(model, param_dtype="float32"))
     if tokenizer is not None:
-        cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(tokenizer)))
+        adds_bos = load_tokenizer(tokenizer).adds_bos()
+        cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(tokenizer), add_bos=adds_bos))
     return apply_overrides(cfg, overrides)
 
 
 def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Write OUT_DIR as a llama_jax run: config.yaml, checkpoints/0 (parameters only) and the
-    tokenizer.model if the HF folder has one."""
+    HF folder's tokenizer if it has one."""
     from flax import nnx
 
     from llama_jax.checkpoint import Checkpointer
     from llama_jax.model import abstract_model
 
     hf_dir, out_dir = Path(hf_dir), _local_output(out_dir)
-    has_tokenizer = (hf_dir / "tokenizer.model").is_file()
-    cfg = config_for_hf(hf_dir, out_dir, out_dir / "tokenizer.model" if has_tokenizer else None,
-                        overrides)
+    cfg = config_for_hf(hf_dir, out_dir, saved_tokenizer(hf_dir), overrides)
     abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model)))
     with staged(out_dir) as tmp:
-        if has_tokenizer:
-            shutil.copyfile(hf_dir / "tokenizer.model", tmp / "tokenizer.model")
+        if cfg.data.tokenizer:
+            tokenizer = load_tokenizer(cfg.data.tokenizer)
+            for name, content in tokenizer.files().items():
+                (tmp / name).write_bytes(content)
+            cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(
+                out_dir / tokenizer.file_name)))
         leaves = params_from_hf(hf_dir, cfg.model, abstract)
         ckpt = Checkpointer(cfg, tmp / "checkpoints")
         ckpt.save_params_streamed(0, leaves)
@@ -536,23 +538,9 @@ def orbax_to_hf(path: str | Path, out_dir: str | Path, step: int | None = None) 
                                   f"({first_line(e)}); nothing was kept") from None
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if loaded.tokenizer is not None:  # the run's own, local or on an object store
-            (tmp / "tokenizer.model").write_bytes(loaded.tokenizer.path.read_bytes())
-            (tmp / "tokenizer_config.json").write_text(
-                json.dumps(hf_tokenizer_config(loaded.tokenizer), indent=2))
+            for name, content in loaded.tokenizer.hf_files().items():
+                (tmp / name).write_bytes(content)
     return out_dir
-
-
-def hf_tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
-    """What transformers needs to tokenize as training did: the special pieces, and BOS
-    before each text (without this file it adds none). No tokenizer class is named:
-    transformers' generic sentencepiece conversion encodes exactly as sentencepiece does,
-    while its `LlamaTokenizer` treats leading spaces differently."""
-    sp = tokenizer.sp
-    special = {name: sp.id_to_piece(i) for name, i in
-               (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
-                ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())) if i >= 0}
-    return {"add_bos_token": tokenizer.add_bos and sp.bos_id() >= 0, "add_eos_token": False,
-            **special}
 
 
 def is_hf_folder(path: Path) -> bool:

@@ -26,7 +26,7 @@ from llama_jax.checkpoint import (
 from llama_jax.config import MESH_AXES, Config, apply_overrides
 from llama_jax.convert import config_for_hf, hf_folder, read_hf_params
 from llama_jax.data.feed import eval_batches, prepare, source_kind, whole_split_batches
-from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer, saved_tokenizer
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsWriter
 from llama_jax.sharding import make_mesh
@@ -51,8 +51,8 @@ class Loaded:
 
 def with_run_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
     """Prefer the tokenizer saved in the run directory over rebuilding one from the corpus."""
-    saved = run_dir / "tokenizer.model"
-    if saved.is_file() and source_kind(cfg).text:
+    saved = saved_tokenizer(run_dir)
+    if saved is not None and source_kind(cfg).text:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(saved)))
     return cfg
 
@@ -60,7 +60,7 @@ def with_run_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
 def refuse_text_without_weights_tokenizer(cfg: Config, weights: PathLike, setting: str,
                                           step: int | None = None) -> None:
     """Refuse text that `cfg` would tokenize with a tokenizer trained afresh on the corpus
-    (no `data.tokenizer`, no tokenizer.model beside the weights; `with_run_tokenizer` has
+    (no `data.tokenizer`, no tokenizer file beside the weights; `with_run_tokenizer` has
     looked) when the weights were trained on some tokenizer's ids: an HF folder, its
     conversion, a run on token files. Each embedding row would stand for another piece and
     the loss would mean nothing, with exit 0. Weights trained on synthetic tokens knew no
@@ -68,14 +68,11 @@ def refuse_text_without_weights_tokenizer(cfg: Config, weights: PathLike, settin
     kind = source_kind(cfg)
     if cfg.data.tokenizer or not kind.text or kind.pretokenized:
         return
-    folder = hf_folder(weights)
-    if folder is None and not holds_only_imported_weights(weights, step) \
+    if hf_folder(weights) is None and not holds_only_imported_weights(weights, step) \
             and not source_kind(config_of(weights, step)).pretokenized:
         return
-    other = " (its tokenizer.json, HF tokenizers' format, is not read here)" \
-        if folder is not None and (folder / "tokenizer.json").is_file() else ""
-    raise CheckpointError(f"{setting} has no tokenizer.model (sentencepiece){other}, and one "
-                          f"trained on this corpus would not match its embeddings: set "
+    raise CheckpointError(f"{setting} has no tokenizer ({' or '.join(TOKENIZER_FILES)}), "
+                          f"and one trained on this corpus would not match its embeddings: set "
                           f"data.tokenizer=PATH to the tokenizer its weights were trained "
                           f"with, or use token ids (data.dataset=megatron)")
 
@@ -154,7 +151,7 @@ def _tokenizer(cfg: Config) -> Tokenizer | None:
     """`data.tokenizer` (the weights' own copy, after `with_run_tokenizer`); a saved path
     that is gone (a run on token files read on another machine) is no tokenizer."""
     if cfg.data.tokenizer and as_path(cfg.data.tokenizer).is_file():
-        return Tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
+        return load_tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
     return None
 
 
@@ -168,7 +165,7 @@ def _check_named_tokenizer(cfg: Config, overrides: list[str] | tuple[str, ...]) 
 
 # Why a model can have no tokenizer, for the commands that need one to read text.
 NO_TOKENIZER = ("has no tokenizer (none beside its weights: trained on synthetic tokens or "
-                "token files, or an HF folder without a sentencepiece tokenizer.model)")
+                f"token files, or an HF folder without {' or '.join(TOKENIZER_FILES)})")
 
 
 def _load_hf_folder(folder: Path, overrides: list[str] | tuple[str, ...],
@@ -181,9 +178,7 @@ def _load_hf_folder(folder: Path, overrides: list[str] | tuple[str, ...],
         raise CheckpointError(f"{folder} is an HF folder: it holds one set of weights (step 0), "
                               f"not step {step}")
     mesh_defaults = _mesh_overrides(overrides)
-    tokenizer = folder / "tokenizer.model"
-    cfg = config_for_hf(folder, folder, tokenizer if tokenizer.is_file() else None,
-                        [*mesh_defaults, *overrides])
+    cfg = config_for_hf(folder, folder, saved_tokenizer(folder), [*mesh_defaults, *overrides])
     _check_named_tokenizer(cfg, overrides)
     refuse_text_without_weights_tokenizer(cfg, folder, str(folder))
     setup = make_setup(_fit_to_devices(cfg, bool(mesh_defaults)))

@@ -50,14 +50,14 @@ MIN_LENGTH = 16  # the shortest padded row length
 
 class MeshLM(TemplateLM):
     """An lm-eval `LM` over params already placed on a mesh (a restored run, or a run's live
-    training state), with the run's sentencepiece tokenizer."""
+    training state), with the run's tokenizer."""
 
     def __init__(self, graphdef: nnx.GraphDef, params: PyTree, setup: Any, tokenizer: Any,
                  batch_size: int = 16, max_length: int | None = None):
         super().__init__()
         if tokenizer is None:
             raise LlamaJaxError(f"lm-eval needs text, and this model {NO_TOKENIZER}: name "
-                                f"its sentencepiece model with data.tokenizer=PATH")
+                                f"its tokenizer with data.tokenizer=PATH")
         self.graphdef, self.params, self.setup, self.tokenizer = graphdef, params, setup, tokenizer
         self.mesh, self.rules = setup.mesh, setup.cfg.mesh.rules
         self.max_length = max_length or setup.cfg.model.max_position_embeddings
@@ -85,9 +85,11 @@ class MeshLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **_: Any
                    ) -> list[int]:
-        """BOS first unless told otherwise, as in training (and as the HF tokenizer that
-        `convert orbax-to-hf` writes does)."""
-        return self.tokenizer.encode(string, bos=add_special_tokens is not False, eos=False)
+        """BOS first where the model's texts begin with it (`data.add_bos`: as in training,
+        as the HF tokenizer that `convert orbax-to-hf` writes does, and for an HF folder as
+        its own tokenizer does), unless told otherwise."""
+        return self.tokenizer.encode(
+            string, bos=self.tokenizer.add_bos and add_special_tokens is not False, eos=False)
 
     def tok_decode(self, tokens: Iterable[int]) -> str:
         return self.tokenizer.decode(list(tokens))

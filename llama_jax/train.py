@@ -27,6 +27,7 @@ from llama_jax.compile_cache import CompileLog, KeptStep, describe, persistent_c
 from llama_jax.config import Config, ModelConfig, architecture_differences, save_config
 from llama_jax.convert import config_for_hf, hf_folder, read_hf_params
 from llama_jax.data.feed import global_batches, make_source, prepare, source_kind
+from llama_jax.data.tokenizer import saved_tokenizer
 from llama_jax.errors import LlamaJaxError, check_can_write
 from llama_jax.evaluate import (
     Evaluator,
@@ -121,7 +122,7 @@ def _weights_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
     """The tokenizer the weights were trained with: `data.tokenizer` when set; else this run's
     copy (a resume keeps the one it began with, even if the data cache that held it is gone
     or was rebuilt differently); else, for a run starting from `checkpoint.restore_from`,
-    that run's copy or the HF folder's tokenizer.model. A tokenizer trained afresh on this
+    that run's copy or the HF folder's tokenizer. A tokenizer trained afresh on this
     run's corpus would give the restored embedding rows other pieces' ids."""
     origin = cfg.checkpoint.restore_from
     folder = hf_folder(origin) if origin else None
@@ -139,9 +140,10 @@ def _weights_tokenizer(cfg: Config, run_dir: epath.Path) -> Config:
         source = folder if folder is not None else resolve(origin).directory.parent
     except CheckpointError:  # said by the restore, if this run is not a resume
         return cfg
-    if (source / "tokenizer.model").is_file():
+    saved = saved_tokenizer(source)
+    if saved is not None:
         if jax.process_index() == 0:
-            print(f"note: tokenizing with {source / 'tokenizer.model'}, the tokenizer of "
+            print(f"note: tokenizing with {saved}, the tokenizer of "
                   f"checkpoint.restore_from's weights (data.tokenizer=PATH chooses another)",
                   file=sys.stderr)
         return with_run_tokenizer(cfg, source)

@@ -151,3 +151,34 @@ def assert_matches_transformers(model, folder, vocab: int):
                               pad_token_id=0, eos_token_id=None)[0, 6:].tolist()
     assert ours.generate([prompt[0].tolist()], max_new_tokens=10)[0] == expected
     return ours
+
+
+def write_hf_tokenizer(folder: Path, begins_with_bos: bool, vocab_size: int = 700) -> Path:
+    """An HF `tokenizer.json` (byte-level BPE, trained with HF tokenizers on Python's own
+    documentation) and its tokenizer_config.json, made the way the two common kinds are:
+    Llama 3's (`<|begin_of_text|>` put before each text by its post-processor, another token
+    for EOS) or GPT-NeoX's (one `<|endoftext|>` for BOS and EOS, nothing added)."""
+    import json
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    bos, eos = (("<|begin_of_text|>", "<|end_of_text|>") if begins_with_bos else
+                ("<|endoftext|>", "<|endoftext|>"))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=sorted({bos, eos}),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(list(topics.values()), trainer)
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    tokenizer.post_processor = processors.Sequence([byte_level, processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))])]) \
+        if begins_with_bos else byte_level
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+         "model_max_length": 2048}))
+    return folder / "tokenizer.json"

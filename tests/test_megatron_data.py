@@ -188,4 +188,4 @@ def test_the_commands_train_prints_work_on_token_files(tmp_path):
     ran = run_cli(*evaluate[1:], "data.dataset=python_docs", f"data.cache_dir={tmp_path}")
     lines = ran.stderr.strip().splitlines()
     assert ran.returncode == 2 and len(lines) == 1, ran.stderr
-    assert "has no tokenizer.model (sentencepiece)" in lines[0]
+    assert "has no tokenizer (tokenizer.model or tokenizer.json)" in lines[0]

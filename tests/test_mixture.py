@@ -104,7 +104,7 @@ def test_a_whole_split_scores_each_document_once(corpora):
     with empty rows. The count is made independently, from the documents' token lengths.
     (The repeating stream it replaced wrapped around to fill its last batch.)"""
     from llama_jax.data.pipeline import prepare_data, whole_split
-    from llama_jax.data.tokenizer import Tokenizer, as_text
+    from llama_jax.data.tokenizer import as_text, load_tokenizer
 
     root, long, short = corpora
     cfg = load_config("tiny", [f"run_dir={root / 'r'}", f"data.cache_dir={root / 'cache'}",
@@ -113,7 +113,7 @@ def test_a_whole_split_scores_each_document_once(corpora):
     rows, length = cfg.train.global_batch_size, cfg.data.seq_len + 1
     batches = list(whole_split(cfg, data, "validation", rows))
     assert {b["inputs"].shape for b in batches} == {(rows, cfg.data.seq_len)}
-    tokenizer = Tokenizer(data.tokenizer.path, cfg.data.add_bos, cfg.data.add_eos)
+    tokenizer = load_tokenizer(data.tokenizer.path, cfg.data.add_bos, cfg.data.add_eos)
     first_batch = 0
     for index, src in enumerate(data.sources):
         documents = [tokenizer.encode(as_text(d[src.text_key])) for d in src.splits["validation"]]

@@ -48,7 +48,7 @@ def test_cached_ids_are_the_tokenizers_encoding_of_each_split(tmp_path, corpus):
     from llama_jax.data.feed import prepare
     from llama_jax.data.tfds_text import load_dataset
     from llama_jax.data.token_cache import cached_files, token_stats
-    from llama_jax.data.tokenizer import Tokenizer
+    from llama_jax.data.tokenizer import load_tokenizer
 
     root, model = corpus
     cache = tmp_path / "cache"
@@ -61,7 +61,7 @@ def test_cached_ids_are_the_tokenizers_encoding_of_each_split(tmp_path, corpus):
     assert src.reads == "tokens"
     # the reference: the text path's documents of each split, encoded by the tokenizer
     text = load_dataset(cfg.data)
-    tok = Tokenizer(model)
+    tok = load_tokenizer(model)
     for split in ("train", "validation"):
         expected = Counter(tuple(tok.encode(text.sources[split][i]["text"].decode()))
                            for i in range(len(text.sources[split])))

@@ -39,7 +39,7 @@ from llama_jax.data.mixture import (
     mixed_documents,
     source_settings,
 )
-from llama_jax.data.tokenizer import Tokenizer, as_text, train_tokenizer
+from llama_jax.data.tokenizer import Tokenizer, as_text, load_tokenizer, train_tokenizer
 from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import as_path
 
@@ -54,7 +54,7 @@ class Tokenize(grain.transforms.Map):
 
     def map(self, element: Any) -> dict[str, np.ndarray]:
         if self._tok is None:  # built lazily: workers and pickling carry only the path
-            self._tok = Tokenizer(*self.args)
+            self._tok = load_tokenizer(*self.args)
         return {"tokens": np.asarray(self._tok.encode(as_text(element[self.text_key])), np.int32)}
 
 
@@ -366,8 +366,8 @@ def _prepare_locked(cfg: Config) -> PreparedData:
     sources = [load_source(*named) for named in source_settings(cfg.data)]
     tokenizer = None
     if any(src.text_key is not None for src in sources):
-        tokenizer = Tokenizer(_resolve_tokenizer(cfg, sources), cfg.data.add_bos,
-                              cfg.data.add_eos)
+        tokenizer = load_tokenizer(_resolve_tokenizer(cfg, sources), cfg.data.add_bos,
+                                   cfg.data.add_eos)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise LlamaJaxError(
                 f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
@@ -450,4 +450,5 @@ def _check_token_ids(src: Source, vocab_size: int) -> None:
 def copy_tokenizer(data: PreparedData, run_dir: epath.Path) -> None:
     """Runs carry their tokenizer, so evaluation and sampling need nothing else."""
     if jax.process_index() == 0 and data.tokenizer is not None:
-        (run_dir / "tokenizer.model").write_bytes(data.tokenizer.path.read_bytes())
+        for name, content in data.tokenizer.files().items():
+            (run_dir / name).write_bytes(content)

@@ -24,7 +24,7 @@ from llama_jax.config import DataConfig
 from llama_jax.data import file_shards
 from llama_jax.data.file_shards import SPLITS, FileShards
 from llama_jax.data.text_shards import stored_documents, text_settings
-from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 BATCH_DOCUMENTS = 256  # documents per tokenizing task
 
@@ -43,7 +43,7 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _start_worker(model: str, add_bos: bool, add_eos: bool) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model, add_bos, add_eos)
+    _worker_tokenizer = load_tokenizer(model, add_bos, add_eos)
 
 
 @contextlib.contextmanager
