@@ -54,7 +54,7 @@ class Model:
         as_text = bool(prompts) and isinstance(prompts[0], str)
         if as_text and self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids")
-        ids = [self.tokenizer.encode(p, bos=True, eos=False) if as_text else list(p)
+        ids = [self.tokenizer.encode(p, eos=False) if as_text else list(p)
                for p in prompts]
         ids = [p for p in ids for _ in range(num_samples)]
         out = generate_ids(self.loaded.graphdef, self.loaded.params, ids, sampling,

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import PathLike, as_path, replace_bytes
@@ -45,7 +46,7 @@ def load_tokenizer(path: PathLike, add_bos: bool = True, add_eos: bool = True) -
     return kind(path, data, add_bos, add_eos)
 
 
-def saved_tokenizer(folder: PathLike) -> Any | None:
+def saved_tokenizer(folder: PathLike) -> epath.Path | None:
     """The tokenizer file a run directory or an HF folder holds, None when it has none."""
     for name in TOKENIZER_FILES:
         if (as_path(folder) / name).is_file():
@@ -60,7 +61,7 @@ class Tokenizer:
 
     file_name: ClassVar[str]  # what a run directory calls its copy
 
-    def __init__(self, path: Any, data: bytes, add_bos: bool, add_eos: bool):
+    def __init__(self, path: epath.Path, data: bytes, add_bos: bool, add_eos: bool):
         self.path, self._data = path, data
         self.add_bos, self.add_eos = add_bos, add_eos
 
@@ -73,6 +74,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids`, special tokens left out."""
+        raise NotImplementedError
+
+    def adds_bos(self) -> bool:
+        """Whether the HF folder this came from begins each text with BOS."""
+        raise NotImplementedError
+
+    def hf_files(self) -> dict[str, bytes]:
+        """What `convert orbax-to-hf` writes for transformers to tokenize as training did."""
         raise NotImplementedError
 
     def files(self) -> dict[str, bytes]:
@@ -102,7 +111,7 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     file_name = "tokenizer.model"
 
-    def __init__(self, path: Any, data: bytes, add_bos: bool, add_eos: bool):
+    def __init__(self, path: epath.Path, data: bytes, add_bos: bool, add_eos: bool):
         super().__init__(path, data, add_bos, add_eos)
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -149,7 +158,7 @@ class HFTokenizer(Tokenizer):
 
     file_name = "tokenizer.json"
 
-    def __init__(self, path: Any, data: bytes, add_bos: bool, add_eos: bool):
+    def __init__(self, path: epath.Path, data: bytes, add_bos: bool, add_eos: bool):
         from tokenizers import Tokenizer as Library
 
         super().__init__(path, data, add_bos, add_eos)
@@ -217,7 +226,7 @@ class HFTokenizer(Tokenizer):
         return self._adds_bos
 
 
-def _hf_config(tokenizer_path: Any) -> dict[str, Any]:
+def _hf_config(tokenizer_path: epath.Path) -> dict[str, Any]:
     """The tokenizer_config.json beside a tokenizer file ({} when there is none)."""
     path = tokenizer_path.parent / HF_TOKENIZER_CONFIG
     if not path.is_file():
