@@ -26,12 +26,19 @@ from llama_jax.checkpoint import (
 from llama_jax.config import MESH_AXES, Config, apply_overrides
 from llama_jax.convert import config_for_hf, hf_folder, read_hf_params
 from llama_jax.data.feed import eval_batches, prepare, source_kind, whole_split_batches
-from llama_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer, saved_tokenizer
+from llama_jax.data.tokenizer import (
+    TOKENIZER_FILES,
+    Tokenizer,
+    load_tokenizer,
+    not_a_tokenizer,
+    saved_tokenizer,
+    tokenizer_file,
+)
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsWriter
 from llama_jax.sharding import make_mesh
 from llama_jax.step import PyTree, Setup, evaluate, make_eval_step, make_setup
-from llama_jax.storage import PathLike, as_path
+from llama_jax.storage import PathLike
 
 if TYPE_CHECKING:  # the data pipeline imports TFDS: only runs with real data pay for it
     from llama_jax.data.pipeline import PreparedData
@@ -150,7 +157,7 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
 def _tokenizer(cfg: Config) -> Tokenizer | None:
     """`data.tokenizer` (the weights' own copy, after `with_run_tokenizer`); a saved path
     that is gone (a run on token files read on another machine) is no tokenizer."""
-    if cfg.data.tokenizer and as_path(cfg.data.tokenizer).is_file():
+    if cfg.data.tokenizer and tokenizer_file(cfg.data.tokenizer) is not None:
         return load_tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
     return None
 
@@ -159,8 +166,8 @@ def _check_named_tokenizer(cfg: Config, overrides: list[str] | tuple[str, ...]) 
     """A `data.tokenizer` named on the command line that is not there is refused before the
     weights are read, not taken for "no tokenizer"."""
     path = cfg.data.tokenizer
-    if path and _names(overrides, "data.tokenizer") and not as_path(path).is_file():
-        raise LlamaJaxError(f"data.tokenizer: file not found: {path}")
+    if path and _names(overrides, "data.tokenizer") and tokenizer_file(path) is None:
+        raise LlamaJaxError(f"data.tokenizer: {not_a_tokenizer(path)}")
 
 
 # Why a model can have no tokenizer, for the commands that need one to read text.

@@ -84,6 +84,18 @@ def test_unreadable_tokenizers_are_one_line(folder, tmp_path):
     (torn / "tokenizer.json").write_bytes(b"\x00\x01 neither format")
     with pytest.raises(LlamaJaxError, match="is not a sentencepiece model, nor an HF"):
         load_tokenizer(torn / "tokenizer.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LlamaJaxError, match=r"empty is a folder without tokenizer.model or "
+                                            r"tokenizer.json$"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_a_folder_names_the_tokenizer_it_holds(folder):
+    """`data.tokenizer` may name an HF model's folder, as its users have one at hand."""
+    whole = load_tokenizer(folder)
+    assert whole.path == folder / "tokenizer.json"
+    assert [whole.encode(t) for t in TEXTS] == [
+        load_tokenizer(folder / "tokenizer.json").encode(t) for t in TEXTS]
 
 
 def _eval(path, *overrides) -> dict:
@@ -102,7 +114,7 @@ def test_a_run_with_a_tokenizer_json_trains_evaluates_samples_and_round_trips(tm
     source = write_hf_tokenizer(tmp_path / "neox", begins_with_bos=False)
     run, hf, back = tmp_path / "run", tmp_path / "hf", tmp_path / "back"
     done = run_cli("train", "tiny", f"run_dir={run}", "data.dataset=python_docs",
-                   f"data.tokenizer={source}", "data.add_bos=false", "train.steps=4",
+                   f"data.tokenizer={source.parent}", "data.add_bos=false", "train.steps=4",
                    "train.eval_every=0", "train.log_every=2")
     assert done.returncode == 0, done.stderr
     assert (run / "tokenizer.json").read_bytes() == source.read_bytes()

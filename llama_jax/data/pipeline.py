@@ -39,7 +39,14 @@ from llama_jax.data.mixture import (
     mixed_documents,
     source_settings,
 )
-from llama_jax.data.tokenizer import Tokenizer, as_text, load_tokenizer, train_tokenizer
+from llama_jax.data.tokenizer import (
+    Tokenizer,
+    as_text,
+    load_tokenizer,
+    not_a_tokenizer,
+    tokenizer_file,
+    train_tokenizer,
+)
 from llama_jax.errors import LlamaJaxError
 from llama_jax.storage import as_path
 
@@ -284,9 +291,9 @@ def _resolve_tokenizer(cfg: Config, sources: list[Source]) -> os.PathLike:
     """`data.tokenizer`, else one trained on the text sources' train splits (cached beside a
     lone source's dataset, or under `data.cache_dir` for a mixture)."""
     if cfg.data.tokenizer:
-        path = as_path(cfg.data.tokenizer)
-        if not path.is_file():
-            raise LlamaJaxError(f"data.tokenizer: file not found: {path}")
+        path = tokenizer_file(cfg.data.tokenizer)
+        if path is None:
+            raise LlamaJaxError(f"data.tokenizer: {not_a_tokenizer(cfg.data.tokenizer)}")
         return path
     vocab = cfg.data.tokenizer_vocab_size or cfg.model.vocab_size
     text = [src for src in sources if src.text_key is not None]

@@ -36,14 +36,31 @@ def as_text(value: object) -> str:
 
 
 def load_tokenizer(path: PathLike, add_bos: bool = True, add_eos: bool = True) -> Tokenizer:
-    """The tokenizer in `path` (local or on an object store), whichever its format: an HF
-    `tokenizer.json` is a JSON object, a sentencepiece model a binary protocol buffer."""
-    path = as_path(path)
-    if not path.is_file():
-        raise LlamaJaxError(f"tokenizer not found: {path}")
-    data = path.read_bytes()
+    """The tokenizer in `path` (a file or a folder holding one, local or on an object store),
+    whichever its format: an HF `tokenizer.json` is a JSON object, a sentencepiece model a
+    binary protocol buffer."""
+    file = tokenizer_file(path)
+    if file is None:
+        raise LlamaJaxError(f"tokenizer {not_a_tokenizer(path)}")
+    data = file.read_bytes()
     kind = HFTokenizer if data.lstrip()[:1] == b"{" else SentencePieceTokenizer
-    return kind(path, data, add_bos, add_eos)
+    return kind(file, data, add_bos, add_eos)
+
+
+def tokenizer_file(path: PathLike) -> epath.Path | None:
+    """What `data.tokenizer` names: a tokenizer file, or a folder holding one (an HF model's,
+    a run's); None when it is neither."""
+    path = as_path(path)
+    if path.is_dir():
+        return saved_tokenizer(path)
+    return path if path.is_file() else None
+
+
+def not_a_tokenizer(path: PathLike) -> str:
+    """Why `tokenizer_file(path)` is None, for a one-line refusal."""
+    if as_path(path).is_dir():
+        return f"{path} is a folder without {' or '.join(TOKENIZER_FILES)}"
+    return f"file not found: {path}"
 
 
 def saved_tokenizer(folder: PathLike) -> epath.Path | None:
