@@ -52,7 +52,8 @@ def test_ids_specials_and_text_are_transformers(folder, tmp_path):
     assert again.digest() == ours.digest()
 
 
-def test_specials_come_from_the_post_processor_without_a_config(folder, tmp_path):
+def test_specials_come_from_the_post_processor_without_a_config(folder, tmp_path,
+                                                                 capsys):
     """A tokenizer.json alone: Llama 3's post-processor names its BOS; GPT-NeoX's names none,
     and with nothing naming an EOS, documents are packed without one."""
     alone = tmp_path / "alone"
@@ -65,6 +66,15 @@ def test_specials_come_from_the_post_processor_without_a_config(folder, tmp_path
         assert tok.bos_id == -1 and not tok.adds_bos()
     assert tok.eos_id == -1
     assert tok.encode("x") == tok.encode("x", bos=True, eos=True)[: len(tok.encode("x"))]
+    # Training with it says what the documents go without.
+    from llama_jax.config import load_config
+    from llama_jax.data.pipeline import prepare_data
+
+    cfg = load_config("tiny", ["data.dataset=python_docs", f"data.tokenizer={alone}"])
+    prepare_data(cfg)
+    missing = "EOS" if tok.bos_id >= 0 else "BOS or EOS"
+    assert f"note: tokenizer {alone / 'tokenizer.json'} has no {missing} token" in \
+        capsys.readouterr().err
 
 
 def test_unreadable_tokenizers_are_one_line(folder, tmp_path):

@@ -380,6 +380,7 @@ def _prepare_locked(cfg: Config) -> PreparedData:
                 f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
                 f"model.vocab_size={cfg.model.vocab_size}"
             )
+        _note_missing_specials(tokenizer)
     for src in sources:
         if src.text_key is None:
             _check_token_ids(src, cfg.model.vocab_size)
@@ -393,6 +394,18 @@ def _prepare_locked(cfg: Config) -> PreparedData:
                     else "tokenizing text as it trains (`llama-jax prepare-data` tokenizes "
                          "once)"), file=sys.stderr)
     return PreparedData(sources, tokenizer, _mixture_stats(sources))
+
+
+def _note_missing_specials(tokenizer: Tokenizer) -> None:
+    """A tokenizer.json alone may name no BOS or EOS: documents are then framed without them,
+    and a model that never saw an EOS never stops sampling. Said, not refused."""
+    missing = [name for name, wanted, i in (("BOS", tokenizer.add_bos, tokenizer.bos_id),
+                                            ("EOS", tokenizer.add_eos, tokenizer.eos_id))
+               if wanted and i < 0]
+    if missing and jax.process_index() == 0:
+        print(f"note: tokenizer {tokenizer.path} has no {' or '.join(missing)} token, so "
+              f"documents are framed without it (a tokenizer_config.json beside a "
+              f"tokenizer.json names them: bos_token, eos_token)", file=sys.stderr)
 
 
 def _read_token_cache(src: Source, tokenizer: Tokenizer) -> None:
