@@ -133,6 +133,12 @@ def overrides_from_neox(neox: dict[str, Any], vocab_size: int | None
             raise ConfigError(f"NeoX vocab_file={vocab_file!r}: give the tokenizer's size "
                               f"with --vocab-size N")
     out.append(f"model.vocab_size={padded_vocab(vocab_size, divisible, mp)}")
+    # NeoX's HFTokenizer is an HF tokenizer.json (20B_tokenizer.json): text is read with it.
+    tokenizer_type = r.take("tokenizer_type")
+    if tokenizer_type == "HFTokenizer" and vocab_file:
+        out.append(f"data.tokenizer={vocab_file}")
+    elif tokenizer_type is not None:
+        r.left["tokenizer_type"] = tokenizer_type  # listed: its files are not read here
 
     _optimizer(r, out)
     _precision(r, out)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from helpers import run_cli
+from helpers import run_cli, write_hf_tokenizer
 
 from llama_jax import flops
 from llama_jax.config import load_config
@@ -137,14 +137,22 @@ def test_what_cannot_be_built_is_refused_in_one_line(tmp_path, change, message):
 
 
 def test_the_printed_train_command_runs(tmp_path):
+    """...and NeoX's HFTokenizer `vocab-file` (a tokenizer.json) is the run's tokenizer:
+    sampling from text works."""
+    vocab_file = write_hf_tokenizer(tmp_path / "tok", begins_with_bos=False)
     small = {**pythia(2, 64, 4), "seq-length": 32, "max-position-embeddings": 32,
              "train-iters": 2, "train_micro_batch_size_per_gpu": 8,
-             "gradient_accumulation_steps": 1, "vocab-file": "mine.json"}
+             "gradient_accumulation_steps": 1, "vocab-file": str(vocab_file)}
     out = tmp_path / "small.yaml"
     result = run_cli("convert", "neox-config", str(write(tmp_path, "m.yml", small)), str(out),
-                     "--vocab-size", "97")
+                     "--vocab-size", "700")
     assert result.returncode == 0, result.stderr
+    assert load_config(out).data.tokenizer == str(vocab_file)
+    assert "tokenizer_type" not in out.read_text()
     command = result.stdout.strip().split("train it with: ")[1].split()
     assert command[:2] == ["llama-jax", "train"]
     trained = run_cli(*command[1:], f"run_dir={tmp_path / 'run'}")
     assert trained.returncode == 0, trained.stderr
+    sampled = run_cli("generate", str(tmp_path / "run"), "--prompt", "def",
+                      "--max-new-tokens", "2", "--temperature", "0")
+    assert sampled.returncode == 0 and "def" in sampled.stdout, sampled.stderr
