@@ -157,9 +157,8 @@ def load_for_inference(path: PathLike, overrides: list[str] | tuple[str, ...] = 
 def _tokenizer(cfg: Config) -> Tokenizer | None:
     """`data.tokenizer` (the weights' own copy, after `with_run_tokenizer`); a saved path
     that is gone (a run on token files read on another machine) is no tokenizer."""
-    if cfg.data.tokenizer and tokenizer_file(cfg.data.tokenizer) is not None:
-        return load_tokenizer(cfg.data.tokenizer, cfg.data.add_bos, cfg.data.add_eos)
-    return None
+    file = tokenizer_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    return None if file is None else load_tokenizer(file, cfg.data.add_bos, cfg.data.add_eos)
 
 
 def _check_named_tokenizer(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None:
