@@ -374,7 +374,9 @@ def test_a_plan_interrupted_by_ctrl_c_keeps_what_it_compiled(tmp_path):
     assert code == 130, stderr
     assert stderr.strip().splitlines()[-1].startswith("llama-jax plan: interrupted;")
     rows = json.loads((out / "plan.json").read_text())["rows"]
-    assert 1 <= sum(r["status"] == "ok" for r in rows) <= 2  # the one seen, and its twin job
+    # The one seen, and at most one more per job (2) that finished before the signal landed:
+    # with compiles from the cache, the job that printed can start and end another meanwhile.
+    assert 1 <= sum(r["status"] == "ok" for r in rows) <= 3
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert len(skipped) > 5 and {r["reason"] for r in skipped} == {INTERRUPTED}
     assert (out / "plan.yaml").is_file()
